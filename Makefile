@@ -1,0 +1,30 @@
+# The README's two commands are `make demo` and `make test`; .ci/run calls `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/streamtrain train
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+test: lint
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) bench/step.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,74 @@
+"""The ``streamtrain`` command: parses arguments and hands them to the code that runs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from workers.nn import OPTIMIZERS
+
+
+def _train(ns: argparse.Namespace) -> int:
+    from service.train import train
+
+    clip = {}
+    if ns.global_clipnorm:
+        clip["global_clipnorm"] = ns.global_clipnorm
+    print(
+        f"training hidden={tuple(ns.hidden)} on {ns.dataset}: {ns.optimizer} "
+        f"learning_rate={ns.learning_rate} batch_size={ns.batch_size} epochs={ns.epochs}"
+        + "".join(f" {k}={v}" for k, v in clip.items()),
+        flush=True,
+    )
+    result = train(
+        dataset=ns.dataset,
+        epochs=ns.epochs,
+        batch_size=ns.batch_size,
+        hidden=tuple(ns.hidden),
+        optimizer=ns.optimizer,
+        seed=ns.seed,
+        learning_rate=ns.learning_rate,
+        report=lambda epoch, cost: print(f"epoch {epoch:3d}  cost {cost:.4f}", flush=True),
+        **clip,
+    )
+    print(
+        f"held-out accuracy {result.accuracy:.4f}  "
+        f"({result.examples} examples in {result.seconds:.2f} s, "
+        f"{result.examples / result.seconds:,.0f} examples/s)"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="streamtrain",
+        description="Keep a batch-normalized network learning from a stream.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser(
+        "train", help="train in one process on a bundled data set (no Ray, no stream)"
+    )
+    p.add_argument("--dataset", choices=("breast_cancer", "digits"), default="breast_cancer")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--hidden", type=int, nargs="+", default=[64, 64])
+    p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam")
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--global-clipnorm", type=float, default=3.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_train)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        return ns.run(ns)
+    except ValueError as exc:
+        print(f"streamtrain: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,308 @@
+"""The batch-normalized MLP: spec, init, training forward/backward, inference, loss.
+
+Imports numpy only and does no I/O. Hidden layer i (the lecture's eq. 31-36):
+``z = a @ W`` (no bias) -> batch norm (gamma, beta) -> ``a = g(z~)``; output layer
+``logits = a @ out.W + out.b`` with sigmoid, softmax or identity (eq. 37).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from workers.nn.layers import (
+    ACTIVATIONS,
+    OUTPUTS,
+    activation_backward,
+    activation_forward,
+    affine_backward,
+    affine_forward,
+    batchnorm_backward,
+    batchnorm_forward,
+    batchnorm_inference,
+    batchnorm_statistics,
+    dense_backward,
+    dense_forward,
+    loss_backward,
+    loss_forward,
+    moving_update,
+    output_activation,
+)
+from workers.nn.layout import FlatDict, Layout
+
+Params = Mapping[str, np.ndarray]
+
+
+class Network:
+    """A multilayer perceptron with batch normalization on every hidden layer.
+
+    Args:
+        input_dim: number of input features.
+        hidden: units per hidden layer (one or more).
+        output: "sigmoid" (binary cross-entropy), "softmax" (categorical
+            cross-entropy) or "identity" (mean squared error).
+        n_outputs: output units (classes for softmax).
+        activation: hidden activation, "relu", "tanh" or "sigmoid".
+        bn_epsilon: added to the variance inside the square root (Keras 1e-3,
+            the lecture 1e-8).
+        bn_momentum: moving-statistics momentum (Keras 0.99).
+        dtype: "float32" (default) or "float64" (gradient checks).
+
+    Parameter keys: ``dense{i}.W`` (n_in, n_out), ``bn{i}.gamma``, ``bn{i}.beta``,
+    ``out.W``, ``out.b``; moving keys ``bn{i}.mean``, ``bn{i}.var``.
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        hidden: Sequence[int] = (64, 64),
+        output: str = "sigmoid",
+        n_outputs: int = 1,
+        activation: str = "relu",
+        bn_epsilon: float = 1e-3,
+        bn_momentum: float = 0.99,
+        dtype: str = "float32",
+    ):
+        if int(input_dim) != input_dim or input_dim < 1:
+            raise ValueError(
+                f"`input_dim` must be a positive integer. Received: input_dim={input_dim}"
+            )
+        hidden = tuple(hidden)
+        if not hidden or any(int(h) != h or h < 1 for h in hidden):
+            raise ValueError(
+                f"`hidden` must be one or more positive integers. Received: hidden={hidden}"
+            )
+        if output not in OUTPUTS:
+            raise ValueError(f"`output` must be one of {OUTPUTS}. Received: output={output!r}")
+        if int(n_outputs) != n_outputs or n_outputs < 1:
+            raise ValueError(
+                f"`n_outputs` must be a positive integer. Received: n_outputs={n_outputs}"
+            )
+        if output == "softmax" and n_outputs < 2:
+            raise ValueError(
+                f"`n_outputs` must be >= 2 for a softmax output. Received: n_outputs={n_outputs}"
+            )
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"`activation` must be one of {ACTIVATIONS}. Received: activation={activation!r}"
+            )
+        if not bn_epsilon > 0:
+            raise ValueError(f"`bn_epsilon` must be > 0. Received: bn_epsilon={bn_epsilon}")
+        if not 0 <= bn_momentum < 1:
+            raise ValueError(
+                f"`bn_momentum` must be in [0, 1). Received: bn_momentum={bn_momentum}"
+            )
+        if dtype not in ("float32", "float64"):
+            raise ValueError(f"`dtype` must be float32 or float64. Received: dtype={dtype!r}")
+        self.input_dim = int(input_dim)
+        self.hidden = tuple(int(h) for h in hidden)
+        self.output = output
+        self.n_outputs = int(n_outputs)
+        self.activation = activation
+        self.bn_epsilon = float(bn_epsilon)
+        self.bn_momentum = float(bn_momentum)
+        self.dtype = np.dtype(dtype)
+
+        shapes: list[tuple[str, tuple[int, ...]]] = []
+        n_in = self.input_dim
+        for i, n in enumerate(self.hidden):
+            shapes += [(f"dense{i}.W", (n_in, n)), (f"bn{i}.gamma", (n,)), (f"bn{i}.beta", (n,))]
+            n_in = n
+        shapes += [("out.W", (n_in, self.n_outputs)), ("out.b", (self.n_outputs,))]
+        self.layout = Layout(shapes, self.dtype)
+        self.moving_layout = Layout(
+            [(f"bn{i}.{s}", (n,)) for i, n in enumerate(self.hidden) for s in ("mean", "var")],
+            self.dtype,
+        )
+
+    # -- description -------------------------------------------------------------
+
+    def spec(self) -> dict[str, Any]:
+        """The constructor arguments, JSON-able (``Network(**net.spec())`` rebuilds it)."""
+        return {
+            "input_dim": self.input_dim,
+            "hidden": list(self.hidden),
+            "output": self.output,
+            "n_outputs": self.n_outputs,
+            "activation": self.activation,
+            "bn_epsilon": self.bn_epsilon,
+            "bn_momentum": self.bn_momentum,
+            "dtype": self.dtype.name,
+        }
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.spec().items())
+        return f"Network({args})"
+
+    @property
+    def n_params(self) -> int:
+        return self.layout.size
+
+    # -- parameters --------------------------------------------------------------
+
+    def init(self, seed: int | np.random.Generator = 0) -> tuple[FlatDict, FlatDict]:
+        """Fresh parameters and moving statistics.
+
+        Conventions (Keras defaults): Glorot-uniform kernels, zero output bias,
+        gamma 1, beta 0, moving mean 0 and moving variance 1.
+
+        Returns:
+            params, moving: dicts of arrays (views of one flat buffer each).
+        """
+        rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+        params = self.layout.zeros()
+        for key in self.layout.keys:
+            if key.endswith(".W"):
+                n_in, n_out = self.layout.shapes[key]
+                limit = np.sqrt(6.0 / (n_in + n_out))
+                params[key][...] = rng.uniform(-limit, limit, size=(n_in, n_out))
+            elif key.endswith(".gamma"):
+                params[key][...] = 1.0
+        moving = self.moving_layout.zeros()
+        for i in range(len(self.hidden)):
+            moving[f"bn{i}.var"][...] = 1.0
+        return params, moving
+
+    # -- input checks ------------------------------------------------------------
+
+    def _inputs(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x)
+        if x.ndim != 2 or x.shape[1] != self.input_dim or x.shape[0] < 1:
+            raise ValueError(
+                f"`x` must have shape (m, {self.input_dim}) with m >= 1. Received: {x.shape}"
+            )
+        return x.astype(self.dtype, copy=False)
+
+    def _targets(self, y: np.ndarray, m: int) -> np.ndarray:
+        y = np.asarray(y)
+        if self.output == "softmax":
+            if y.shape != (m,) or not (
+                np.issubdtype(y.dtype, np.integer) or np.all(np.mod(y, 1) == 0)
+            ):
+                raise ValueError(f"softmax labels must be ({m},) class ids. Received: {y.shape}")
+            y = y.astype(np.intp, copy=False)
+            if y.min() < 0 or y.max() >= self.n_outputs:
+                raise ValueError(
+                    f"softmax labels must be in [0, {self.n_outputs}). "
+                    f"Received: min={y.min()}, max={y.max()}"
+                )
+            return y
+        if y.shape == (m,) and self.n_outputs == 1:
+            y = y.reshape(m, 1)  # (m,) -> (m, 1)
+        if y.shape != (m, self.n_outputs):
+            raise ValueError(
+                f"{self.output} targets must have shape ({m}, {self.n_outputs})"
+                f"{' or (m,)' if self.n_outputs == 1 else ''}. Received: {y.shape}"
+            )
+        return y.astype(self.dtype, copy=False)
+
+    # -- training ----------------------------------------------------------------
+
+    def _forward_train(self, params: Params, x: np.ndarray):
+        caches = []
+        stats: dict[str, np.ndarray] = {}
+        a = x
+        for i in range(len(self.hidden)):
+            z, dense_cache = dense_forward(a, params[f"dense{i}.W"])
+            mean, var = batchnorm_statistics(z)
+            stats[f"bn{i}.mean"], stats[f"bn{i}.var"] = mean, var
+            zt, bn_cache = batchnorm_forward(
+                z, params[f"bn{i}.gamma"], params[f"bn{i}.beta"], mean, var, self.bn_epsilon
+            )
+            a, act_cache = activation_forward(self.activation, zt)
+            caches.append((dense_cache, bn_cache, act_cache))
+        logits, out_cache = affine_forward(a, params["out.W"], params["out.b"])
+        return logits, caches, out_cache, stats
+
+    def loss(self, params: Params, x: np.ndarray, y: np.ndarray) -> float:
+        """Mean training-mode loss (batch statistics in every batch norm)."""
+        x = self._inputs(x)
+        logits, *_ = self._forward_train(params, x)
+        return loss_forward(self.output, logits, self._targets(y, x.shape[0]))[0]
+
+    def loss_and_grads(
+        self, params: Params, x: np.ndarray, y: np.ndarray
+    ) -> tuple[float, FlatDict, dict[str, np.ndarray]]:
+        """Training-mode loss, its gradient for every parameter, and the batch statistics.
+
+        Args:
+            params: parameter dict (see the class docstring).
+            x: (m, input_dim) features.
+            y: labels: (m,) or (m, 1) zeros and ones for sigmoid, (m,) class ids for
+                softmax, (m, n_outputs) (or (m,) when n_outputs is 1) for identity.
+
+        Returns:
+            loss (Python float, mean over the batch), grads (dict keyed like params,
+            views of one flat buffer), batch_stats (``bn{i}.mean``, ``bn{i}.var``:
+            batch mean and biased variance, for ``update_moving``).
+        """
+        x = self._inputs(x)
+        t = self._targets(y, x.shape[0])
+        logits, caches, out_cache, stats = self._forward_train(params, x)
+        loss, loss_cache = loss_forward(self.output, logits, t)
+        grads = self.layout.empty()
+        dlogits = loss_backward(loss_cache)
+        da, _, _ = affine_backward(dlogits, out_cache, grads["out.W"], grads["out.b"])
+        for i in reversed(range(len(self.hidden))):
+            dense_cache, bn_cache, act_cache = caches[i]
+            dzt = activation_backward(self.activation, da, act_cache)
+            dz, _, _ = batchnorm_backward(
+                dzt, bn_cache, grads[f"bn{i}.gamma"], grads[f"bn{i}.beta"]
+            )
+            da, _ = dense_backward(dz, dense_cache, need_dx=i > 0, dW_out=grads[f"dense{i}.W"])
+        return loss, grads, stats
+
+    def update_moving(
+        self, moving: Mapping[str, np.ndarray], batch_stats: Mapping[str, np.ndarray]
+    ) -> FlatDict:
+        """New moving statistics, Keras's rule: ``m = momentum*m + (1-momentum)*batch``."""
+        self.moving_layout.check(batch_stats, "batch_stats")
+        new = moving_update(
+            self.moving_layout.flatten(moving),
+            self.moving_layout.flatten(batch_stats),
+            self.bn_momentum,
+        )
+        return self.moving_layout.views(new.astype(self.dtype, copy=False))
+
+    # -- inference ---------------------------------------------------------------
+
+    def logits(self, params: Params, moving: Params, x: np.ndarray) -> np.ndarray:
+        """Inference-mode output logits: (m, n_outputs)."""
+        a = self._inputs(x)
+        for i in range(len(self.hidden)):
+            z = a @ params[f"dense{i}.W"]
+            zt = batchnorm_inference(
+                z,
+                params[f"bn{i}.gamma"],
+                params[f"bn{i}.beta"],
+                moving[f"bn{i}.mean"],
+                moving[f"bn{i}.var"],
+                self.bn_epsilon,
+            )
+            a, _ = activation_forward(self.activation, zt)
+        return affine_forward(a, params["out.W"], params["out.b"])[0]
+
+    def predict(self, params: Params, moving: Params, x: np.ndarray) -> np.ndarray:
+        """Inference-mode predictions with the moving statistics.
+
+        Returns:
+            sigmoid: (m, n_outputs) probabilities; softmax: (m, n_outputs) class
+            probabilities; identity: (m, n_outputs) values.
+        """
+        return output_activation(self.output, self.logits(params, moving, x))
+
+    def evaluate(
+        self, params: Params, moving: Params, x: np.ndarray, y: np.ndarray
+    ) -> dict[str, float]:
+        """Inference-mode loss and, for classifiers, accuracy on (x, y)."""
+        x = self._inputs(x)
+        t = self._targets(y, x.shape[0])
+        logits = self.logits(params, moving, x)
+        result = {"loss": loss_forward(self.output, logits, t)[0]}
+        if self.output == "softmax":
+            result["accuracy"] = float(np.mean(logits.argmax(axis=1) == t))
+        elif self.output == "sigmoid":
+            result["accuracy"] = float(np.mean((logits > 0) == (t > 0.5)))
+        return result
