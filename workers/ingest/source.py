@@ -1,0 +1,74 @@
+"""Types shared by every stream source and the batcher: chunks in, batches out.
+
+Imports numpy only; the sources themselves live in memory.py and kafka.py.
+"""
+
+from collections.abc import Mapping
+from typing import NamedTuple, Protocol, runtime_checkable
+
+import numpy as np
+
+TopicPartition = tuple[str, int]
+"""A Kafka-style `(topic, partition)` key."""
+
+
+class Chunk(NamedTuple):
+    """Consecutive records of one partition, in offset order.
+
+    Attributes:
+        topic: topic name.
+        partition: partition id.
+        offsets: (k,) int64, strictly increasing; Kafka may leave gaps (compaction,
+            transaction markers), so `offsets[-1] - offsets[0] + 1 >= k`.
+        x: (k, n_features) float32 features.
+        y: (k,) labels (float32 0/1 or int64 class ids) or (k, n_outputs) float32 targets.
+    """
+
+    topic: str
+    partition: int
+    offsets: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+
+
+class Batch(NamedTuple):
+    """A training batch and the offsets it covers.
+
+    Attributes:
+        x: (m, n_features) float32, m a power of two (see PowerOfTwoBatcher).
+        y: (m,) or (m, n_outputs) labels, row-aligned with x.
+        spans: per partition, the half-open offset range `[start, end)` this batch
+            covers: `start` is where the partition's previous batch ended (or the
+            seek position), `end` is the last offset taken + 1. Consecutive batches
+            of one partition therefore tile the offset line with no gap and no
+            overlap, which is what the parameter server fences on.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    spans: dict[TopicPartition, tuple[int, int]]
+
+
+@runtime_checkable
+class Source(Protocol):
+    """A consumer of a partitioned stream (the embedded stream now, Kafka later)."""
+
+    def assignment(self) -> list[TopicPartition]:
+        """The partitions this source reads."""
+        ...
+
+    def seek(self, positions: Mapping[TopicPartition, int]) -> None:
+        """Set the next offset to read for each given partition."""
+        ...
+
+    def poll(self, max_records: int, timeout_s: float) -> list[Chunk]:
+        """Return at most `max_records` records, waiting up to `timeout_s` for some."""
+        ...
+
+    def exhausted(self) -> bool:
+        """True once a finite replay has delivered everything (Kafka: always False)."""
+        ...
+
+    def close(self) -> None:
+        """Release the source; it must not be polled afterwards."""
+        ...
