@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from service.config import add_cli_arguments
 from workers.nn import OPTIMIZERS
 
 
@@ -40,6 +41,18 @@ def _train(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(ns: argparse.Namespace) -> int:
+    import logging
+
+    from service.app import run_demo
+    from service.config import load_config, overrides_from_args
+
+    cfg = load_config(ns.config, overrides=overrides_from_args(ns))
+    logging.basicConfig(level=cfg.log.level, format="%(asctime)s %(levelname)s %(message)s")
+    run_demo(cfg, out_dir=ns.out, progress=not ns.no_progress)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="streamtrain",
@@ -58,6 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--global-clipnorm", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_train)
+
+    d = sub.add_parser(
+        "demo",
+        help="the whole trainer (Ray parameter server and workers) on the embedded stream",
+    )
+    d.add_argument("--out", default="runs/demo", help="where the cost plot goes")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_cli_arguments(d)
+    d.set_defaults(run=_demo)
     return parser
 
 

@@ -19,6 +19,7 @@ class FlatDict(dict):
     """
 
     flat: np.ndarray
+    ids: tuple[int, ...]  # id() of each view when made: a replaced entry is seen at once
 
 
 class Layout:
@@ -77,6 +78,7 @@ class Layout:
             )
         out = FlatDict((k, flat[self.slices[k]].reshape(self.shapes[k])) for k in self.keys)
         out.flat = flat
+        out.ids = tuple(id(v) for v in out.values())
         return out
 
     def empty(self) -> FlatDict:
@@ -115,18 +117,10 @@ class Layout:
         return out
 
     def _is_view_set(self, tensors: Mapping[str, np.ndarray], flat: np.ndarray) -> bool:
+        """True when ``tensors`` are still the very views ``views(flat)`` made, in order."""
         if flat.dtype != self.dtype or flat.shape != (self.size,) or len(tensors) != len(self.keys):
             return False
-        base = flat.__array_interface__["data"][0]
-        item = self.dtype.itemsize
-        for k in self.keys:
-            v = tensors.get(k)
-            if (
-                not isinstance(v, np.ndarray)
-                or v.shape != self.shapes[k]
-                or v.dtype != self.dtype
-                or not v.flags.c_contiguous
-                or v.__array_interface__["data"][0] != base + self.slices[k].start * item
-            ):
-                return False
-        return True
+        # The dict holds the views, so their ids cannot be reused while it lives.
+        return tuple(tensors.keys()) == self.keys and tuple(map(id, tensors.values())) == getattr(
+            tensors, "ids", ()
+        )

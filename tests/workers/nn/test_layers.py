@@ -157,7 +157,7 @@ def test_batchnorm_inference_uses_given_statistics():
 
 # --------------------------------------------------------------------------- activations
 
-# Points at least 0.1 away from 0 so a step of 1e-6 never crosses the ReLU kink.
+# Points at least 0.1 away from 0 so a step of 1e-5 never crosses the ReLU kink.
 Z_ACT = np.array([[-2.0, -0.7, -0.1, 0.1], [0.3, 1.2, 2.5, -1.4]])
 
 

@@ -380,6 +380,9 @@ def test_read_only_inputs(name, kwargs, clip):
     def freeze(tree):
         for v in tree.values():
             v.flags.writeable = False
+        flat = getattr(tree, "flat", None)  # a dict of views may also carry its whole buffer
+        if isinstance(flat, np.ndarray):
+            flat.flags.writeable = False
 
     opt = get_optimizer(name, **kwargs, **clip)
     params, grads = make_problem()
@@ -387,7 +390,9 @@ def test_read_only_inputs(name, kwargs, clip):
     state = opt.init(params)
     for _ in range(3):
         freeze(params)
-        freeze(state_arrays(state))
+        for field in state._fields:
+            if isinstance(getattr(state, field), dict):
+                freeze(getattr(state, field))
         params, state, _ = opt.apply_gradients(params, grads, state)
     assert state.iterations == 3
 

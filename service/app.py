@@ -1,0 +1,315 @@
+"""Wiring: start Ray, the parameter server and the workers, supervise them, report.
+
+``Trainer`` owns a run's actors; ``run_demo`` is ``streamtrain demo``: the whole
+trainer on the embedded stream with progress, ``/metrics``, a summary and a cost plot.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+from prometheus_client import CollectorRegistry, start_http_server
+
+from service.config import Config, redacted
+from service.monitor import TrainingMetrics
+from service.paramserver import ParameterServerActor
+from workers.ingest.memory import Dataset, assign_partitions, load_dataset, make_drift
+from workers.nn import Network
+from workers.worker import GradientWorkerActor
+
+log = logging.getLogger("streamtrain")
+
+MAX_WORKER_RESTARTS = 100
+
+
+def resolve_dataset(cfg: Config) -> Dataset:
+    if cfg.stream.dataset == "drift":
+        return make_drift(test_fraction=cfg.stream.test_fraction, seed=cfg.stream.seed)
+    return load_dataset(cfg.stream.dataset, cfg.stream.test_fraction, cfg.stream.seed)
+
+
+def network_spec(cfg: Config, dataset: Dataset) -> dict[str, Any]:
+    """``Network`` arguments: architecture from ``[model]``, input and output from the data."""
+    return {
+        "input_dim": cfg.model.input_dim or dataset.n_features,
+        "hidden": tuple(cfg.model.hidden),
+        "output": cfg.model.output or dataset.output,
+        "n_outputs": dataset.n_outputs,
+        "activation": cfg.model.activation,
+        "bn_epsilon": cfg.model.bn_epsilon,
+        "bn_momentum": cfg.model.bn_momentum,
+        "dtype": cfg.model.dtype,
+    }
+
+
+@dataclass
+class RunRecord:
+    """What the service saw of a run: per-update costs and the last stats record."""
+
+    costs: list[tuple[int, float, int]] = field(default_factory=list)
+    last: dict[str, Any] = field(default_factory=dict)
+    worker_restarts: int = 0
+    worker_stats: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Trainer:
+    """The parameter server and K gradient workers on the embedded stream.
+
+    Args:
+        cfg: the resolved config.
+        dataset: the data set the embedded stream replays.
+        registry: Prometheus registry for this run's series (None: no metrics).
+    """
+
+    def __init__(self, cfg: Config, dataset: Dataset, registry: CollectorRegistry | None = None):
+        self.cfg = cfg
+        self.dataset = dataset
+        self.net_spec = network_spec(cfg, dataset)
+        self.metrics = TrainingMetrics(registry, cfg.metrics.ema_beta) if registry else None
+        self.record = RunRecord()
+        self.should_exit = threading.Event()
+        k = cfg.trainer.workers
+        self.server = ParameterServerActor.options(
+            max_concurrency=k + 8, max_restarts=-1, num_cpus=0
+        ).remote(self.net_spec, redacted(cfg))
+        self._dataset_ref = ray.put(dataset)
+        self._start = time.time()
+        self._generation = 0
+        self.workers: dict[str, Any] = {}
+        self._runs: dict[Any, str] = {}
+        for i in range(k):
+            self._start_worker(i)
+
+    def _worker_id(self, index: int) -> str:
+        return f"worker-{index}.{self._generation}"
+
+    def _start_worker(self, index: int) -> None:
+        cfg = self.cfg
+        source_spec = {
+            "kind": "memory",
+            "dataset": self._dataset_ref,
+            "partitions": cfg.stream.partitions,
+            "assigned": assign_partitions(cfg.stream.partitions, cfg.trainer.workers, index),
+            "passes": cfg.stream.passes if self.dataset.drift is None else 1,
+            "rate": cfg.stream.rate,
+            "seed": cfg.stream.seed,
+            "start": self._start,
+        }
+        batching = {
+            "batch_size": cfg.batching.batch_size,
+            "min_batch": cfg.batching.min_batch,
+            "max_batch": cfg.batching.max_batch,
+            "max_latency_ms": cfg.batching.max_latency_ms,
+            "adaptive": cfg.batching.adaptive,
+        }
+        inflight = 1 if cfg.trainer.mode == "sync" else cfg.trainer.max_inflight
+        wid = self._worker_id(index)
+        self._generation += 1
+        actor = GradientWorkerActor.options(max_concurrency=2, num_cpus=1).remote(
+            wid, self.server, self.net_spec, source_spec, batching, inflight
+        )
+        self.workers[wid] = (index, actor)
+        self._runs[actor.run.remote()] = wid
+
+    def total_examples(self) -> int:
+        if self.dataset.drift is not None:
+            return self.dataset.drift.length
+        return len(self.dataset.x_train) * self.cfg.stream.passes
+
+    def poll(self) -> dict[str, Any]:
+        """Fold the server's newest stats into the record and the metrics."""
+        stats = ray.get(self.server.stats.remote())
+        self.record.costs.extend(stats["costs"])
+        self.record.last = stats
+        if self.metrics is not None:
+            self.metrics.record(stats)
+        return stats
+
+    def supervise(self, timeout: float = 0.5) -> bool:
+        """Wait up to ``timeout`` for workers to finish; replace dead ones. True when all done."""
+        if not self._runs:
+            return True
+        done, _ = ray.wait(list(self._runs), num_returns=len(self._runs), timeout=timeout)
+        for ref in done:
+            wid = self._runs.pop(ref)
+            index, _ = self.workers.pop(wid)
+            try:
+                self.record.worker_stats.append(ray.get(ref))
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+                if self.should_exit.is_set():
+                    continue
+                self.record.worker_restarts += 1
+                if self.record.worker_restarts > MAX_WORKER_RESTARTS:
+                    raise RuntimeError(f"workers failed {MAX_WORKER_RESTARTS} times") from exc
+                log.warning(
+                    "worker %s failed (%s); starting a replacement", wid, type(exc).__name__
+                )
+                ray.get(self.server.leave.remote(wid))
+                self._start_worker(index)
+        return not self._runs
+
+    def stop(self) -> None:
+        """Ask every worker to stop polling and settle its in-flight pushes."""
+        self.should_exit.set()
+        for _, actor in self.workers.values():
+            actor.stop.remote()
+
+    def finish(self) -> dict[str, Any]:
+        """Final checkpoint, final stats, and the model evaluated on the held-out split."""
+        ray.get(self.server.checkpoint.remote())
+        self.poll()
+        model = ray.get(self.server.model.remote())
+        net = Network(**model["network"])
+        result = {"version": model["version"], "examples": model["examples"]}
+        if len(self.dataset.x_test):
+            result |= net.evaluate(
+                model["params"], model["moving"], self.dataset.x_test, self.dataset.y_test
+            )
+        result["model"] = model
+        return result
+
+
+def ensure_ray(address: str, num_cpus: int) -> bool:
+    """Join ``address`` or start a local Ray; True when this call started it."""
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # Logical CPUs: K single-CPU workers must fit beside the driver on a small host.
+        ray.init(num_cpus=max(num_cpus, os.cpu_count() or 1), include_dashboard=False)
+    return True
+
+
+def plot_costs(costs: list[tuple[int, float, int]], beta: float, path: Path) -> Path:
+    """The lecture's Figure 1(b): cost per mini-batch and its low-pass filtered trend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from service.monitor import CostFilter
+
+    values = np.array([c for _, c, _ in costs], np.float64)
+    f = CostFilter(beta)
+    ema = np.array([f.update(c) for c in values])
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    ax.plot(values, lw=0.6, alpha=0.5, label="cost per mini-batch")
+    ax.plot(ema, lw=2.0, label=f"EMA (β={beta}, bias-corrected)")
+    ax.set_xlabel("update")
+    ax.set_ylabel("cost")
+    ax.set_yscale("log" if np.nanmin(values) > 0 else "linear")
+    ax.set_title("streamtrain: mini-batch cost")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def run_demo(
+    cfg: Config,
+    out_dir: str | Path = "runs/demo",
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """``streamtrain demo``: train on the embedded stream until it ends; print a summary."""
+    dataset = resolve_dataset(cfg)
+    started = ensure_ray(cfg.trainer.ray_address, cfg.trainer.workers + 1)
+    registry = CollectorRegistry()
+    http, _ = start_http_server(cfg.metrics.port, addr=cfg.metrics.host, registry=registry)
+    port = http.server_port
+    echo(
+        f"streamtrain demo: {cfg.trainer.workers} {cfg.trainer.mode} workers, "
+        f"{cfg.stream.dataset} ({cfg.stream.passes} passes, {cfg.stream.partitions} partitions), "
+        f"{cfg.optimizer.name} learning_rate={cfg.optimizer.learning_rate}; "
+        f"metrics on http://{cfg.metrics.host}:{port}/metrics"
+    )
+    trainer = Trainer(cfg, dataset, registry)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def on_signal(signum, frame):
+        echo(f"signal {signum}: draining in-flight work")
+        trainer.stop()
+
+    if threading.current_thread() is threading.main_thread():
+        for s in previous:
+            signal.signal(s, on_signal)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=trainer.total_examples(), unit="ex", unit_scale=True, smoothing=0.1)
+    t0 = time.perf_counter()
+    try:
+        done = False
+        while not done:
+            done = trainer.supervise(0.5)
+            stats = trainer.poll()
+            if bar is not None:
+                bar.n = min(stats["examples"], bar.total)
+                ema = trainer.metrics.filter.value
+                bar.set_postfix(
+                    cost=f"{stats['last'].get('cost', math.nan):.4f}",
+                    ema=f"{ema:.4f}",
+                    version=stats["version"],
+                    refresh=False,
+                )
+                bar.refresh()
+            if cfg.trainer.updates and stats["version"] >= cfg.trainer.updates:
+                trainer.stop()
+        seconds = time.perf_counter() - t0
+        result = trainer.finish()
+    finally:
+        if bar is not None:
+            bar.close()
+        if threading.current_thread() is threading.main_thread():
+            for s, h in previous.items():
+                signal.signal(s, h)
+        http.shutdown()
+    stats = trainer.record.last
+    counters = stats["counters"]
+    hist = stats["staleness"]
+    n_pushes = sum(hist.values()) or 1
+    mean_staleness = sum(int(s) * c for s, c in hist.items()) / n_pushes
+    plot = plot_costs(trainer.record.costs, cfg.metrics.ema_beta, Path(out_dir) / "cost.png")
+    summary = {
+        "examples": result["examples"],
+        "seconds": seconds,
+        "examples_per_second": result["examples"] / seconds if seconds else 0.0,
+        "accuracy": result.get("accuracy", math.nan),
+        "loss": result.get("loss", math.nan),
+        "updates": result["version"],
+        "mean_staleness": mean_staleness,
+        "max_staleness": max((int(s) for s in hist), default=0),
+        "refused": {r: counters[r] for r in ("stale", "fenced", "nonfinite")},
+        "worker_restarts": trainer.record.worker_restarts,
+        "batch_sizes": dict(sorted(stats["batch_sizes"].items())),
+        "checkpoint": stats["checkpoint_path"],
+        "plot": str(plot),
+    }
+    echo(
+        f"examples {summary['examples']:,}  in {seconds:.1f} s  "
+        f"({summary['examples_per_second']:,.0f} examples/s)\n"
+        f"held-out accuracy {summary['accuracy']:.4f}  loss {summary['loss']:.4f}\n"
+        f"updates {summary['updates']:,}  staleness mean {mean_staleness:.2f} "
+        f"max {summary['max_staleness']}  refused {summary['refused']}  "
+        f"worker restarts {summary['worker_restarts']}\n"
+        f"batch sizes {summary['batch_sizes']}\n"
+        f"checkpoint {summary['checkpoint']}\ncost plot {plot}"
+    )
+    if started:
+        ray.shutdown()
+    return summary

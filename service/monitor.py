@@ -1,0 +1,159 @@
+"""Prometheus metrics of a training run, recorded in the service process from stats records.
+
+Metrics live in an injected registry; actors return small ``stats()`` records and only
+this module turns them into series. Names follow the Prometheus naming guide: prefix
+``streamtrain_``, base units, ``_total`` on counters.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+BATCH_BUCKETS = tuple(float(2**i) for i in range(0, 11))  # 1 ... 1024
+STALENESS_BUCKETS = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0, 32.0)
+STEP_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 1.0)
+REFUSALS = ("stale", "fenced", "nonfinite")
+
+
+class CostFilter:
+    """The lecture's low-pass filter of the cost (Figure 3), bias-corrected as Adam's.
+
+    ``ema = beta * ema + (1 - beta) * cost``; the value reported is ``ema / (1 - beta^t)``.
+    """
+
+    def __init__(self, beta: float = 0.98):
+        if not 0 <= beta < 1:
+            raise ValueError(f"`ema_beta` must be in [0, 1). Received: ema_beta={beta}")
+        self.beta = beta
+        self._ema = 0.0
+        self.t = 0
+
+    def update(self, cost: float) -> float:
+        if math.isfinite(cost):
+            self._ema = self.beta * self._ema + (1.0 - self.beta) * cost
+            self.t += 1
+        return self.value
+
+    @property
+    def value(self) -> float:
+        return self._ema / (1.0 - self.beta**self.t) if self.t else math.nan
+
+
+class TrainingMetrics:
+    """The run's series, created against ``registry`` so tests use a fresh one."""
+
+    def __init__(self, registry: CollectorRegistry, ema_beta: float = 0.98):
+        self.registry = registry
+        self.filter = CostFilter(ema_beta)
+        p = "streamtrain_"
+        self.cost = Gauge(p + "cost", "Mean cost of the last applied mini-batch", registry=registry)
+        self.cost_hist = Histogram(
+            p + "batch_cost",
+            "Mean cost per applied mini-batch",
+            buckets=(0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0),
+            registry=registry,
+        )
+        self.cost_ema = Gauge(
+            p + "cost_ema",
+            "Bias-corrected exponential moving average of the cost",
+            registry=registry,
+        )
+        self.version = Gauge(p + "model_version", "Updates applied to the model", registry=registry)
+        self.updates = Counter(p + "updates_total", "Updates applied", registry=registry)
+        self.examples = Counter(
+            p + "examples_trained_total", "Examples whose gradient was applied", registry=registry
+        )
+        self.refused = Counter(
+            p + "pushes_refused_total",
+            "Gradient pushes refused, by reason",
+            ["reason"],
+            registry=registry,
+        )
+        self.clipped = Counter(
+            p + "clipped_updates_total", "Updates whose gradient was clipped", registry=registry
+        )
+        self.recomputed = Counter(
+            p + "recomputed_pushes_total",
+            "Pushes of a batch computed again after a stale refusal",
+            registry=registry,
+        )
+        self.grad_norm = Gauge(
+            p + "gradient_norm", "Global gradient norm before clipping", registry=registry
+        )
+        self.clipped_norm = Gauge(
+            p + "gradient_norm_clipped", "Global gradient norm after clipping", registry=registry
+        )
+        self.learning_rate = Gauge(p + "learning_rate", "Current learning rate", registry=registry)
+        self.update_ratio = Gauge(
+            p + "update_ratio",
+            "Norm of the last update over the norm of the parameters",
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            p + "batch_size", "Examples per applied push", buckets=BATCH_BUCKETS, registry=registry
+        )
+        self.staleness = Histogram(
+            p + "staleness",
+            "Versions between a gradient's base and the model it was applied to",
+            buckets=STALENESS_BUCKETS,
+            registry=registry,
+        )
+        self.step_seconds = Histogram(
+            p + "step_seconds",
+            "Parameter-server time to apply one update",
+            buckets=STEP_BUCKETS,
+            registry=registry,
+        )
+        self.checkpoint_age = Gauge(
+            p + "checkpoint_age_seconds", "Seconds since the last checkpoint", registry=registry
+        )
+        self.workers = Gauge(p + "workers", "Gradient workers registered", registry=registry)
+        for reason in REFUSALS:  # every series present from start-up
+            self.refused.labels(reason=reason)
+        self._seen: dict[str, Any] = {"counters": {}, "staleness": {}, "batch_sizes": {}}
+
+    def record(self, stats: Mapping[str, Any]) -> None:
+        """Fold one ``ParameterServer.stats()`` record into the series."""
+        for version, cost, n in stats["costs"]:
+            del version, n
+            if math.isfinite(cost):
+                self.cost.set(cost)
+                self.cost_hist.observe(cost)
+            self.cost_ema.set(self.filter.update(cost))
+        counters = stats["counters"]
+        seen = self._seen["counters"]
+        self.updates.inc(_delta(seen, "applied", counters["applied"]))
+        self.clipped.inc(_delta(seen, "clipped", counters["clipped"]))
+        self.recomputed.inc(_delta(seen, "recomputed", counters["recomputed"]))
+        for reason in REFUSALS:
+            self.refused.labels(reason=reason).inc(_delta(seen, reason, counters[reason]))
+        self._seen["counters"] = dict(counters)
+        self.examples.inc(_delta(self._seen, "examples", stats["examples"]))
+        self._seen["examples"] = stats["examples"]
+        for name, hist in (("staleness", self.staleness), ("batch_sizes", self.batch_size)):
+            old = self._seen[name]
+            for value, count in stats[name].items():
+                for _ in range(_delta(old, value, count)):
+                    hist.observe(float(value))
+            self._seen[name] = dict(stats[name])
+        for seconds in stats["step_seconds"]:
+            self.step_seconds.observe(seconds)
+        last = stats["last"]
+        if "grad_norm" in last:
+            self.grad_norm.set(last["grad_norm"])
+            self.clipped_norm.set(last["clipped_norm"])
+            self.update_ratio.set(last["update_ratio"])
+        self.learning_rate.set(stats["learning_rate"])
+        self.version.set(stats["version"])
+        self.checkpoint_age.set(stats["checkpoint_age_seconds"])
+        self.workers.set(stats["workers"])
+
+
+def _delta(seen: Mapping, key: Any, now: int) -> int:
+    """Increase of a server counter since last seen; a restarted server counts from 0."""
+    before = seen.get(key, 0)
+    return now - before if now >= before else now

@@ -1,0 +1,498 @@
+"""The parameter server: owns the model, fences stream offsets, applies clipped updates.
+
+A plain class, made a Ray actor once at module level (``ParameterServerActor``); it runs
+threaded (several pushes may wait at once in sync mode), so all state sits behind one
+lock. It checkpoints itself; the service process only reads ``stats()``.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import numpy as np
+import ray
+
+from service.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+from workers.nn import (
+    ExponentialDecay,
+    InverseTimeDecay,
+    Network,
+    NonFiniteGradientError,
+    get_optimizer,
+)
+
+TopicPartition = tuple[str, int]
+Spans = Mapping[TopicPartition, tuple[int, int]]
+
+# Push outcomes.
+APPLIED, QUEUED, STALE, FENCED, NONFINITE = "applied", "queued", "stale", "fenced", "nonfinite"
+
+
+class PushReply(NamedTuple):
+    """The answer to a push.
+
+    status: applied | stale (recompute on ``params``) | fenced (seek to ``expected``)
+        | nonfinite (refused; its offsets advanced, its examples counted as refused).
+    version: the model version after handling the push.
+    params: the current flat parameters (an object reference under Ray), or None when
+        the pusher's base version is current.
+    expected: for fenced pushes, the next expected offset of each pushed partition.
+    """
+
+    status: str
+    version: int
+    params: Any
+    expected: dict[TopicPartition, int] | None
+
+
+class _Push(NamedTuple):
+    worker: str
+    grads: np.ndarray  # (n_params,) flat gradient
+    n: int  # examples
+    loss: float
+    stats: np.ndarray  # (n_moving,) flat batch mean/var
+    spans: dict[TopicPartition, tuple[int, int]]
+    base_version: int
+
+
+def build_optimizer(optimizer_cfg: Mapping[str, Any], lr_factor: float = 1.0):
+    """The optimizer of an ``[optimizer]`` config section, learning rate times ``lr_factor``."""
+    cfg = dict(optimizer_cfg)
+    kwargs = {"learning_rate": cfg["learning_rate"] * lr_factor}
+    name = cfg["name"]
+    if name == "sgd":
+        kwargs.update(momentum=cfg["momentum"], nesterov=cfg["nesterov"])
+    elif name == "momentum":
+        kwargs.update(beta_1=cfg["beta_1"])
+    elif name == "rmsprop":
+        kwargs.update(rho=cfg["rho"], epsilon=cfg["epsilon"])
+    elif name == "adam":
+        kwargs.update(beta_1=cfg["beta_1"], beta_2=cfg["beta_2"], epsilon=cfg["epsilon"])
+    for clip in ("clipnorm", "global_clipnorm", "clipvalue"):
+        if cfg.get(clip):
+            kwargs[clip] = cfg[clip]
+    schedule = cfg.get("schedule", "constant")
+    if schedule == "inverse_time":
+        kwargs["learning_rate"] = InverseTimeDecay(
+            kwargs["learning_rate"], cfg["decay_steps"], cfg["decay_rate"]
+        )
+    elif schedule == "exponential":
+        kwargs["learning_rate"] = ExponentialDecay(
+            kwargs["learning_rate"], cfg["decay_steps"], cfg["decay_rate"]
+        )
+    elif cfg.get("decay"):
+        kwargs["decay"] = cfg["decay"]
+    return get_optimizer(name, **kwargs)
+
+
+def pooled_statistics(layout, stats: list[np.ndarray], counts: list[int]) -> np.ndarray:
+    """Mean and biased variance of the union of batches, from each batch's own.
+
+    ``var = sum n_k (var_k + (mean_k - mean)^2) / N``: exactly the statistics of the
+    concatenated batch, so K workers' batches move the averages as one batch would.
+    """
+    if len(stats) == 1:
+        return stats[0]
+    w = np.asarray(counts, np.float64) / sum(counts)  # (K,)
+    views = [layout.views(np.asarray(s)) for s in stats]
+    out = layout.empty()
+    for key in layout.keys:
+        if key.endswith(".mean"):
+            base = key[: -len(".mean")]
+            means = np.stack([v[key] for v in views]).astype(np.float64)  # (K, n)
+            variances = np.stack([v[base + ".var"] for v in views]).astype(np.float64)
+            mean = w @ means  # (K,) @ (K, n) -> (n,)
+            out[key][...] = mean
+            out[base + ".var"][...] = w @ (variances + (means - mean) ** 2)
+    return out.flat
+
+
+class ParameterServer:
+    """Holds parameters, BN moving statistics, optimizer state, offsets and the version.
+
+    Args:
+        net_spec: ``Network`` constructor arguments.
+        config: the resolved config as a dict of sections (secrets redacted); reads
+            ``optimizer``, ``trainer`` (mode, max_staleness, workers), ``checkpoint`` and
+            ``model.seed``.
+        publish: turns the flat parameters into what a reply carries; ``ray.put`` in
+            an actor, a copy by default.
+        clock: seconds, injected so tests drive time.
+    """
+
+    def __init__(
+        self,
+        net_spec: Mapping[str, Any],
+        config: Mapping[str, Mapping[str, Any]],
+        publish=None,
+        clock=time.monotonic,
+    ):
+        self.net = Network(**net_spec)
+        self.config = {k: dict(v) for k, v in config.items()}
+        trainer = self.config["trainer"]
+        self.mode = trainer["mode"]
+        self.max_staleness = int(trainer["max_staleness"])
+        self.sync_timeout_s = float(trainer.get("sync_timeout_s", 30.0))
+        ck = self.config["checkpoint"]
+        self.ckpt_dir = ck.get("dir") or None
+        self.ckpt_every_updates = int(ck.get("every_updates", 0))
+        self.ckpt_every_seconds = float(ck.get("every_seconds", 0.0))
+        self.ckpt_keep = int(ck.get("keep", 3))
+        self.history_limit = int(ck.get("history", 1_000_000))
+        self._publish = publish or np.copy
+        self._clock = clock
+        self._lock = threading.Condition()
+
+        self.lr_factor = 1.0
+        self.params, self.moving = self.net.init(int(self.config["model"].get("seed", 0)))
+        self.opt = build_optimizer(self.config["optimizer"])
+        self.state = self.opt.init(self.params)
+        self.version = 0
+        self.offsets: dict[TopicPartition, int] = {}
+        self.tps: list[TopicPartition] = []  # partitions indexed by history[:, 0]
+        self._tp_index: dict[TopicPartition, int] = {}
+        self.history: deque[tuple[int, int, int, int]] = deque(maxlen=self.history_limit)
+        self.examples = 0
+        self.restored_from: str | None = None
+        if ck.get("resume", True) and self.ckpt_dir:
+            path = latest_checkpoint(self.ckpt_dir)
+            if path is not None:
+                self._restore(load_checkpoint(path))
+                self.restored_from = str(path)
+
+        self._published: tuple[int, Any] | None = None
+        self._workers: set[str] = set()
+        self._round: list[_Push] = []
+        self._round_id = 0
+        self._reserved: dict[TopicPartition, int] = {}
+        self._last_ckpt_version = self.version
+        self._last_ckpt_time = clock()
+        self._last_ckpt_path: str | None = self.restored_from
+        self._counters = {
+            "pushes": 0,
+            "applied": 0,
+            "stale": 0,
+            "fenced": 0,
+            "nonfinite": 0,
+            "clipped": 0,
+            "examples_refused": 0,
+            "recomputed": 0,
+        }
+        self._costs: list[tuple[int, float, int]] = []  # (version, cost, examples) since stats()
+        self._staleness: dict[int, int] = {}
+        self._batch_sizes: dict[int, int] = {}
+        self._last: dict[str, float] = {}
+        self._round_status: dict[str, str] = {}
+        self._step_seconds: list[float] = []
+
+    # -- state -------------------------------------------------------------------------
+
+    def _restore(self, ckpt: Checkpoint) -> None:
+        self.lr_factor = float(ckpt.meta.get("lr_factor", 1.0))
+        self.opt = build_optimizer(self.config["optimizer"], self.lr_factor)
+        self.net.layout.check(ckpt.params, "checkpoint params")
+        self.params = self.net.layout.views(self.net.layout.flatten(ckpt.params).copy())
+        self.moving = self.net.moving_layout.views(
+            self.net.moving_layout.flatten(ckpt.moving).copy()
+        )
+        self.state = self.opt.state_from_arrays(ckpt.optimizer, self.params)
+        self.version = int(ckpt.version)
+        self.offsets = dict(ckpt.offsets)
+        self.tps = [(str(t), int(p)) for t, p in ckpt.meta.get("topics", [])]
+        self._tp_index = {tp: i for i, tp in enumerate(self.tps)}
+        self.examples = int(ckpt.meta.get("examples", 0))
+        self.history.clear()
+        self.history.extend(tuple(int(v) for v in row) for row in ckpt.history)
+
+    def checkpoint(self, healthy: bool = True) -> str | None:
+        """Write a checkpoint now; returns its path (None without a checkpoint dir)."""
+        with self._lock:
+            return self._checkpoint(healthy)
+
+    def _checkpoint(self, healthy: bool = True) -> str | None:
+        if not self.ckpt_dir:
+            return None
+        ckpt = Checkpoint(
+            params={k: np.array(v) for k, v in self.params.items()},
+            moving={k: np.array(v) for k, v in self.moving.items()},
+            optimizer={k: np.array(v) for k, v in self.opt.state_arrays(self.state).items()},
+            version=self.version,
+            offsets=dict(self.offsets),
+            config=self.config,
+            meta={
+                "created_at": time.time(),
+                "examples": self.examples,
+                "healthy": bool(healthy),
+                "lr_factor": self.lr_factor,
+                "topics": [list(tp) for tp in self.tps],
+                "network": self.net.spec(),
+            },
+            history=np.array(self.history, np.int64).reshape(-1, 4),
+        )
+        path = save_checkpoint(self.ckpt_dir, ckpt, keep=self.ckpt_keep)
+        self._last_ckpt_version = self.version
+        self._last_ckpt_time = self._clock()
+        self._last_ckpt_path = str(path)
+        return str(path)
+
+    def _maybe_checkpoint(self) -> None:
+        if not self.ckpt_dir:
+            return
+        due_updates = (
+            self.ckpt_every_updates
+            and self.version - self._last_ckpt_version >= self.ckpt_every_updates
+        )
+        due_time = (
+            self.ckpt_every_seconds
+            and self._clock() - self._last_ckpt_time >= self.ckpt_every_seconds
+            and self.version > self._last_ckpt_version
+        )
+        if due_updates or due_time:
+            self._checkpoint()
+
+    # -- membership and positions -----------------------------------------------------
+
+    def join(self, worker: str) -> dict[TopicPartition, int]:
+        """Register a worker (sync rounds wait for it); returns every known next offset."""
+        with self._lock:
+            self._workers.add(worker)
+            return dict(self.offsets)
+
+    def leave(self, worker: str) -> None:
+        """Unregister a worker (finished or dead) so sync rounds stop waiting for it."""
+        with self._lock:
+            self._workers.discard(worker)
+            self._maybe_apply_round()
+            self._lock.notify_all()
+
+    def positions(self) -> dict[TopicPartition, int]:
+        with self._lock:
+            return dict(self.offsets)
+
+    def current(self) -> tuple[int, Any]:
+        """The version and the published flat parameters."""
+        with self._lock:
+            return self.version, self._params_ref()
+
+    def _params_ref(self):
+        if self._published is None or self._published[0] != self.version:
+            self._published = (self.version, self._publish(self.params.flat))
+        return self._published[1]
+
+    def model(self) -> dict[str, Any]:
+        """Copies of parameters and moving statistics, with version and network spec."""
+        with self._lock:
+            return {
+                "version": self.version,
+                "params": {k: np.array(v) for k, v in self.params.items()},
+                "moving": {k: np.array(v) for k, v in self.moving.items()},
+                "network": self.net.spec(),
+                "examples": self.examples,
+            }
+
+    def applied_history(self) -> tuple[np.ndarray, list[TopicPartition]]:
+        """(n, 4) int64 rows ``(partition_index, start, end, version)``, and the partitions."""
+        with self._lock:
+            return np.array(self.history, np.int64).reshape(-1, 4), list(self.tps)
+
+    # -- pushes ------------------------------------------------------------------------
+
+    def push(
+        self,
+        worker: str,
+        base_version: int,
+        grads: np.ndarray,
+        n: int,
+        loss: float,
+        stats: np.ndarray,
+        spans: Spans,
+        recomputed: bool = False,
+    ) -> PushReply:
+        """Offer the gradient of one batch.
+
+        Args:
+            worker: the pusher's id.
+            base_version: the version its gradient was computed on.
+            grads: (n_params,) flat gradient of the batch's mean loss.
+            n: examples in the batch (the weight of its gradient in sync mode).
+            loss: the batch's mean loss.
+            stats: (n_moving,) flat batch means and biased variances.
+            spans: per partition, the half-open offset range the batch covers.
+            recomputed: the batch was refused as stale before and computed again.
+        """
+        spans = {(str(t), int(p)): (int(s), int(e)) for (t, p), (s, e) in spans.items()}
+        with self._lock:
+            self._counters["pushes"] += 1
+            if recomputed:
+                self._counters["recomputed"] += 1
+            expected = {
+                tp: self._reserved.get(tp, self.offsets.get(tp, start))
+                for tp, (start, _) in spans.items()
+            }
+            if any(expected[tp] != start for tp, (start, _) in spans.items()):
+                self._counters["fenced"] += 1
+                return PushReply(FENCED, self.version, self._params_ref(), expected)
+            staleness = self.version - int(base_version)
+            if staleness > self.max_staleness or (self.mode == "sync" and staleness != 0):
+                self._counters["stale"] += 1
+                return PushReply(STALE, self.version, self._params_ref(), None)
+            item = _Push(
+                worker,
+                np.asarray(grads),
+                int(n),
+                float(loss),
+                np.asarray(stats),
+                spans,
+                int(base_version),
+            )
+            if self.mode == "async":
+                status = self._apply([item])
+                return PushReply(status, self.version, self._reply_params(base_version), None)
+            # sync: join this round; the last pusher of the round applies it.
+            self._workers.add(worker)
+            for tp, (_, end) in spans.items():
+                self._reserved[tp] = end
+            self._round.append(item)
+            round_id = self._round_id
+            self._maybe_apply_round()
+            deadline = self._clock() + self.sync_timeout_s
+            while self._round_id == round_id:
+                left = deadline - self._clock()
+                if left <= 0:  # a participant hung: apply what the round has
+                    self._apply_round()
+                    break
+                self._lock.wait(min(left, 1.0))
+            return PushReply(
+                self._round_status.get(worker, APPLIED),
+                self.version,
+                self._reply_params(base_version),
+                None,
+            )
+
+    def _reply_params(self, base_version: int):
+        return None if int(base_version) == self.version else self._params_ref()
+
+    def _maybe_apply_round(self) -> None:
+        if self._round and {p.worker for p in self._round} >= self._workers:
+            self._apply_round()
+
+    def _apply_round(self) -> None:
+        items, self._round = self._round, []
+        self._round_status = dict.fromkeys((p.worker for p in items), APPLIED)
+        if items:
+            status = self._apply(items)
+            self._round_status = dict.fromkeys((p.worker for p in items), status)
+        self._reserved.clear()
+        self._round_id += 1
+        self._lock.notify_all()
+
+    def _apply(self, items: list[_Push]) -> str:
+        """Apply the example-weighted average of ``items``; advance their offsets."""
+        t0 = time.perf_counter()
+        counts = [p.n for p in items]
+        total = sum(counts)
+        if len(items) == 1:
+            grads = items[0].grads
+        else:
+            grads = np.zeros_like(items[0].grads)
+            for p in items:
+                grads += p.grads * np.asarray(p.n / total, grads.dtype)
+        loss = sum(p.loss * p.n for p in items) / total
+        grads_views = self.net.layout.views(grads.astype(self.net.dtype, copy=False))
+        status = APPLIED
+        try:
+            if not math.isfinite(loss):
+                raise NonFiniteGradientError(f"the batch cost is {loss}")
+            _, self.state, info = self.opt.apply_gradients(
+                self.params, grads_views, self.state, inplace=True
+            )
+        except NonFiniteGradientError as exc:
+            status = NONFINITE
+            self._counters["nonfinite"] += 1
+            self._counters["examples_refused"] += total
+            self._last["nonfinite_reason"] = str(exc)
+            info = None
+        for p in items:
+            for tp, (start, end) in p.spans.items():
+                self.offsets[tp] = end
+                if status == APPLIED:
+                    index = self._tp_index.get(tp)
+                    if index is None:
+                        index = self._tp_index[tp] = len(self.tps)
+                        self.tps.append(tp)
+                    self.history.append((index, start, end, self.version))
+        if status != APPLIED:
+            self._costs.append((self.version, loss, total))
+            return status
+        stats = pooled_statistics(self.net.moving_layout, [p.stats for p in items], counts)
+        self.moving = self.net.update_moving(self.moving, self.net.moving_layout.views(stats))
+        self.version += 1
+        self.examples += total
+        self._counters["applied"] += 1
+        self._counters["clipped"] += int(info.clipped)
+        for p in items:
+            s = self.version - 1 - p.base_version
+            self._staleness[s] = self._staleness.get(s, 0) + 1
+            self._batch_sizes[p.n] = self._batch_sizes.get(p.n, 0) + 1
+        self._costs.append((self.version, loss, total))
+        if len(self._costs) > 100_000:  # nobody reads stats(): keep the newest
+            del self._costs[: len(self._costs) - 100_000]
+        self._last.update(
+            cost=loss,
+            grad_norm=info.grad_norm,
+            clipped_norm=info.clipped_norm,
+            learning_rate=info.learning_rate,
+            update_ratio=info.update_norm / info.param_norm if info.param_norm else 0.0,
+        )
+        self._step_seconds.append(time.perf_counter() - t0)
+        self._maybe_checkpoint()
+        return APPLIED
+
+    # -- monitoring --------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """A small record for monitoring; costs and step times are those since the last call."""
+        with self._lock:
+            costs, self._costs = self._costs, []
+            steps, self._step_seconds = self._step_seconds, []
+            return {
+                "version": self.version,
+                "examples": self.examples,
+                "workers": len(self._workers),
+                "counters": dict(self._counters),
+                "costs": costs,
+                "step_seconds": steps,
+                "staleness": dict(self._staleness),
+                "batch_sizes": dict(self._batch_sizes),
+                "last": dict(self._last),
+                "learning_rate": self.opt.learning_rate_at(self.state.iterations),
+                "checkpoint_age_seconds": self._clock() - self._last_ckpt_time,
+                "checkpoint_path": self._last_ckpt_path,
+                "offsets": dict(self.offsets),
+            }
+
+
+# Below this size a reply carries the parameters by value: returning an object reference
+# costs ~3 ms of ownership round trips, a 36 KB array inline ~0.1 ms. Above it one
+# ray.put per version is shared by every worker (zero-copy reads from the object store).
+INLINE_PARAMS_BYTES = 512 * 1024
+
+
+def publish_params(flat: np.ndarray):
+    """The parameters as a reply carries them: a copy when small, else an object reference."""
+    return flat.copy() if flat.nbytes <= INLINE_PARAMS_BYTES else ray.put(flat)
+
+
+class _RemoteParameterServer(ParameterServer):
+    """The actor flavour: large parameters travel as one object reference per version."""
+
+    def __init__(self, net_spec, config, clock=time.monotonic):
+        super().__init__(net_spec, config, publish=publish_params, clock=clock)
+
+
+ParameterServerActor = ray.remote(_RemoteParameterServer)

@@ -1,0 +1,217 @@
+"""GradientWorker: owns a stream source and a batcher, computes gradients, pushes them.
+
+A plain class made a Ray actor once (``GradientWorkerActor``). It imports nothing from
+``service/``: it gets plain settings and the parameter server's actor handle.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import numpy as np
+import ray
+
+from workers.ingest.batcher import PowerOfTwoBatcher
+from workers.ingest.memory import MemoryStream
+from workers.ingest.source import Batch, Source
+from workers.nn import Network
+
+APPLIED, STALE, FENCED, NONFINITE = "applied", "stale", "fenced", "nonfinite"
+MAX_RECOMPUTE = 8  # stale refusals of one batch in a row before re-reading from the source
+
+
+def make_source(spec: Mapping[str, Any]) -> Source:
+    """A stream source from plain settings: ``{"kind": "memory", ...MemoryStream args}``."""
+    spec = dict(spec)
+    kind = spec.pop("kind", "memory")
+    if kind == "memory":
+        start = spec.pop("start", None)
+        dataset = spec.pop("dataset")
+        if isinstance(dataset, ray.ObjectRef):
+            dataset = ray.get(dataset)
+        return MemoryStream(
+            dataset,
+            clock=time.time,
+            start=start,
+            **spec,
+        )
+    raise ValueError(f"unknown source kind {kind!r}; valid: ['memory']")
+
+
+class _InFlight(NamedTuple):
+    batch: Batch
+    ref: Any  # ObjectRef of a PushReply
+    recomputed: bool
+
+
+class GradientWorker:
+    """Turns one share of the stream into gradient pushes.
+
+    Args:
+        worker_id: unique name, also the sync-round membership key.
+        server: the ParameterServer actor handle.
+        net_spec: ``Network`` constructor arguments.
+        source_spec: see ``make_source``.
+        batching: ``PowerOfTwoBatcher`` arguments.
+        max_inflight: pushes awaiting a reply at once (1 in sync mode).
+        poll_records: most records taken from the source per poll.
+    """
+
+    def __init__(
+        self,
+        worker_id: str,
+        server,
+        net_spec: Mapping[str, Any],
+        source_spec: Mapping[str, Any],
+        batching: Mapping[str, Any],
+        max_inflight: int = 2,
+        poll_records: int = 4096,
+    ):
+        if max_inflight < 1:
+            raise ValueError(f"`max_inflight` must be >= 1. Received: max_inflight={max_inflight}")
+        self.worker_id = worker_id
+        self.server = server
+        self.net = Network(**net_spec)
+        self.source = make_source(source_spec)
+        self.batcher = PowerOfTwoBatcher(**batching)
+        self.max_inflight = int(max_inflight)
+        self.poll_records = int(poll_records)
+        self._stop = threading.Event()
+        self._version = -1
+        self._params = None
+        self._counts = {
+            "batches": 0,
+            "examples": 0,
+            "applied": 0,
+            "stale": 0,
+            "fenced": 0,
+            "nonfinite": 0,
+            "recomputed": 0,
+            "resyncs": 0,
+        }
+        self._sizes: dict[int, int] = {}
+
+    # -- control -------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask ``run`` to stop polling, settle what is in flight and return."""
+        self._stop.set()
+
+    def ping(self) -> str:
+        return self.worker_id
+
+    def stats(self) -> dict[str, Any]:
+        return {"counts": dict(self._counts), "batch_sizes": dict(self._sizes)}
+
+    # -- the loop ------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Consume until the source is exhausted or ``stop`` is called; returns ``stats``."""
+        self._resync(ray.get(self.server.join.remote(self.worker_id)))
+        version, ref = ray.get(self.server.current.remote())
+        self._set_params(version, ref)
+        inflight: deque[_InFlight] = deque()
+        try:
+            while not self._stop.is_set():
+                if self.batcher.pending() < self.batcher.target:
+                    chunks = self.source.poll(self.poll_records, self._poll_timeout())
+                    self.batcher.add(chunks)  # empty polls too: the adaptive rate sees idle time
+                done = self.source.exhausted()
+                batch = self.batcher.next_batch()
+                batches = [batch] if batch is not None else []
+                if done and not batches:
+                    batches = self.batcher.flush_all()
+                for b in batches:
+                    inflight.append(self._submit(b))
+                    while len(inflight) >= self.max_inflight:
+                        self._settle(inflight)
+                if done and not batches and self.batcher.pending() == 0:
+                    while inflight:
+                        self._settle(inflight)
+                    if self.source.exhausted() and self.batcher.pending() == 0:
+                        break
+            while inflight:
+                self._settle(inflight)
+        finally:
+            ray.get(self.server.leave.remote(self.worker_id))
+        return self.stats()
+
+    def _poll_timeout(self) -> float:
+        deadline = self.batcher.deadline()
+        if deadline is None:
+            return 0.05
+        return min(0.05, max(0.0, deadline - time.monotonic()))
+
+    def _set_params(self, version: int, ref) -> None:
+        flat = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
+        self._params = self.net.layout.views(np.asarray(flat))  # read-only, zero-copy
+        self._version = int(version)
+
+    def _submit(self, batch: Batch, recomputed: bool = False) -> _InFlight:
+        loss, grads, stats = self.net.loss_and_grads(self._params, batch.x, batch.y)
+        n = len(batch.x)
+        self._counts["batches"] += 1
+        if not recomputed:
+            self._counts["examples"] += n
+            self._sizes[n] = self._sizes.get(n, 0) + 1
+        ref = self.server.push.remote(
+            self.worker_id,
+            self._version,
+            grads.flat,
+            n,
+            loss,
+            self.net.moving_layout.flatten(stats),
+            batch.spans,
+            recomputed,
+        )
+        return _InFlight(batch, ref, recomputed)
+
+    def _settle(self, inflight: deque[_InFlight]) -> None:
+        """Wait for the oldest push; on a refusal, recompute or re-read what followed it."""
+        item = inflight.popleft()
+        reply = ray.get(item.ref)
+        self._count(reply)
+        if reply.params is not None:
+            self._set_params(reply.version, reply.params)
+        if reply.status in (APPLIED, NONFINITE):
+            return
+        # Everything pushed after a refused batch is refused too (its offsets follow).
+        later = [(it.batch, ray.get(it.ref)) for it in inflight]
+        inflight.clear()
+        for _, r in later:
+            self._count(r)
+            if r.params is not None:
+                self._set_params(r.version, r.params)
+        pending = [item.batch] + [b for b, r in later if r.status not in (APPLIED, NONFINITE)]
+        if reply.status == FENCED:
+            self._resync(ray.get(self.server.positions.remote()))
+            return
+        for batch in pending:
+            for _ in range(MAX_RECOMPUTE):
+                self._counts["recomputed"] += 1
+                r = ray.get(self._submit(batch, recomputed=True).ref)
+                self._count(r)
+                if r.params is not None:
+                    self._set_params(r.version, r.params)
+                if r.status != STALE:
+                    break
+            if r.status not in (APPLIED, NONFINITE):
+                self._resync(ray.get(self.server.positions.remote()))
+                return
+
+    def _count(self, reply) -> None:
+        self._counts[reply.status] = self._counts.get(reply.status, 0) + 1
+
+    def _resync(self, positions: Mapping) -> None:
+        """Seek source and batcher to the server's next offsets (0 where it has none)."""
+        self._counts["resyncs"] += 1
+        target = {tp: int(positions.get(tp, 0)) for tp in self.source.assignment()}
+        self.source.seek(target)
+        self.batcher.seek(target)
+
+
+GradientWorkerActor = ray.remote(GradientWorker)
