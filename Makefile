@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/streamtrain train
+	$(VENV)/bin/streamtrain demo
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -11,41 +11,9 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
-from sklearn.datasets import load_breast_cancer, load_digits
-from sklearn.model_selection import train_test_split
 
+from workers.ingest.memory import load_dataset
 from workers.nn import Network, get_optimizer
-
-DATASETS = ("breast_cancer", "digits")
-
-
-class Split(NamedTuple):
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    output: str
-    n_outputs: int
-
-
-def load_split(name: str, test_fraction: float = 0.2, seed: int = 0) -> Split:
-    """A stratified split of a scikit-learn data set, standardized with training statistics."""
-    if name == "breast_cancer":
-        x, y = load_breast_cancer(return_X_y=True)
-        output, n_outputs, y = "sigmoid", 1, y.astype(np.float32)
-    elif name == "digits":
-        x, y = load_digits(return_X_y=True)
-        output, n_outputs, y = "softmax", 10, y.astype(np.int64)
-    else:
-        raise ValueError(f"`dataset` must be one of {DATASETS}. Received: dataset={name!r}")
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        x, y, test_size=test_fraction, random_state=seed, stratify=y
-    )
-    mean, std = x_tr.mean(axis=0), x_tr.std(axis=0)
-    std[std == 0] = 1.0  # constant pixels in digits
-    x_tr = ((x_tr - mean) / std).astype(np.float32)
-    x_te = ((x_te - mean) / std).astype(np.float32)
-    return Split(x_tr, y_tr, x_te, y_te, output, n_outputs)
 
 
 class TrainResult(NamedTuple):
@@ -72,9 +40,9 @@ def train(
         report: called after each epoch with (epoch, mean cost).
         optimizer_args: Keras-named hyperparameters for ``get_optimizer``.
     """
-    split = load_split(dataset, seed=seed)
+    split = load_dataset(dataset, seed=seed)
     net = Network(
-        input_dim=split.x_train.shape[1],
+        input_dim=split.n_features,
         hidden=hidden,
         output=split.output,
         n_outputs=split.n_outputs,

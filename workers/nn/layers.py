@@ -83,7 +83,7 @@ def affine_backward(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Backward of ``affine_forward``: returns ``(dx, dW, db)``."""
     dW = np.matmul(cache.x.T, dz, out=dW_out)
-    db = np.sum(dz, axis=0, out=db_out)  # (m, n_out) -> (n_out,)
+    db = np.add.reduce(dz, axis=0, out=db_out)  # (m, n_out) -> (n_out,)
     return dz @ cache.W.T, dW, db
 
 
@@ -108,10 +108,11 @@ def batchnorm_statistics(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     Returns:
         mean, var: (n,) each.
     """
-    mean = z.mean(axis=0)  # (m, n) -> (n,)
+    inv_m = 1.0 / z.shape[0]
+    mean = np.add.reduce(z, axis=0) * inv_m  # (m, n) -> (n,); skips np.mean's wrappers
     zc = z - mean
-    var = np.einsum("ij,ij->j", zc, zc) / z.shape[0]  # (m, n) -> (n,)
-    return mean, var.astype(z.dtype, copy=False)
+    var = np.einsum("ij,ij->j", zc, zc) * inv_m  # (m, n) -> (n,)
+    return mean, var
 
 
 def batchnorm_forward(
@@ -155,7 +156,7 @@ def batchnorm_backward(
         dz: (m, n), dgamma: (n,), dbeta: (n,).
     """
     m = dy.shape[0]
-    dbeta = np.sum(dy, axis=0, out=dbeta_out)  # (m, n) -> (n,)
+    dbeta = np.add.reduce(dy, axis=0, out=dbeta_out)  # (m, n) -> (n,)
     dgamma = np.einsum("ij,ij->j", dy, cache.zn, out=dgamma_out)  # (m, n) -> (n,)
     dz = cache.zn * (dgamma / m)
     np.subtract(dy, dz, out=dz)

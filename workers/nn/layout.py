@@ -19,6 +19,7 @@ class FlatDict(dict):
     """
 
     flat: np.ndarray
+    layout: Layout
     ids: tuple[int, ...]  # id() of each view when made: a replaced entry is seen at once
 
 
@@ -78,6 +79,7 @@ class Layout:
             )
         out = FlatDict((k, flat[self.slices[k]].reshape(self.shapes[k])) for k in self.keys)
         out.flat = flat
+        out.layout = self
         out.ids = tuple(id(v) for v in out.values())
         return out
 
@@ -105,7 +107,8 @@ class Layout:
     def flatten(self, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
         """One flat buffer holding ``tensors``: the existing one when they are its views.
 
-        The result may share memory with the inputs: treat it as read-only.
+        The result may share memory with the inputs: treat it as read-only. Raises
+        ValueError when ``tensors`` does not have this layout's keys and shapes.
         """
         flat = getattr(tensors, "flat", None)
         if flat is not None and self._is_view_set(tensors, flat):

@@ -258,7 +258,6 @@ class Network:
         self, moving: Mapping[str, np.ndarray], batch_stats: Mapping[str, np.ndarray]
     ) -> FlatDict:
         """New moving statistics, Keras's rule: ``m = momentum*m + (1-momentum)*batch``."""
-        self.moving_layout.check(batch_stats, "batch_stats")
         new = moving_update(
             self.moving_layout.flatten(moving),
             self.moving_layout.flatten(batch_stats),

@@ -186,6 +186,9 @@ _LAYOUTS: dict[tuple, Layout] = {}
 
 
 def _layout_of(params: Params) -> Layout:
+    layout = getattr(params, "layout", None)
+    if layout is not None and layout._is_view_set(params, params.flat):
+        return layout
     key = tuple((k, np.shape(v), np.asarray(v).dtype.str) for k, v in params.items())
     layout = _LAYOUTS.get(key)
     if layout is None:
@@ -330,7 +333,6 @@ class Optimizer:
 
     def _apply(self, params: Params, grads: Params, state, with_info: bool, inplace: bool):
         layout = _layout_of(params)
-        layout.check(grads, "grads")
         w = layout.flatten(params)
         g = layout.flatten(grads)
         if g.dtype != layout.dtype:
