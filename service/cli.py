@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from service.config import add_cli_arguments
 from workers.nn import OPTIMIZERS
@@ -45,11 +47,16 @@ def _demo(ns: argparse.Namespace) -> int:
     import logging
 
     from service.app import run_demo
-    from service.config import load_config, overrides_from_args
+    from service.config import CheckpointConfig, load_config, overrides_from_args
 
-    cfg = load_config(ns.config, overrides=overrides_from_args(ns))
+    overrides = overrides_from_args(ns)
+    cfg = load_config(ns.config, overrides=overrides)
+    out = Path(ns.out) / time.strftime("%Y%m%d-%H%M%S")
+    if cfg.checkpoint.dir == CheckpointConfig.dir:
+        # Unless told where, each demo run starts fresh in a directory of its own.
+        cfg = load_config(ns.config, overrides={**overrides, "checkpoint.dir": str(out / "ckpt")})
     logging.basicConfig(level=cfg.log.level, format="%(asctime)s %(levelname)s %(message)s")
-    run_demo(cfg, out_dir=ns.out, progress=not ns.no_progress)
+    run_demo(cfg, out_dir=out, progress=not ns.no_progress)
     return 0
 
 
@@ -76,7 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="the whole trainer (Ray parameter server and workers) on the embedded stream",
     )
-    d.add_argument("--out", default="runs/demo", help="where the cost plot goes")
+    d.add_argument(
+        "--out",
+        default="runs/demo",
+        help="each run writes its cost plot (and, unless --checkpoint.dir, its checkpoints) "
+        "under OUT/<date-time>/",
+    )
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_cli_arguments(d)
     d.set_defaults(run=_demo)
