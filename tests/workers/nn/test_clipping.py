@@ -46,7 +46,8 @@ def test_clip_by_global_norm_3_4_5():
 
 def test_global_norm_3_4_12_13():
     assert global_norm({"a": np.array([3.0, 4.0]), "b": np.array([[12.0]])}) == pytest.approx(
-        13.0, rel=1e-15)
+        13.0, rel=1e-15
+    )
 
 
 @pytest.mark.parametrize(
@@ -90,11 +91,13 @@ def test_no_clipping_below_threshold_reported():
 # Finite values, no subnormals; magnitudes below 1e-6 become exact zeros so that squared norms
 # never underflow and the cosine is well defined.
 ELEMENT = st.floats(-1e3, 1e3, allow_nan=False, allow_subnormal=False).map(
-    lambda v: 0.0 if abs(v) < 1e-6 else v)
+    lambda v: 0.0 if abs(v) < 1e-6 else v
+)
 SHAPE = hnp.array_shapes(min_dims=1, max_dims=2, min_side=1, max_side=4)
 TENSOR = hnp.arrays(np.float64, SHAPE, elements=ELEMENT)
-GRADS = st.dictionaries(st.sampled_from(["dense0.W", "bn0.gamma", "out.W", "out.b"]), TENSOR,
-                        min_size=1, max_size=4)
+GRADS = st.dictionaries(
+    st.sampled_from(["dense0.W", "bn0.gamma", "out.W", "out.b"]), TENSOR, min_size=1, max_size=4
+)
 THRESHOLD = st.floats(1e-3, 1e3)
 
 

@@ -150,7 +150,8 @@ def test_batchnorm_inference_uses_given_statistics():
     np.testing.assert_allclose(y, [[0.0, 3.0], [2.0, 5.0]], rtol=1e-12, atol=1e-12)
     # Rows are independent in inference mode: one row alone gives the same values.
     np.testing.assert_allclose(
-        layers.batchnorm_inference(z[1:], gamma, beta, moving_mean, moving_var, EPS), y[1:],
+        layers.batchnorm_inference(z[1:], gamma, beta, moving_mean, moving_var, EPS),
+        y[1:],
         rtol=1e-15,
     )
 

@@ -16,8 +16,11 @@ INPUT_DIM = 3
 
 
 def _act(name: str, z: np.ndarray) -> np.ndarray:
-    return {"relu": lambda v: np.maximum(v, 0.0), "tanh": np.tanh,
-            "sigmoid": lambda v: 1.0 / (1.0 + np.exp(-v))}[name](z)
+    return {
+        "relu": lambda v: np.maximum(v, 0.0),
+        "tanh": np.tanh,
+        "sigmoid": lambda v: 1.0 / (1.0 + np.exp(-v)),
+    }[name](z)
 
 
 def reference_forward(params, x, n_hidden, activation, eps=EPS, moving=None):
@@ -64,8 +67,16 @@ def reference_probs(output, logits):
 
 def make_case(output, n_outputs, hidden, activation, label_shape=None, seed=0, m=M):
     """A float64 network, params with non-trivial gamma/beta/bias, a batch and labels."""
-    net = Network(input_dim=INPUT_DIM, hidden=hidden, output=output, n_outputs=n_outputs,
-                  activation=activation, bn_epsilon=EPS, bn_momentum=0.99, dtype="float64")
+    net = Network(
+        input_dim=INPUT_DIM,
+        hidden=hidden,
+        output=output,
+        n_outputs=n_outputs,
+        activation=activation,
+        bn_epsilon=EPS,
+        bn_momentum=0.99,
+        dtype="float64",
+    )
     params, moving = net.init(seed=seed)
     rng = np.random.default_rng(100 + seed)
     for i, n in enumerate(hidden):
@@ -101,15 +112,32 @@ ACTIVATIONS = ["relu", "tanh", "sigmoid"]
 
 
 def test_init_keys_shapes_values():
-    net = Network(input_dim=30, hidden=(64, 32), output="softmax", n_outputs=10,
-                  activation="relu", dtype="float32")
+    net = Network(
+        input_dim=30,
+        hidden=(64, 32),
+        output="softmax",
+        n_outputs=10,
+        activation="relu",
+        dtype="float32",
+    )
     params, moving = net.init(seed=0)
-    expected = {"dense0.W": (30, 64), "bn0.gamma": (64,), "bn0.beta": (64,),
-                "dense1.W": (64, 32), "bn1.gamma": (32,), "bn1.beta": (32,),
-                "out.W": (32, 10), "out.b": (10,)}
+    expected = {
+        "dense0.W": (30, 64),
+        "bn0.gamma": (64,),
+        "bn0.beta": (64,),
+        "dense1.W": (64, 32),
+        "bn1.gamma": (32,),
+        "bn1.beta": (32,),
+        "out.W": (32, 10),
+        "out.b": (10,),
+    }
     assert {k: v.shape for k, v in params.items()} == expected
     assert {k: v.shape for k, v in moving.items()} == {
-        "bn0.mean": (64,), "bn0.var": (64,), "bn1.mean": (32,), "bn1.var": (32,)}
+        "bn0.mean": (64,),
+        "bn0.var": (64,),
+        "bn1.mean": (32,),
+        "bn1.var": (32,),
+    }
     assert all(v.dtype == np.float32 for v in [*params.values(), *moving.values()])
     for i in range(2):
         np.testing.assert_array_equal(params[f"bn{i}.gamma"], 1.0)
@@ -235,8 +263,9 @@ def test_update_moving_one_step_by_hand():
 
 
 def test_update_moving_uses_bn_momentum():
-    net = Network(input_dim=2, hidden=(2,), output="sigmoid", n_outputs=1,
-                  bn_momentum=0.9, dtype="float64")
+    net = Network(
+        input_dim=2, hidden=(2,), output="sigmoid", n_outputs=1, bn_momentum=0.9, dtype="float64"
+    )
     moving = {"bn0.mean": np.array([0.0, 0.0]), "bn0.var": np.array([1.0, 1.0])}
     batch = {"bn0.mean": np.array([2.0, -1.0]), "bn0.var": np.array([5.0, 0.5])}
     moving = net.update_moving(moving, batch)
@@ -286,8 +315,10 @@ def test_predict_uses_moving_statistics(output, n_outputs, label_shape):
     hidden = (5, 4)
     net, params, moving, x, _ = make_case(output, n_outputs, hidden, "relu", label_shape)
     rng = np.random.default_rng(9)
-    moving = {k: (rng.normal(size=v.shape) if k.endswith("mean")
-                  else rng.uniform(0.5, 2.0, size=v.shape)) for k, v in moving.items()}
+    moving = {
+        k: (rng.normal(size=v.shape) if k.endswith("mean") else rng.uniform(0.5, 2.0, size=v.shape))
+        for k, v in moving.items()
+    }
     logits, _, _ = reference_forward(params, x, len(hidden), "relu", moving=moving)
     y_hat = net.predict(params, moving, x)
     assert y_hat.shape == (M, n_outputs)
@@ -297,8 +328,9 @@ def test_predict_uses_moving_statistics(output, n_outputs, label_shape):
     assert not np.allclose(net.predict(params, shifted, x), y_hat)
     # rows are independent at inference: one example alone gives its row of the batch
     for i in (0, M - 1):
-        np.testing.assert_allclose(net.predict(params, moving, x[i : i + 1]), y_hat[i : i + 1],
-                                   rtol=1e-13, atol=1e-15)
+        np.testing.assert_allclose(
+            net.predict(params, moving, x[i : i + 1]), y_hat[i : i + 1], rtol=1e-13, atol=1e-15
+        )
 
 
 def test_predict_probabilities():

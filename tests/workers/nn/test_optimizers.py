@@ -63,8 +63,13 @@ def test_unknown_optimizer_lists_valid_names(name):
 )
 def test_keras_defaults_and_frozen(name, defaults):
     opt = get_optimizer(name)
-    for field, value in {**defaults, "clipnorm": None, "clipvalue": None,
-                         "global_clipnorm": None, "decay": 0.0}.items():
+    for field, value in {
+        **defaults,
+        "clipnorm": None,
+        "clipvalue": None,
+        "global_clipnorm": None,
+        "decay": 0.0,
+    }.items():
         assert getattr(opt, field) == value, field
     with pytest.raises(dataclasses.FrozenInstanceError):
         opt.learning_rate = 1.0
@@ -124,8 +129,11 @@ def test_rmsprop_eq_5_8():
             S[i] = rho * S[i] + (1 - rho) * G[i] ** 2
             w[i] = w[i] - lr * G[i] / math.sqrt(S[i] + eps)
         expected.append(list(w))
-    assert_trajectory(expected, [[0.96837729, -1.96837724], [0.94543574, -1.94543567],
-                                 [0.92622628, -1.92622621]], rtol=1e-8)  # the hand figures
+    assert_trajectory(
+        expected,
+        [[0.96837729, -1.96837724], [0.94543574, -1.94543567], [0.92622628, -1.92622621]],
+        rtol=1e-8,
+    )  # the hand figures
     opt = get_optimizer("rmsprop", learning_rate=lr, rho=rho, epsilon=eps)
     trajectory, states = run(opt, [G] * 3)
     assert_trajectory(trajectory, expected)
@@ -155,8 +163,9 @@ def test_adam_constant_gradient():
     closed, w = [], list(W0)
     for t in (1, 2, 3):
         for i in range(2):
-            w[i] -= 0.1 * math.copysign(1.0, G[i]) / (
-                1 + 1e-7 / (abs(G[i]) * math.sqrt(1 - 0.999**t)))
+            w[i] -= (
+                0.1 * math.copysign(1.0, G[i]) / (1 + 1e-7 / (abs(G[i]) * math.sqrt(1 - 0.999**t)))
+            )
         closed.append(list(w))
     assert_trajectory(expected, closed)
     assert_trajectory(expected, [[0.9, -1.9], [0.8, -1.8], [0.7, -1.7]], rtol=1e-5)
@@ -212,8 +221,14 @@ def test_legacy_decay_inverse_time_first_update_undecayed():
         rates.append(info.learning_rate)
         trajectory.append(params["w"].tolist())
     np.testing.assert_allclose(rates, [0.1, 0.1 / 1.5, 0.05], rtol=1e-12)
-    assert_trajectory(trajectory, [[0.95, -1.9], [0.95 - 0.05 / 1.5, -1.9 + 0.1 / 1.5],
-                                   [0.95 - 0.05 / 1.5 - 0.025, -1.9 + 0.1 / 1.5 + 0.05]])
+    assert_trajectory(
+        trajectory,
+        [
+            [0.95, -1.9],
+            [0.95 - 0.05 / 1.5, -1.9 + 0.1 / 1.5],
+            [0.95 - 0.05 / 1.5 - 0.025, -1.9 + 0.1 / 1.5 + 0.05],
+        ],
+    )
 
 
 def test_legacy_decay_with_adam():
@@ -258,8 +273,11 @@ def test_schedule_with_adam_counts_k_from_zero_and_t_from_one():
     for k in range(3):
         lr_k = 0.1 * 0.5**k
         for i in range(2):
-            w[i] -= lr_k * math.copysign(1.0, G[i]) / (
-                1 + 1e-7 / (abs(G[i]) * math.sqrt(1 - 0.999 ** (k + 1))))
+            w[i] -= (
+                lr_k
+                * math.copysign(1.0, G[i])
+                / (1 + 1e-7 / (abs(G[i]) * math.sqrt(1 - 0.999 ** (k + 1))))
+            )
         expected.append(list(w))
     assert_trajectory(trajectory, expected)
     assert_trajectory(trajectory, [[0.9, -1.9], [0.85, -1.85], [0.825, -1.825]], rtol=1e-5)
@@ -302,8 +320,11 @@ def test_bad_hyperparameter_named_in_error(name, kwargs, shown):
 @pytest.mark.parametrize("name", ["sgd", "momentum", "rmsprop", "adam"])
 @pytest.mark.parametrize(
     "clips",
-    [{"clipnorm": 1.0, "clipvalue": 1.0}, {"clipnorm": 1.0, "global_clipnorm": 1.0},
-     {"clipvalue": 1.0, "global_clipnorm": 1.0}],
+    [
+        {"clipnorm": 1.0, "clipvalue": 1.0},
+        {"clipnorm": 1.0, "global_clipnorm": 1.0},
+        {"clipvalue": 1.0, "global_clipnorm": 1.0},
+    ],
     ids=["norm+value", "norm+global", "value+global"],
 )
 def test_two_clip_modes_rejected(name, clips):
@@ -315,8 +336,11 @@ def test_two_clip_modes_rejected(name, clips):
 # One set of checks run over every optimizer in the registry (several settings for some).
 
 SETTINGS = {
-    "sgd": [{"learning_rate": 0.1}, {"learning_rate": 0.05, "momentum": 0.9},
-            {"learning_rate": 0.05, "momentum": 0.9, "nesterov": True}],
+    "sgd": [
+        {"learning_rate": 0.1},
+        {"learning_rate": 0.05, "momentum": 0.9},
+        {"learning_rate": 0.05, "momentum": 0.9, "nesterov": True},
+    ],
     "momentum": [{"learning_rate": 0.1}],
     "rmsprop": [{"learning_rate": 0.02}],  # oscillates at ~lr around the minimum
     "adam": [{"learning_rate": 0.05}],
@@ -328,8 +352,10 @@ CLIPS = [{}, {"clipnorm": 0.5}, {"clipvalue": 0.3}, {"global_clipnorm": 0.7}]
 
 def make_problem(dtype=np.float64):
     rng = np.random.default_rng(0)
-    params = {"dense0.W": rng.normal(size=(2, 3)).astype(dtype),
-              "out.b": rng.normal(size=2).astype(dtype)}
+    params = {
+        "dense0.W": rng.normal(size=(2, 3)).astype(dtype),
+        "out.b": rng.normal(size=2).astype(dtype),
+    }
     grads = {k: rng.normal(size=v.shape).astype(dtype) for k, v in params.items()}
     return params, grads
 
@@ -348,8 +374,11 @@ def state_arrays(state) -> dict:
 
 def signature(state):
     """Structure of a state: type, fields, array keys, shapes and dtypes."""
-    return (type(state), state._fields,
-            {k: (v.shape, v.dtype) for k, v in state_arrays(state).items()})
+    return (
+        type(state),
+        state._fields,
+        {k: (v.shape, v.dtype) for k, v in state_arrays(state).items()},
+    )
 
 
 @pytest.mark.parametrize(("name", "kwargs"), CASES, ids=CASE_IDS)
@@ -362,8 +391,11 @@ def test_inputs_not_mutated(name, kwargs, clip):
     before = copy.deepcopy((params, grads, state))
     new_params, new_state = opt.update(params, grads, state)
     opt.apply_gradients(params, grads, state)
-    for old, now in [(before[0], params), (before[1], grads),
-                     (state_arrays(before[2]), state_arrays(state))]:
+    for old, now in [
+        (before[0], params),
+        (before[1], grads),
+        (state_arrays(before[2]), state_arrays(state)),
+    ]:
         assert set(old) == set(now)
         for k in old:
             np.testing.assert_array_equal(now[k], old[k], err_msg=k)
@@ -411,7 +443,9 @@ def test_state_structure_and_dtype_stable(name, kwargs, dtype, clip):
         assert signature(state) == first, step
         assert state.iterations == step and isinstance(state.iterations, int)
         assert {k: (v.shape, v.dtype) for k, v in params.items()} == {
-            "dense0.W": ((2, 3), np.dtype(dtype)), "out.b": ((2,), np.dtype(dtype))}
+            "dense0.W": ((2, 3), np.dtype(dtype)),
+            "out.b": ((2,), np.dtype(dtype)),
+        }
     assert all(v.dtype == dtype for v in state_arrays(state).values())
 
 
