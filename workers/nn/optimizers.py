@@ -5,14 +5,19 @@ eq. 1-8, 22-23). Notation: ``w`` parameters, ``g`` gradient, ``lr`` learning rat
 ``k`` updates already applied (0 for the first; Keras's ``iterations``), ``t = k + 1``.
 
 Every update works on one flat buffer per parameter set (see ``layout.py``) in
-cache-sized chunks with ``out=`` ufuncs, so an update over ~10^6 parameters costs
-a few passes of memory and never mutates its inputs.
+cache-sized chunks, so an update over ~10^6 parameters costs one pass of memory and
+never mutates its inputs. A chunk runs in the fused C kernel of ``_fused.c`` when the
+package was built with it (loaded by ctypes; ``STREAMTRAIN_FUSED=0`` turns it off),
+else in ``out=`` numpy ufuncs; both do the same float operations in the same order.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import importlib.util
 import math
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
@@ -25,6 +30,38 @@ Params = Mapping[str, np.ndarray]
 
 # Elements per chunk: measured fastest on a 2-core host with 2 MiB of L2 per core.
 CHUNK = 131072
+
+
+def _load_fused() -> ctypes.CDLL | None:
+    """The fused kernels' shared library, or None (not built, or turned off)."""
+    if os.environ.get("STREAMTRAIN_FUSED", "1") == "0":
+        return None
+    try:
+        spec = importlib.util.find_spec("workers.nn._fused")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin or not os.path.exists(spec.origin):
+        return None
+    try:
+        lib = ctypes.CDLL(spec.origin)
+    except OSError:
+        return None
+    size, ptr, i32 = ctypes.c_size_t, ctypes.c_void_p, ctypes.c_int
+    for suffix, real in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
+        getattr(lib, f"sgd_{suffix}").argtypes = [size] + [ptr] * 6 + [real, real, i32]
+        getattr(lib, f"momentum_{suffix}").argtypes = [size] + [ptr] * 6 + [real] * 3
+        getattr(lib, f"rmsprop_{suffix}").argtypes = [size] + [ptr] * 6 + [real] * 4
+        getattr(lib, f"adam_{suffix}").argtypes = [size] + [ptr] * 8 + [real] * 6
+        for name in ("sgd", "momentum", "rmsprop", "adam"):
+            getattr(lib, f"{name}_{suffix}").restype = None
+    return lib
+
+
+FUSED = _load_fused()
+
+
+def _address(a: np.ndarray) -> int:
+    return a.__array_interface__["data"][0]
 
 
 class NonFiniteGradientError(ValueError):
@@ -365,9 +402,22 @@ class Optimizer:
             new_slots = [np.empty_like(s) for s in slots]
         tmp = np.empty(min(CHUNK, w.size), w.dtype)
         step_sq = 0.0
+        fused = None
+        if FUSED is not None and w.dtype in (np.float32, np.float64):
+            suffix = "f32" if w.dtype == np.float32 else "f64"
+            fused = (
+                getattr(FUSED, f"{self.name}_{suffix}"),
+                [_address(a) for a in (w, g, *slots, new_w, *new_slots, tmp)],
+                w.dtype.itemsize,
+            )
         for sl in _chunks(w.size):
             t = tmp[: sl.stop - sl.start]
-            self._kernel(sl, w, g, slots, new_w, new_slots, t, lr, scale, k + 1)
+            if fused is None:
+                self._kernel(sl, w, g, slots, new_w, new_slots, t, lr, scale, k + 1)
+            else:
+                fn, addresses, item = fused
+                at = [a + sl.start * item for a in addresses[:-1]] + [addresses[-1]]
+                fn(sl.stop - sl.start, *at, *self._fused_args(lr, scale, k + 1))
             if with_info:
                 step_sq += float(np.dot(t, t))
         info = None
@@ -419,6 +469,10 @@ class Optimizer:
                 out[sl] *= s
         return (g, norm) if out is None else (out, _norm(out))
 
+    def _fused_args(self, lr: float, scale: float, t: int) -> tuple:
+        """Scalar arguments of the fused C kernel, rounded as the numpy kernel rounds them."""
+        raise NotImplementedError
+
     def _kernel(self, sl, w, g, slots, new_w, new_slots, tmp, lr, scale, t) -> None:
         """Write the chunk ``sl`` of the new parameters and state; leave ``Δw`` in ``tmp``.
 
@@ -450,6 +504,9 @@ class SGD(Optimizer):
 
     def _validate(self) -> None:
         self._unit_interval("momentum", self.momentum, closed=True)
+
+    def _fused_args(self, lr, scale, t):
+        return (-lr * scale, self.momentum, int(self.nesterov))
 
     def _kernel(self, sl, w, g, slots, new_w, new_slots, tmp, lr, scale, t) -> None:
         (v,), (v2,) = slots, new_slots
@@ -487,6 +544,9 @@ class Momentum(Optimizer):
     def _validate(self) -> None:
         self._unit_interval("beta_1", self.beta_1, closed=False)
 
+    def _fused_args(self, lr, scale, t):
+        return ((1.0 - self.beta_1) * scale, self.beta_1, -lr)
+
     def _kernel(self, sl, w, g, slots, new_w, new_slots, tmp, lr, scale, t) -> None:
         (V,), (V2,) = slots, new_slots
         np.multiply(g[sl], (1.0 - self.beta_1) * scale, out=tmp)
@@ -517,6 +577,9 @@ class RMSprop(Optimizer):
     def _validate(self) -> None:
         self._unit_interval("rho", self.rho, closed=False)
         _positive("epsilon", self.epsilon)
+
+    def _fused_args(self, lr, scale, t):
+        return (scale * math.sqrt(1.0 - self.rho), self.rho, self.epsilon, -lr * scale)
 
     def _kernel(self, sl, w, g, slots, new_w, new_slots, tmp, lr, scale, t) -> None:
         (S,), (S2,) = slots, new_slots
@@ -559,10 +622,18 @@ class Adam(Optimizer):
         self._unit_interval("beta_2", self.beta_2, closed=False)
         _positive("epsilon", self.epsilon)
 
+    def _lr_t(self, lr: float, t: int) -> float:
+        return lr * math.sqrt(1.0 - self.beta_2**t) / (1.0 - self.beta_1**t)
+
+    def _fused_args(self, lr, scale, t):
+        b1, b2 = self.beta_1, self.beta_2
+        gs = scale * math.sqrt(1.0 - b2)
+        return ((1.0 - b1) * scale, b1, gs, b2, self.epsilon, -self._lr_t(lr, t))
+
     def _kernel(self, sl, w, g, slots, new_w, new_slots, tmp, lr, scale, t) -> None:
         (m, v), (m2, v2) = slots, new_slots
         b1, b2 = self.beta_1, self.beta_2
-        lr_t = lr * math.sqrt(1.0 - b2**t) / (1.0 - b1**t)
+        lr_t = self._lr_t(lr, t)
         np.multiply(g[sl], (1.0 - b1) * scale, out=tmp)
         np.multiply(m[sl], b1, out=m2[sl])
         m2[sl] += tmp
