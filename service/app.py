@@ -209,7 +209,8 @@ def plot_costs(costs: list[tuple[int, float, int]], beta: float, path: Path) -> 
     ax.plot(ema, lw=2.0, label=f"EMA (β={beta}, bias-corrected)")
     ax.set_xlabel("update")
     ax.set_ylabel("cost")
-    ax.set_yscale("log" if np.nanmin(values) > 0 else "linear")
+    # A run resumed at the end of its stream applies nothing: an empty plot, not an error.
+    ax.set_yscale("log" if values.size and np.nanmin(values) > 0 else "linear")
     ax.set_title("streamtrain: mini-batch cost")
     ax.legend()
     fig.tight_layout()

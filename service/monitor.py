@@ -124,6 +124,10 @@ class TrainingMetrics:
                 self.cost.set(cost)
                 self.cost_hist.observe(cost)
             self.cost_ema.set(self.filter.update(cost))
+        if stats.get("instance") != self._seen.get("instance"):
+            # A restarted server counts from zero again, even past the old instance's counts.
+            self._seen = {"counters": {}, "staleness": {}, "batch_sizes": {}}
+            self._seen["instance"] = stats.get("instance")
         counters = stats["counters"]
         seen = self._seen["counters"]
         self.updates.inc(_delta(seen, "applied", counters["applied"]))
@@ -131,9 +135,9 @@ class TrainingMetrics:
         self.recomputed.inc(_delta(seen, "recomputed", counters["recomputed"]))
         for reason in REFUSALS:
             self.refused.labels(reason=reason).inc(_delta(seen, reason, counters[reason]))
+        # From the instance's own count: a restored model's examples were counted already.
+        self.examples.inc(_delta(seen, "examples", counters["examples"]))
         self._seen["counters"] = dict(counters)
-        self.examples.inc(_delta(self._seen, "examples", stats["examples"]))
-        self._seen["examples"] = stats["examples"]
         for name, hist in (("staleness", self.staleness), ("batch_sizes", self.batch_size)):
             old = self._seen[name]
             for value, count in stats[name].items():

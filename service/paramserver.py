@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -173,9 +174,12 @@ class ParameterServer:
         self._last_ckpt_version = self.version
         self._last_ckpt_time = clock()
         self._last_ckpt_path: str | None = self.restored_from
+        # Counters count from zero in each instance; ``instance`` tells a restart apart.
+        self.instance = uuid.uuid4().hex
         self._counters = {
             "pushes": 0,
             "applied": 0,
+            "examples": 0,
             "stale": 0,
             "fenced": 0,
             "nonfinite": 0,
@@ -261,7 +265,7 @@ class ParameterServer:
         """Register a worker (sync rounds wait for it); returns every known next offset."""
         with self._lock:
             self._workers.add(worker)
-            return dict(self.offsets)
+            return self._next_offsets()
 
     def leave(self, worker: str) -> None:
         """Unregister a worker (finished or dead) so sync rounds stop waiting for it."""
@@ -271,8 +275,14 @@ class ParameterServer:
             self._lock.notify_all()
 
     def positions(self) -> dict[TopicPartition, int]:
+        """The offset each partition's next push must start at (what fencing expects)."""
         with self._lock:
-            return dict(self.offsets)
+            return self._next_offsets()
+
+    def _next_offsets(self) -> dict[TopicPartition, int]:
+        # Spans reserved by the pending sync round advance the offsets whatever the round's
+        # outcome; a worker seeking before them would be fenced until the round applies.
+        return self.offsets | self._reserved
 
     def current(self) -> tuple[int, Any]:
         """The version and the published flat parameters."""
@@ -330,10 +340,9 @@ class ParameterServer:
             self._counters["pushes"] += 1
             if recomputed:
                 self._counters["recomputed"] += 1
-            expected = {
-                tp: self._reserved.get(tp, self.offsets.get(tp, start))
-                for tp, (start, _) in spans.items()
-            }
+            # A partition not seen yet starts at 0, where workers seek it: accepting any
+            # start would let a reordered second batch skip the first one's examples.
+            expected = {tp: self._reserved.get(tp, self.offsets.get(tp, 0)) for tp in spans}
             if any(expected[tp] != start for tp, (start, _) in spans.items()):
                 self._counters["fenced"] += 1
                 return PushReply(FENCED, self.version, self._params_ref(), expected)
@@ -434,6 +443,7 @@ class ParameterServer:
         self.version += 1
         self.examples += total
         self._counters["applied"] += 1
+        self._counters["examples"] += total
         self._counters["clipped"] += int(info.clipped)
         for p in items:
             s = self.version - 1 - p.base_version
@@ -461,6 +471,7 @@ class ParameterServer:
             costs, self._costs = self._costs, []
             steps, self._step_seconds = self._step_seconds, []
             return {
+                "instance": self.instance,
                 "version": self.version,
                 "examples": self.examples,
                 "workers": len(self._workers),

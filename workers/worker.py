@@ -171,7 +171,13 @@ class GradientWorker:
         return _InFlight(batch, ref, recomputed)
 
     def _settle(self, inflight: deque[_InFlight]) -> None:
-        """Wait for the oldest push; on a refusal, recompute or re-read what followed it."""
+        """Wait for the oldest push; on a refusal, push it and what followed it again.
+
+        A stale batch is recomputed on the parameters the refusal carries. A fenced one
+        is usually a reordering: a threaded actor may run a worker's second push before
+        its first, so by the time the first is settled the second fits; it is pushed
+        again once. Refused again, the worker re-reads from the server's positions.
+        """
         item = inflight.popleft()
         reply = ray.get(item.ref)
         self._count(reply)
@@ -187,9 +193,6 @@ class GradientWorker:
             if r.params is not None:
                 self._set_params(r.version, r.params)
         pending = [item.batch] + [b for b, r in later if r.status not in (APPLIED, NONFINITE)]
-        if reply.status == FENCED:
-            self._resync(ray.get(self.server.positions.remote()))
-            return
         for batch in pending:
             for _ in range(MAX_RECOMPUTE):
                 self._counts["recomputed"] += 1

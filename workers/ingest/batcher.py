@@ -64,8 +64,9 @@ class PowerOfTwoBatcher:
 
     With `adaptive=True`, `target` follows the arrival rate measured over recent `add()`
     calls: the largest power of two in `[min_batch, max_batch]` that the stream fills
-    within the latency bound. Call `add()` after every poll, even with no chunks, so the
-    rate sees idle time.
+    within the latency bound, or at once the largest that the records already buffered
+    fill (a consumer starting behind the stream). Call `add()` after every poll, even
+    with no chunks, so the rate sees idle time.
 
     Args:
         batch_size: initial target size, a power of two in [min_batch, max_batch].
@@ -284,13 +285,14 @@ class PowerOfTwoBatcher:
                 self._ema_count = a * count + (1.0 - a) * self._ema_count
                 self._ema_dt = a * dt + (1.0 - a) * self._ema_dt
             self._rate_samples += 1
-            if self.adaptive:
-                self._target = self._fit_target(self.arrival_rate)
+        if self.adaptive and (self._rate_samples or self._pending):
+            self._target = self._fit_target(self.arrival_rate)
         self._last_add = now
 
     def _fit_target(self, rate: float) -> int:
-        # The largest power of two the stream fills within the latency bound.
-        expected = rate * self._latency_s
+        # The largest power of two the stream fills within the latency bound; a backlog
+        # already buffered (a consumer catching up) fills it at once.
+        expected = max(rate * self._latency_s, self._pending)
         size = self.min_batch
         while size * 2 <= self.max_batch and size * 2 <= expected:
             size *= 2

@@ -221,8 +221,20 @@ def test_adaptive_target_comes_down_when_the_stream_slows():
         b.add([make_chunk(0, range(offset, offset + per_10ms))])
         offset += per_10ms
         if per_10ms == 500:
-            assert b.target in (64, 1024)  # 64 until the second add measures a rate
+            assert b.target in (256, 1024)  # the first add sees only its 500 buffered records
+        while b.next_batch() is not None:  # a consumer keeps up: no backlog
+            pass
     assert b.target == 32
+
+
+def test_adaptive_target_takes_a_backlog_at_once():
+    # A consumer starting behind the stream finds a backlog: the target jumps to the
+    # largest size it fills, without waiting for a second add() to measure a rate.
+    clock = FakeClock()
+    b = PowerOfTwoBatcher(batch_size=64, adaptive=True, clock=clock)
+    b.add([make_chunk(0, range(5000))])
+    assert b.target == 1024
+    assert len(b.next_batch().x) == 1024
 
 
 def test_fixed_target_ignores_the_rate():

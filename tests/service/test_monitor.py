@@ -1,0 +1,201 @@
+"""TrainingMetrics and CostFilter, each test on a fresh CollectorRegistry."""
+
+import math
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from service.monitor import REFUSALS, CostFilter, TrainingMetrics
+
+
+@pytest.fixture
+def registry():
+    return CollectorRegistry()
+
+
+def stats_record(**changes):
+    """A ParameterServer.stats() record of server instance "a"; counters default to zero."""
+    names = ("pushes", "applied", "examples", "stale", "fenced", "nonfinite", "clipped",
+             "examples_refused", "recomputed")  # fmt: skip
+    counters = dict.fromkeys(names, 0) | changes.pop("counters", {})
+    record = {
+        "instance": "a",
+        "version": 0,
+        "examples": 0,
+        "workers": 2,
+        "counters": counters,
+        "costs": [],
+        "step_seconds": [],
+        "staleness": {},
+        "batch_sizes": {},
+        "last": {},
+        "learning_rate": 1e-3,
+        "checkpoint_age_seconds": 0.0,
+        "checkpoint_path": None,
+        "offsets": {},
+    }
+    return record | changes
+
+
+def value(registry, name, **labels):
+    return registry.get_sample_value(name, labels or None)
+
+
+def test_series_are_present_from_the_start_at_zero(registry):
+    TrainingMetrics(registry)
+    for reason in REFUSALS:
+        assert value(registry, "streamtrain_pushes_refused_total", reason=reason) == 0.0
+    for name in (
+        "streamtrain_updates_total",
+        "streamtrain_examples_trained_total",
+        "streamtrain_clipped_updates_total",
+        "streamtrain_recomputed_pushes_total",
+        "streamtrain_model_version",
+        "streamtrain_batch_size_count",
+        "streamtrain_staleness_count",
+        "streamtrain_step_seconds_count",
+    ):
+        assert value(registry, name) == 0.0, name
+
+
+def test_record_moves_counters_by_deltas(registry):
+    metrics = TrainingMetrics(registry)
+    metrics.record(
+        stats_record(
+            version=3,
+            examples=192,
+            counters={
+                "applied": 3,
+                "examples": 192,
+                "stale": 2,
+                "fenced": 1,
+                "clipped": 1,
+                "recomputed": 2,
+            },
+            costs=[(1, 2.0, 64), (2, 1.5, 64), (3, 1.0, 64)],
+            step_seconds=[0.001, 0.002, 0.003],
+            staleness={0: 2, 1: 1},
+            batch_sizes={64: 3},
+            last={"grad_norm": 4.0, "clipped_norm": 1.0, "update_ratio": 0.01},
+        )
+    )
+    metrics.record(
+        stats_record(
+            version=5,
+            examples=256,
+            counters={
+                "applied": 5,
+                "examples": 256,
+                "stale": 2,
+                "fenced": 4,
+                "clipped": 1,
+                "recomputed": 3,
+            },
+            costs=[(4, 0.5, 32), (5, 0.25, 32)],
+            step_seconds=[0.004],
+            staleness={0: 3, 1: 1, 2: 1},
+            batch_sizes={64: 3, 32: 2},
+            learning_rate=5e-4,
+        )
+    )
+    assert value(registry, "streamtrain_updates_total") == 5
+    assert value(registry, "streamtrain_examples_trained_total") == 256
+    assert value(registry, "streamtrain_pushes_refused_total", reason="stale") == 2
+    assert value(registry, "streamtrain_pushes_refused_total", reason="fenced") == 4
+    assert value(registry, "streamtrain_pushes_refused_total", reason="nonfinite") == 0
+    assert value(registry, "streamtrain_clipped_updates_total") == 1
+    assert value(registry, "streamtrain_recomputed_pushes_total") == 3
+    assert value(registry, "streamtrain_batch_size_count") == 5
+    assert value(registry, "streamtrain_batch_size_bucket", le="32.0") == 2
+    assert value(registry, "streamtrain_batch_size_sum") == 3 * 64 + 2 * 32
+    assert value(registry, "streamtrain_staleness_count") == 5
+    assert value(registry, "streamtrain_staleness_bucket", le="0.0") == 3
+    assert value(registry, "streamtrain_staleness_sum") == 1 + 2
+    assert value(registry, "streamtrain_step_seconds_count") == 4
+    assert value(registry, "streamtrain_batch_cost_count") == 5
+    assert value(registry, "streamtrain_cost") == 0.25
+    assert value(registry, "streamtrain_model_version") == 5
+    assert value(registry, "streamtrain_learning_rate") == 5e-4
+    assert value(registry, "streamtrain_gradient_norm") == 4.0
+    assert value(registry, "streamtrain_gradient_norm_clipped") == 1.0
+    assert value(registry, "streamtrain_workers") == 2
+    ref = CostFilter(0.98)
+    for cost in (2.0, 1.5, 1.0, 0.5, 0.25):
+        ref.update(cost)
+    assert value(registry, "streamtrain_cost_ema") == pytest.approx(ref.value)
+
+
+def test_a_restarted_server_with_lower_counters_does_not_raise(registry):
+    metrics = TrainingMetrics(registry)
+    metrics.record(
+        stats_record(
+            version=100,
+            examples=6400,
+            counters={"applied": 100, "examples": 6400, "stale": 7, "fenced": 3},
+            staleness={0: 90, 1: 10},
+            batch_sizes={64: 100},
+        )
+    )
+    # The new instance resumed from a checkpoint at version 75 and counts from zero again.
+    metrics.record(
+        stats_record(
+            instance="b",
+            version=78,
+            examples=4992,
+            counters={"applied": 3, "examples": 192, "stale": 1},
+            staleness={0: 3},
+            batch_sizes={64: 3},
+        )
+    )
+    assert value(registry, "streamtrain_updates_total") == 103
+    assert value(registry, "streamtrain_examples_trained_total") == 6400 + 192
+    assert value(registry, "streamtrain_pushes_refused_total", reason="stale") == 8
+    assert value(registry, "streamtrain_pushes_refused_total", reason="fenced") == 3
+    assert value(registry, "streamtrain_batch_size_count") == 103
+    assert value(registry, "streamtrain_staleness_count") == 103
+    assert value(registry, "streamtrain_model_version") == 78
+
+
+def test_a_restarted_server_is_counted_from_zero_even_past_the_old_counts(registry):
+    metrics = TrainingMetrics(registry)
+    metrics.record(stats_record(counters={"applied": 2, "fenced": 3}, batch_sizes={64: 2}))
+    metrics.record(
+        stats_record(instance="b", counters={"applied": 5, "fenced": 5}, batch_sizes={64: 4, 32: 1})
+    )
+    assert value(registry, "streamtrain_updates_total") == 7
+    assert value(registry, "streamtrain_pushes_refused_total", reason="fenced") == 8
+    assert value(registry, "streamtrain_batch_size_count") == 7
+
+
+def test_lower_counters_of_the_same_instance_never_make_a_counter_fall(registry):
+    metrics = TrainingMetrics(registry)
+    metrics.record(stats_record(counters={"applied": 4, "stale": 2}, staleness={1: 4}))
+    metrics.record(stats_record(counters={"applied": 1, "stale": 0}, staleness={1: 1}))
+    assert value(registry, "streamtrain_updates_total") == 5
+    assert value(registry, "streamtrain_pushes_refused_total", reason="stale") == 2
+    assert value(registry, "streamtrain_staleness_count") == 5
+
+
+def test_cost_filter_is_bias_corrected():
+    f = CostFilter(0.9)
+    assert math.isnan(f.value)
+    assert f.update(3.0) == pytest.approx(3.0)  # not 0.1 * 3.0
+    # Two steps: (0.9 * 0.1 * 3 + 0.1 * 1) / (1 - 0.81)
+    assert f.update(1.0) == pytest.approx((0.27 + 0.1) / 0.19)
+    before = f.value
+    assert f.update(float("nan")) == before  # a non-finite cost is skipped
+    assert f.update(float("inf")) == before
+    assert f.t == 2
+    constant = CostFilter(0.98)
+    for _ in range(50):
+        assert constant.update(0.7) == pytest.approx(0.7)  # a constant cost has no bias
+    with pytest.raises(ValueError, match="ema_beta"):
+        CostFilter(1.0)
+
+
+def test_nonfinite_costs_leave_the_cost_gauges_alone(registry):
+    metrics = TrainingMetrics(registry, ema_beta=0.5)
+    metrics.record(stats_record(costs=[(1, 2.0, 8), (1, float("nan"), 8)]))
+    assert value(registry, "streamtrain_cost") == 2.0
+    assert value(registry, "streamtrain_cost_ema") == pytest.approx(2.0)
+    assert value(registry, "streamtrain_batch_cost_count") == 1

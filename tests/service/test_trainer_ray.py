@@ -1,0 +1,254 @@
+"""The trainer on a real local Ray: accuracy, exactly-once offsets through failures, batching."""
+
+import numpy as np
+import pytest
+import ray
+from prometheus_client import CollectorRegistry
+
+from service.app import network_spec, resolve_dataset, run_demo
+from service.checkpoint import latest_checkpoint, load_checkpoint
+from service.config import redacted
+from service.paramserver import APPLIED, FENCED, NONFINITE, ParameterServerActor
+from workers.nn import Network
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("local_ray")]
+
+
+def assert_power_of_two_sizes(batch_sizes: dict[int, int], max_batch: int) -> None:
+    assert batch_sizes, "no batch was applied"
+    for size in batch_sizes:
+        assert size >= 1 and size & (size - 1) == 0, f"batch size {size} is not a power of two"
+        assert size <= max_batch, f"batch size {size} exceeds max_batch={max_batch}"
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_digits_reach_95_percent_held_out_accuracy(
+    mode, tmp_path, make_trainer, run, config, exact_tiling
+):
+    cfg = config(tmp_path, **{"trainer.mode": mode, "stream.passes": 20})
+    registry = CollectorRegistry()
+    trainer = make_trainer(cfg, registry=registry)
+    result = run(trainer, timeout=60)
+
+    assert result["accuracy"] >= 0.95, result
+    stats = trainer.record.last
+    n = len(trainer.dataset.x_train) * cfg.stream.passes
+    assert result["examples"] == stats["examples"] == n
+    assert stats["counters"]["nonfinite"] == 0
+    assert_power_of_two_sizes(stats["batch_sizes"], cfg.batching.max_batch)
+    exact_tiling(trainer, cfg, trainer.dataset)
+    assert registry.get_sample_value("streamtrain_examples_trained_total") == n
+    assert registry.get_sample_value("streamtrain_model_version") == result["version"]
+    if mode == "sync":  # every batch applied on the version its gradient was computed on
+        assert stats["staleness"] == {0: sum(stats["batch_sizes"].values())}
+
+
+def test_batches_stay_powers_of_two_under_adaptive_batching(
+    tmp_path, make_trainer, run, config, exact_tiling
+):
+    cfg = config(
+        tmp_path,
+        **{
+            "batching.adaptive": True,
+            "batching.batch_size": 16,
+            "batching.min_batch": 8,
+            "batching.max_batch": 64,
+            "batching.max_latency_ms": 40.0,
+            "stream.rate": 8000.0,  # ~4000/s per worker: a 40 ms window holds ~160 > max_batch
+            "stream.passes": 3,
+        },
+    )
+    trainer = make_trainer(cfg)
+    run(trainer, timeout=60)
+    sizes = trainer.record.last["batch_sizes"]
+    assert_power_of_two_sizes(sizes, 64)
+    assert 64 in sizes, f"the adaptive target never reached max_batch: {sizes}"
+    exact_tiling(trainer, cfg, trainer.dataset)
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_killed_worker_is_replaced_and_every_example_trains_once(
+    mode, tmp_path, make_trainer, run, config, exact_tiling
+):
+    cfg = config(tmp_path, **{"trainer.mode": mode, "stream.passes": 10})
+    trainer = make_trainer(cfg)
+    killed = []
+
+    def kill_one(stats):
+        if not killed and stats["version"] >= 40:
+            wid, (_, actor) = next(iter(trainer.workers.items()))
+            ray.kill(actor)
+            killed.append(wid)
+
+    result = run(trainer, timeout=60, on_poll=kill_one)
+    assert killed, "the run ended before a worker could be killed"
+    assert trainer.record.worker_restarts == 1
+    assert len(trainer.record.worker_stats) == 2  # the survivor and the replacement
+    assert all(s["counts"]["examples"] > 0 for s in trainer.record.worker_stats)
+    exact_tiling(trainer, cfg, trainer.dataset)
+    assert result["examples"] == len(trainer.dataset.x_train) * cfg.stream.passes
+    assert result["accuracy"] >= 0.9
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_restarted_server_resumes_from_its_checkpoint(
+    mode, tmp_path, make_trainer, run, config, exact_tiling
+):
+    every = 25
+    cfg = config(
+        tmp_path,
+        **{
+            "trainer.mode": mode,
+            "stream.passes": 12,
+            "checkpoint.every_updates": every,
+            "checkpoint.every_seconds": 0.0,
+            "checkpoint.resume": True,
+        },
+    )
+    registry = CollectorRegistry()
+    trainer = make_trainer(cfg, registry=registry)
+    seen = {"killed_at": None, "after": []}
+
+    def kill_server(stats):
+        if seen["killed_at"] is None and stats["version"] >= 4 * every:
+            seen["killed_at"] = stats
+            ray.kill(trainer.server, no_restart=False)
+        elif seen["killed_at"] is not None:
+            seen["after"].append(stats)
+
+    result = run(trainer, timeout=90, on_poll=kill_server, survive_server_restart=True)
+    before = seen["killed_at"]
+    assert before is not None, "the run ended before the server could be killed"
+    assert seen["after"], "no stats after the restart"
+    first = seen["after"][0]
+    final = trainer.record.last
+    # One new instance: its counters started again, its version did not.
+    assert {s["instance"] for s in seen["after"]} == {final["instance"]} != {before["instance"]}
+    restored_version = final["version"] - final["counters"]["applied"]
+    assert restored_version > 0 and restored_version % every == 0, restored_version
+    assert restored_version <= final["version"]
+    assert first["version"] >= restored_version
+
+    # The metrics count both instances' updates, the new one's from its zero.
+    updates = before["counters"]["applied"] + final["counters"]["applied"]
+    assert registry.get_sample_value("streamtrain_updates_total") == updates
+    trained = before["counters"]["examples"] + final["counters"]["examples"]
+    assert registry.get_sample_value("streamtrain_examples_trained_total") == trained
+
+    history = exact_tiling(trainer, cfg, trainer.dataset)
+    # Versions 0..final-1 each applied once, before and after the restart alike.
+    assert np.array_equal(np.unique(history[:, 3]), np.arange(final["version"]))
+    assert result["examples"] == len(trainer.dataset.x_train) * cfg.stream.passes
+    assert result["accuracy"] >= 0.9
+
+    ckpt = load_checkpoint(latest_checkpoint(tmp_path))
+    assert ckpt.version == result["version"]
+    assert sum(ckpt.offsets.values()) == len(trainer.dataset.x_train) * cfg.stream.passes
+
+
+def test_stale_pushes_are_recomputed_not_lost(tmp_path, make_trainer, run, config, exact_tiling):
+    cfg = config(
+        tmp_path,
+        **{"trainer.max_staleness": 0, "trainer.max_inflight": 2, "stream.passes": 3},
+    )
+    trainer = make_trainer(cfg)
+    result = run(trainer, timeout=60)
+    counters = trainer.record.last["counters"]
+    assert counters["stale"] > 0
+    assert counters["recomputed"] > 0
+    recomputed = sum(s["counts"]["recomputed"] for s in trainer.record.worker_stats)
+    assert recomputed == counters["recomputed"]
+    assert counters["nonfinite"] == 0
+    assert trainer.record.last["staleness"].keys() == {0}
+    exact_tiling(trainer, cfg, trainer.dataset)
+    assert result["examples"] == len(trainer.dataset.x_train) * cfg.stream.passes
+
+
+def test_actor_refuses_fenced_and_nonfinite_pushes(tmp_path, config):
+    cfg = config(tmp_path, **{"checkpoint.every_updates": 0, "checkpoint.every_seconds": 0.0})
+    dataset = resolve_dataset(cfg)
+    spec = network_spec(cfg, dataset)
+    server = ParameterServerActor.options(max_concurrency=4).remote(spec, redacted(cfg))
+    net = Network(**spec)
+    tp = ("memory", 0)
+    try:
+        version, flat = ray.get(server.current.remote())
+        x, y = dataset.x_train[:32], dataset.y_train[:32]
+        loss, grads, stats = net.loss_and_grads(net.layout.views(flat), x, y)
+        moving = net.moving_layout.flatten(stats)
+
+        def push(g, spans, loss=loss):
+            return ray.get(server.push.remote("w", version, g, 32, loss, moving, spans))
+
+        reply = push(grads.flat, {tp: (32, 64)})
+        assert reply.status == FENCED and reply.expected == {tp: 0}
+        bad = grads.flat.copy()
+        bad[0] = np.nan
+        reply = push(bad, {tp: (0, 32)})
+        assert reply.status == NONFINITE and reply.version == 0
+        np.testing.assert_array_equal(ray.get(server.current.remote())[1], flat)
+        assert ray.get(server.positions.remote()) == {tp: 32}
+        reply = push(grads.flat, {tp: (32, 64)})
+        assert reply.status == APPLIED and reply.version == 1
+        stats = ray.get(server.stats.remote())
+        assert (stats["counters"]["fenced"], stats["counters"]["nonfinite"]) == (1, 1)
+        assert stats["counters"]["examples_refused"] == 32
+        history, _ = ray.get(server.applied_history.remote())
+        assert history.tolist() == [[0, 32, 64, 0]]
+    finally:
+        ray.kill(server)
+
+
+def test_large_parameters_travel_as_one_object_reference(tmp_path, config):
+    cfg = config(tmp_path, **{"checkpoint.every_updates": 0, "checkpoint.every_seconds": 0.0})
+    spec = {"input_dim": 4096, "hidden": [64], "output": "sigmoid", "n_outputs": 1}
+    server = ParameterServerActor.remote(spec, redacted(cfg))
+    try:
+        version, ref = ray.get(server.current.remote())
+        assert isinstance(ref, ray.ObjectRef)
+        flat = ray.get(ref)
+        params, _ = Network(**spec).init(0)
+        np.testing.assert_array_equal(flat, params.flat)
+        assert ray.get(server.current.remote())[1] == ref  # one put per version
+    finally:
+        ray.kill(server)
+
+
+def test_demo_resumed_at_the_end_of_its_stream_reports_the_restored_model(tmp_path, config):
+    cfg = config(
+        tmp_path / "ckpt",
+        **{"stream.passes": 2, "checkpoint.resume": True, "trainer.workers": 2},
+    )
+    lines: list[str] = []
+    first = run_demo(cfg, tmp_path / "out", progress=False, echo=lines.append)
+    assert first["examples"] == len(resolve_dataset(cfg).x_train) * 2
+    # A second run finds the whole stream trained: nothing to do, the same model reported.
+    second = run_demo(cfg, tmp_path / "out2", progress=False, echo=lines.append)
+    assert second["updates"] == first["updates"]
+    assert second["examples"] == first["examples"]
+    assert second["accuracy"] == first["accuracy"]
+    assert (tmp_path / "out2" / "cost.png").is_file()
+
+
+def test_stop_drains_in_flight_pushes_and_keeps_offsets_exact(tmp_path, make_trainer, run, config):
+    cfg = config(tmp_path, **{"stream.passes": 50, "stream.rate": 20000.0})
+    trainer = make_trainer(cfg)
+
+    def stop_early(stats):
+        if stats["version"] >= 20 and not trainer.should_exit.is_set():
+            trainer.stop()
+
+    result = run(trainer, timeout=60, on_poll=stop_early)
+    assert trainer.should_exit.is_set()
+    n = len(trainer.dataset.x_train) * cfg.stream.passes
+    assert 0 < result["examples"] < n
+    assert len(trainer.record.worker_stats) == 2 and trainer.record.worker_restarts == 0
+    # What was applied is a prefix of every partition: [0, its next offset), nothing twice.
+    history, tps = ray.get(trainer.server.applied_history.remote())
+    positions = ray.get(trainer.server.positions.remote())
+    for index, tp in enumerate(tps):
+        rows = history[history[:, 0] == index]
+        rows = rows[np.argsort(rows[:, 1])]
+        assert rows[0, 1] == 0 and np.array_equal(rows[1:, 1], rows[:-1, 2])
+        assert rows[-1, 2] == positions[tp]
+    assert int((history[:, 2] - history[:, 1]).sum()) == result["examples"]
