@@ -188,7 +188,9 @@ def ensure_ray(address: str, num_cpus: int) -> bool:
         ray.init(address=address, log_to_driver=True)
     else:
         # Logical CPUs: K single-CPU workers must fit beside the driver on a small host.
-        ray.init(num_cpus=max(num_cpus, os.cpu_count() or 1), include_dashboard=False)
+        ray.init(
+            address="local", num_cpus=max(num_cpus, os.cpu_count() or 1), include_dashboard=False
+        )
     return True
 
 
@@ -199,7 +201,7 @@ def plot_costs(costs: list[tuple[int, float, int]], beta: float, path: Path) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from service.monitor import CostFilter
+    from service.divergence import CostFilter
 
     values = np.array([c for _, c, _ in costs], np.float64)
     f = CostFilter(beta)
@@ -259,6 +261,11 @@ def run_demo(
         while not done:
             done = trainer.supervise(0.5)
             stats = trainer.poll()
+            for event in stats["events"]:
+                line = f"[version {event['version']}] {event['event']}: {event['reason']}"
+                log.warning("%s", line)
+                if bar is not None:
+                    bar.write(line)
             if bar is not None:
                 bar.n = min(stats["examples"], bar.total)
                 ema = trainer.metrics.filter.value
@@ -297,6 +304,8 @@ def run_demo(
         "max_staleness": max((int(s) for s in hist), default=0),
         "refused": {r: counters[r] for r in ("stale", "fenced", "nonfinite")},
         "worker_restarts": trainer.record.worker_restarts,
+        "rollbacks": stats["rollbacks"],
+        "divergence_state": stats["divergence"]["state"],
         "batch_sizes": dict(sorted(stats["batch_sizes"].items())),
         "checkpoint": stats["checkpoint_path"],
         "plot": str(plot),
@@ -308,6 +317,7 @@ def run_demo(
         f"updates {summary['updates']:,}  staleness mean {mean_staleness:.2f} "
         f"max {summary['max_staleness']}  refused {summary['refused']}  "
         f"worker restarts {summary['worker_restarts']}\n"
+        f"divergence state {summary['divergence_state']}  rollbacks {summary['rollbacks']}\n"
         f"batch sizes {summary['batch_sizes']}\n"
         f"checkpoint {summary['checkpoint']}\ncost plot {plot}"
     )

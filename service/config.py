@@ -278,6 +278,33 @@ class MetricsConfig(_Section):
 
 
 @dataclass(frozen=True)
+class DivergenceConfig(_Section):
+    """How the cost trend is watched and what a diverging run triggers."""
+
+    section: ClassVar[str] = "divergence"
+    action: str = _opt(
+        "rollback", "what divergence triggers", choices=("alert", "pause", "rollback")
+    )
+    trend_window: int = _opt(50, "updates over which the EMA's relative slope is taken")
+    rising_threshold: float = _opt(
+        0.002, "relative EMA rise per update above which a window counts as rising"
+    )
+    rising_windows: int = _opt(3, "rising windows in a row that make the run `rising`")
+    diverged_factor: float = _opt(4.0, "EMA above this multiple of its best: `diverged`")
+    warmup: int = _opt(0, "updates before the best EMA is tracked")
+    lr_factor: float = _opt(0.5, "learning-rate multiplier applied at each rollback")
+    drift_grad_factor: float = _opt(
+        3.0, "a cost jump with gradient norms within this multiple of their EMA is drift"
+    )
+
+    def _validate(self) -> None:
+        self._positive("trend_window", "rising_windows", "diverged_factor", "drift_grad_factor")
+        self._non_negative("rising_threshold", "warmup")
+        self._require(0 < self.lr_factor <= 1, "lr_factor", "be in (0, 1]")
+        self._require(self.diverged_factor > 1, "diverged_factor", "be > 1")
+
+
+@dataclass(frozen=True)
 class KafkaConfig(_Section):
     """Kafka connection (kafka-python names); passwords never shown in repr or logs."""
 
@@ -350,6 +377,7 @@ class Config:
     stream: StreamConfig = field(default_factory=StreamConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     log: LogConfig = field(default_factory=LogConfig)
 

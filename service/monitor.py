@@ -13,34 +13,14 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from service.divergence import STATES, CostFilter
+
 BATCH_BUCKETS = tuple(float(2**i) for i in range(0, 11))  # 1 ... 1024
 STALENESS_BUCKETS = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0, 32.0)
 STEP_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 1.0)
-REFUSALS = ("stale", "fenced", "nonfinite")
-
-
-class CostFilter:
-    """The lecture's low-pass filter of the cost (Figure 3), bias-corrected as Adam's.
-
-    ``ema = beta * ema + (1 - beta) * cost``; the value reported is ``ema / (1 - beta^t)``.
-    """
-
-    def __init__(self, beta: float = 0.98):
-        if not 0 <= beta < 1:
-            raise ValueError(f"`ema_beta` must be in [0, 1). Received: ema_beta={beta}")
-        self.beta = beta
-        self._ema = 0.0
-        self.t = 0
-
-    def update(self, cost: float) -> float:
-        if math.isfinite(cost):
-            self._ema = self.beta * self._ema + (1.0 - self.beta) * cost
-            self.t += 1
-        return self.value
-
-    @property
-    def value(self) -> float:
-        return self._ema / (1.0 - self.beta**self.t) if self.t else math.nan
+REFUSALS = ("stale", "fenced", "nonfinite", "paused")
+PUSH_BUCKETS = (2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 1.0, 5.0)
+REJECT_REASONS = ("nonfinite_gradient",)  # codecs add theirs when the Kafka source reports
 
 
 class TrainingMetrics:
@@ -112,9 +92,70 @@ class TrainingMetrics:
             p + "checkpoint_age_seconds", "Seconds since the last checkpoint", registry=registry
         )
         self.workers = Gauge(p + "workers", "Gradient workers registered", registry=registry)
+        self.cost_trend = Gauge(
+            p + "cost_trend",
+            "Relative slope of the cost EMA per update over the trend window",
+            registry=registry,
+        )
+        self.state = Gauge(
+            p + "divergence_state",
+            "1 for the run's current state (healthy, rising, diverged), 0 for the others",
+            ["state"],
+            registry=registry,
+        )
+        self.drift = Gauge(
+            p + "concept_drift",
+            "1 while the cost rises with bounded gradients (the data changed)",
+            registry=registry,
+        )
+        self.paused = Gauge(
+            p + "training_paused",
+            "1 while updates are paused after a divergence",
+            registry=registry,
+        )
+        self.rollbacks = Counter(
+            p + "rollbacks_total",
+            "Rollbacks to the last healthy checkpoint after a divergence",
+            registry=registry,
+        )
+        self.accuracy = Gauge(
+            p + "prequential_accuracy",
+            "EMA of each batch's accuracy measured before training on it (test-then-train)",
+            registry=registry,
+        )
+        self.consumed = Counter(
+            p + "examples_consumed_total",
+            "Examples whose offsets the model has passed (trained or refused)",
+            registry=registry,
+        )
+        self.rejected = Counter(
+            p + "records_rejected_total",
+            "Records not trained on, by reason",
+            ["reason"],
+            registry=registry,
+        )
+        self.push_seconds = Histogram(
+            p + "push_seconds",
+            "Worker-measured round trip of a gradient push",
+            buckets=PUSH_BUCKETS,
+            registry=registry,
+        )
+        self.lag = Gauge(
+            p + "consumer_lag_records",
+            "Records available beyond what the workers have batched, per partition",
+            ["topic", "partition"],
+            registry=registry,
+        )
+        for state in STATES:
+            self.state.labels(state=state).set(1.0 if state == "healthy" else 0.0)
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason=reason)
+        self.accuracy_filter = CostFilter(ema_beta)
+        self.accuracy.set(float("nan"))
         for reason in REFUSALS:  # every series present from start-up
             self.refused.labels(reason=reason)
         self._seen: dict[str, Any] = {"counters": {}, "staleness": {}, "batch_sizes": {}}
+        self.events: list[dict[str, Any]] = []  # every divergence event seen, for logs and plots
 
     def record(self, stats: Mapping[str, Any]) -> None:
         """Fold one ``ParameterServer.stats()`` record into the series."""
@@ -128,15 +169,20 @@ class TrainingMetrics:
             # A restarted server counts from zero again, even past the old instance's counts.
             self._seen = {"counters": {}, "staleness": {}, "batch_sizes": {}}
             self._seen["instance"] = stats.get("instance")
+        self._record_watch(stats)
         counters = stats["counters"]
         seen = self._seen["counters"]
         self.updates.inc(_delta(seen, "applied", counters["applied"]))
         self.clipped.inc(_delta(seen, "clipped", counters["clipped"]))
         self.recomputed.inc(_delta(seen, "recomputed", counters["recomputed"]))
         for reason in REFUSALS:
-            self.refused.labels(reason=reason).inc(_delta(seen, reason, counters[reason]))
+            self.refused.labels(reason=reason).inc(_delta(seen, reason, counters.get(reason, 0)))
         # From the instance's own count: a restored model's examples were counted already.
         self.examples.inc(_delta(seen, "examples", counters["examples"]))
+        self.consumed.inc(_delta(seen, "consumed", counters.get("consumed", 0)))
+        self.rejected.labels(reason="nonfinite_gradient").inc(
+            _delta(seen, "examples_refused", counters.get("examples_refused", 0))
+        )
         self._seen["counters"] = dict(counters)
         for name, hist in (("staleness", self.staleness), ("batch_sizes", self.batch_size)):
             old = self._seen[name]
@@ -155,6 +201,30 @@ class TrainingMetrics:
         self.version.set(stats["version"])
         self.checkpoint_age.set(stats["checkpoint_age_seconds"])
         self.workers.set(stats["workers"])
+
+    def _record_watch(self, stats: Mapping[str, Any]) -> None:
+        """Divergence state, trend, drift, accuracy, push latency and lag."""
+        div = stats.get("divergence")
+        if div is not None:
+            for state in STATES:
+                self.state.labels(state=state).set(1.0 if div["state"] == state else 0.0)
+            self.cost_trend.set(div["trend"])
+            self.drift.set(1.0 if div["drift"] else 0.0)
+        self.paused.set(1.0 if stats.get("paused") else 0.0)
+        for event in stats.get("events", ()):
+            self.events.append(event)
+            if event["event"] == "rollback":
+                self.rollbacks.inc()
+        for accuracy in stats.get("accuracies", ()):
+            self.accuracy.set(self.accuracy_filter.update(accuracy))
+        for seconds in stats.get("push_seconds", ()):
+            self.push_seconds.observe(seconds)
+        for (topic, partition), lag in stats.get("lag", {}).items():
+            self.lag.labels(topic=topic, partition=str(partition)).set(lag)
+        for reason, count in stats.get("rejected", {}).items():
+            before = self._seen.setdefault("rejected", {})
+            self.rejected.labels(reason=reason).inc(_delta(before, reason, count))
+            before[reason] = count
 
 
 def _delta(seen: Mapping, key: Any, now: int) -> int:

@@ -19,6 +19,7 @@ import numpy as np
 import ray
 
 from service.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+from service.divergence import DIVERGED, HEALTHY, DivergenceDetector
 from workers.nn import (
     ExponentialDecay,
     InverseTimeDecay,
@@ -27,18 +28,29 @@ from workers.nn import (
     get_optimizer,
 )
 
+_DETECTOR_KEYS = (
+    "trend_window",
+    "rising_threshold",
+    "rising_windows",
+    "diverged_factor",
+    "warmup",
+    "drift_grad_factor",
+)
+
 TopicPartition = tuple[str, int]
 Spans = Mapping[TopicPartition, tuple[int, int]]
 
 # Push outcomes.
-APPLIED, QUEUED, STALE, FENCED, NONFINITE = "applied", "queued", "stale", "fenced", "nonfinite"
+APPLIED, STALE, FENCED, NONFINITE, PAUSED = "applied", "stale", "fenced", "nonfinite", "paused"
+REFUSALS = (STALE, FENCED, NONFINITE, PAUSED)
 
 
 class PushReply(NamedTuple):
     """The answer to a push.
 
     status: applied | stale (recompute on ``params``) | fenced (seek to ``expected``)
-        | nonfinite (refused; its offsets advanced, its examples counted as refused).
+        | nonfinite (refused; its offsets advanced, its examples counted as refused)
+        | paused (training is paused after a divergence: retry later from ``expected``).
     version: the model version after handling the push.
     params: the current flat parameters (an object reference under Ray), or None when
         the pusher's base version is current.
@@ -166,6 +178,20 @@ class ParameterServer:
                 self._restore(load_checkpoint(path))
                 self.restored_from = str(path)
 
+        div = dict(self.config.get("divergence", {}))
+        self.action = div.get("action", "alert")
+        self.rollback_lr_factor = float(div.get("lr_factor", 0.5))
+        self.detector = DivergenceDetector(
+            ema_beta=float(self.config.get("metrics", {}).get("ema_beta", 0.98)),
+            **{k: div[k] for k in _DETECTOR_KEYS if k in div},
+        )
+        self.paused = False
+        self.rollbacks = 0
+        self._events: list[dict[str, Any]] = []  # state changes and actions since stats()
+        self._accuracies: list[float] = []
+        self._push_seconds: list[float] = []
+        self._lag: dict[TopicPartition, int] = {}
+        self._rejected: dict[str, int] = {}
         self._published: tuple[int, Any] | None = None
         self._workers: set[str] = set()
         self._round: list[_Push] = []
@@ -178,6 +204,8 @@ class ParameterServer:
         self.instance = uuid.uuid4().hex
         self._counters = {
             "pushes": 0,
+            "paused": 0,
+            "consumed": 0,
             "applied": 0,
             "examples": 0,
             "stale": 0,
@@ -192,6 +220,8 @@ class ParameterServer:
         self._batch_sizes: dict[int, int] = {}
         self._last: dict[str, float] = {}
         self._round_status: dict[str, str] = {}
+        if self.ckpt_dir and latest_checkpoint(self.ckpt_dir) is None:
+            self._checkpoint()  # the healthy state a rollback can always return to
         self._step_seconds: list[float] = []
 
     # -- state -------------------------------------------------------------------------
@@ -213,14 +243,16 @@ class ParameterServer:
         self.history.clear()
         self.history.extend(tuple(int(v) for v in row) for row in ckpt.history)
 
-    def checkpoint(self, healthy: bool = True) -> str | None:
+    def checkpoint(self, healthy: bool | None = None) -> str | None:
         """Write a checkpoint now; returns its path (None without a checkpoint dir)."""
         with self._lock:
             return self._checkpoint(healthy)
 
-    def _checkpoint(self, healthy: bool = True) -> str | None:
+    def _checkpoint(self, healthy: bool | None = None) -> str | None:
         if not self.ckpt_dir:
             return None
+        if healthy is None:
+            healthy = self.detector.verdict.state == HEALTHY and not self.paused
         ckpt = Checkpoint(
             params={k: np.array(v) for k, v in self.params.items()},
             moving={k: np.array(v) for k, v in self.moving.items()},
@@ -322,6 +354,7 @@ class ParameterServer:
         stats: np.ndarray,
         spans: Spans,
         recomputed: bool = False,
+        report: Mapping[str, Any] | None = None,
     ) -> PushReply:
         """Offer the gradient of one batch.
 
@@ -333,13 +366,22 @@ class ParameterServer:
             loss: the batch's mean loss.
             stats: (n_moving,) flat batch means and biased variances.
             spans: per partition, the half-open offset range the batch covers.
-            recomputed: the batch was refused as stale before and computed again.
+            recomputed: the batch was refused before and is pushed again.
+            report: the worker's own observations since its last push: ``accuracy``
+                (of this batch, before training on it), ``push_seconds`` (round trips),
+                ``lag`` (records behind per partition), ``rejected`` (records per reason).
         """
         spans = {(str(t), int(p)): (int(s), int(e)) for (t, p), (s, e) in spans.items()}
         with self._lock:
             self._counters["pushes"] += 1
             if recomputed:
                 self._counters["recomputed"] += 1
+            if report:
+                self._take_report(report, spans)
+            if self.paused:
+                self._counters["paused"] += 1
+                expected = {tp: self._next_offsets().get(tp, 0) for tp in spans}
+                return PushReply(PAUSED, self.version, None, expected)
             # A partition not seen yet starts at 0, where workers seek it: accepting any
             # start would let a reordered second batch skip the first one's examples.
             expected = {tp: self._reserved.get(tp, self.offsets.get(tp, 0)) for tp in spans}
@@ -382,6 +424,20 @@ class ParameterServer:
                 self._reply_params(base_version),
                 None,
             )
+
+    def _take_report(self, report: Mapping[str, Any], spans: Spans) -> None:
+        accuracy = report.get("accuracy")
+        if accuracy is not None and math.isfinite(accuracy):
+            self._accuracies.append(float(accuracy))
+        self._push_seconds.extend(float(x) for x in report.get("push_seconds", ()))
+        for tp, lag in (report.get("lag") or {}).items():
+            self._lag[(str(tp[0]), int(tp[1]))] = int(lag)
+        for reason, count in (report.get("rejected") or {}).items():
+            self._rejected[str(reason)] = self._rejected.get(str(reason), 0) + int(count)
+        for name in ("_accuracies", "_push_seconds"):  # bounded when nobody reads stats()
+            values = getattr(self, name)
+            if len(values) > 100_000:
+                del values[: len(values) - 100_000]
 
     def _reply_params(self, base_version: int):
         return None if int(base_version) == self.version else self._params_ref()
@@ -435,8 +491,10 @@ class ParameterServer:
                         index = self._tp_index[tp] = len(self.tps)
                         self.tps.append(tp)
                     self.history.append((index, start, end, self.version))
+        self._counters["consumed"] += total
         if status != APPLIED:
             self._costs.append((self.version, loss, total))
+            self._watch(math.nan if math.isfinite(loss) else loss, math.nan)
             return status
         stats = pooled_statistics(self.net.moving_layout, [p.stats for p in items], counts)
         self.moving = self.net.update_moving(self.moving, self.net.moving_layout.views(stats))
@@ -460,8 +518,66 @@ class ParameterServer:
             update_ratio=info.update_norm / info.param_norm if info.param_norm else 0.0,
         )
         self._step_seconds.append(time.perf_counter() - t0)
-        self._maybe_checkpoint()
+        if not self._watch(loss, info.grad_norm, info.param_norm):
+            self._maybe_checkpoint()
         return APPLIED
+
+    # -- divergence --------------------------------------------------------------------
+
+    def _watch(self, cost: float, grad_norm: float, param_norm: float = math.nan) -> bool:
+        """Feed the detector; act on a divergence. True when it rolled the model back."""
+        before = self.detector.verdict
+        verdict = self.detector.observe(cost, grad_norm, param_norm)
+        if verdict.state != before.state or verdict.drift != before.drift:
+            self._event(verdict.state, verdict.reason, drift=verdict.drift)
+        if verdict.state != DIVERGED:
+            return False
+        if self.action == "pause":
+            if not self.paused:
+                self.paused = True
+                self._event("paused", verdict.reason)
+            return False
+        if self.action == "rollback":
+            return self._rollback(verdict.reason)
+        return False
+
+    def _event(self, kind: str, reason: str, **extra: Any) -> None:
+        event = {"version": self.version, "time": time.time(), "event": kind, "reason": reason}
+        event.update(extra)
+        self._events.append(event)
+        del self._events[:-1000]
+
+    def _rollback(self, reason: str) -> bool:
+        """Restore the newest healthy checkpoint, cut the learning rate, continue."""
+        path = latest_checkpoint(self.ckpt_dir, healthy_only=True) if self.ckpt_dir else None
+        if path is None:
+            self.paused = True
+            self._event("paused", f"{reason}; no healthy checkpoint to roll back to")
+            return False
+        version, factor = self.version, self.lr_factor * self.rollback_lr_factor
+        self._restore(load_checkpoint(path))
+        self.lr_factor = factor
+        self.opt = build_optimizer(self.config["optimizer"], factor)
+        self.version = version + 1  # versions only grow: workers see a new model
+        self.rollbacks += 1
+        self.detector.reset()
+        self._reserved.clear()
+        self._event(
+            "rollback",
+            f"{reason}; restored {path.name}, learning rate x{factor:g}",
+            restored=str(path),
+            lr_factor=factor,
+        )
+        self._checkpoint(healthy=True)
+        return True
+
+    def resume(self) -> None:
+        """Apply pushes again after a pause."""
+        with self._lock:
+            if self.paused:
+                self.paused = False
+                self.detector.reset()
+                self._event("resumed", "resumed by the operator")
 
     # -- monitoring --------------------------------------------------------------------
 
@@ -470,7 +586,19 @@ class ParameterServer:
         with self._lock:
             costs, self._costs = self._costs, []
             steps, self._step_seconds = self._step_seconds, []
+            events, self._events = self._events, []
+            accuracies, self._accuracies = self._accuracies, []
+            push_seconds, self._push_seconds = self._push_seconds, []
             return {
+                "divergence": self.detector.verdict._asdict() | {"best": self.detector.best},
+                "paused": self.paused,
+                "rollbacks": self.rollbacks,
+                "events": events,
+                "accuracies": accuracies,
+                "push_seconds": push_seconds,
+                "lag": dict(self._lag),
+                "rejected": dict(self._rejected),
+                "lr_factor": self.lr_factor,
                 "instance": self.instance,
                 "version": self.version,
                 "examples": self.examples,

@@ -20,7 +20,8 @@ from workers.ingest.memory import MemoryStream
 from workers.ingest.source import Batch, Source
 from workers.nn import Network
 
-APPLIED, STALE, FENCED, NONFINITE = "applied", "stale", "fenced", "nonfinite"
+APPLIED, STALE, FENCED, NONFINITE, PAUSED = "applied", "stale", "fenced", "nonfinite", "paused"
+PAUSE_RETRY_SECONDS = 0.5  # while the server is paused, how often a worker asks again
 MAX_RECOMPUTE = 8  # stale refusals of one batch in a row before re-reading from the source
 
 
@@ -46,6 +47,7 @@ class _InFlight(NamedTuple):
     batch: Batch
     ref: Any  # ObjectRef of a PushReply
     recomputed: bool
+    sent: float  # time.perf_counter() at submission
 
 
 class GradientWorker:
@@ -90,10 +92,12 @@ class GradientWorker:
             "stale": 0,
             "fenced": 0,
             "nonfinite": 0,
+            "paused": 0,
             "recomputed": 0,
             "resyncs": 0,
         }
         self._sizes: dict[int, int] = {}
+        self._push_seconds: list[float] = []  # round trips measured since the last push
 
     # -- control -------------------------------------------------------------------
 
@@ -152,7 +156,12 @@ class GradientWorker:
         self._version = int(version)
 
     def _submit(self, batch: Batch, recomputed: bool = False) -> _InFlight:
-        loss, grads, stats = self.net.loss_and_grads(self._params, batch.x, batch.y)
+        loss, grads, stats, logits = self.net.loss_and_grads(
+            self._params, batch.x, batch.y, return_logits=True
+        )
+        report = {"accuracy": self.net.accuracy(logits, batch.y), "lag": self._lag()}
+        if self._push_seconds:
+            report["push_seconds"], self._push_seconds = self._push_seconds, []
         n = len(batch.x)
         self._counts["batches"] += 1
         if not recomputed:
@@ -167,8 +176,25 @@ class GradientWorker:
             self.net.moving_layout.flatten(stats),
             batch.spans,
             recomputed,
+            report,
         )
-        return _InFlight(batch, ref, recomputed)
+        return _InFlight(batch, ref, recomputed, time.perf_counter())
+
+    def _lag(self) -> dict:
+        """Records behind per partition: what the source holds beyond the batches made."""
+        highwater = getattr(self.source, "highwater", None)
+        if highwater is None:
+            return {}
+        cursors = self.batcher.cursors()
+        return {tp: max(0, highwater(tp) - cursors.get(tp, 0)) for tp in self.source.assignment()}
+
+    def _reply(self, item: _InFlight):
+        reply = ray.get(item.ref)
+        self._push_seconds.append(time.perf_counter() - item.sent)
+        self._count(reply)
+        if reply.params is not None:
+            self._set_params(reply.version, reply.params)
+        return reply
 
     def _settle(self, inflight: deque[_InFlight]) -> None:
         """Wait for the oldest push; on a refusal, push it and what followed it again.
@@ -179,30 +205,26 @@ class GradientWorker:
         again once. Refused again, the worker re-reads from the server's positions.
         """
         item = inflight.popleft()
-        reply = ray.get(item.ref)
-        self._count(reply)
-        if reply.params is not None:
-            self._set_params(reply.version, reply.params)
+        reply = self._reply(item)
         if reply.status in (APPLIED, NONFINITE):
             return
         # Everything pushed after a refused batch is refused too (its offsets follow).
-        later = [(it.batch, ray.get(it.ref)) for it in inflight]
+        later = [(it.batch, self._reply(it)) for it in inflight]
         inflight.clear()
-        for _, r in later:
-            self._count(r)
-            if r.params is not None:
-                self._set_params(r.version, r.params)
+        if reply.status == PAUSED:
+            time.sleep(PAUSE_RETRY_SECONDS)
+            self._resync(ray.get(self.server.positions.remote()))
+            return
         pending = [item.batch] + [b for b, r in later if r.status not in (APPLIED, NONFINITE)]
         for batch in pending:
             for _ in range(MAX_RECOMPUTE):
                 self._counts["recomputed"] += 1
-                r = ray.get(self._submit(batch, recomputed=True).ref)
-                self._count(r)
-                if r.params is not None:
-                    self._set_params(r.version, r.params)
+                r = self._reply(self._submit(batch, recomputed=True))
                 if r.status != STALE:
                     break
             if r.status not in (APPLIED, NONFINITE):
+                if r.status == PAUSED:
+                    time.sleep(PAUSE_RETRY_SECONDS)
                 self._resync(ray.get(self.server.positions.remote()))
                 return
 

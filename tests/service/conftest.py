@@ -36,7 +36,12 @@ def _ray_session():
 def local_ray(_ray_session):
     """A local single-node Ray, started on first use and shared by later tests."""
     if not ray.is_initialized():
-        ray.init(num_cpus=LOCAL_CPUS, include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(
+            address="local",  # never join a cluster another process left running
+            num_cpus=LOCAL_CPUS,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+        )
     yield
 
 

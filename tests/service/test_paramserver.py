@@ -35,8 +35,12 @@ SMALL_NET = {"input_dim": 6, "hidden": (5, 4), "output": "softmax", "n_outputs":
 
 
 def server_config(ckpt_dir=None, **overrides) -> dict:
-    """The server's config dict: defaults, no checkpoints unless ``ckpt_dir``, no resume."""
+    """The server's config dict: defaults, no checkpoints unless ``ckpt_dir``, no resume.
+
+    Divergence only alerts here; the tests of pause and rollback ask for them.
+    """
     settings = {
+        "divergence.action": "alert",
         "checkpoint.dir": str(ckpt_dir) if ckpt_dir else "unused",
         "checkpoint.resume": False,
         "checkpoint.every_updates": 0,
@@ -510,7 +514,9 @@ def test_checkpoints_every_n_updates_and_every_t_seconds(tmp_path):
     batches = Batches()
     for i in range(5):
         push(by_updates, batches, "w", {(TOPIC, 0): (8 * i, 8 * i + 8)})
+    # Version 0 is written at start-up: a rollback always has a healthy state to go to.
     assert [p.name for p in list_checkpoints(tmp_path / "n")] == [
+        "ckpt-000000000000.npz",
         "ckpt-000000000002.npz",
         "ckpt-000000000004.npz",
     ]
@@ -519,14 +525,17 @@ def test_checkpoints_every_n_updates_and_every_t_seconds(tmp_path):
         tmp_path / "t", clock=lambda: now[0], **{"checkpoint.every_seconds": 10.0}
     )
     push(by_time, batches, "w", {(TOPIC, 0): (0, 8)})
-    assert list_checkpoints(tmp_path / "t") == []
+    assert [p.name for p in list_checkpoints(tmp_path / "t")] == ["ckpt-000000000000.npz"]
     now[0] += 10.0
     push(by_time, batches, "w", {(TOPIC, 0): (8, 16)})
-    assert [p.name for p in list_checkpoints(tmp_path / "t")] == ["ckpt-000000000002.npz"]
+    assert [p.name for p in list_checkpoints(tmp_path / "t")] == [
+        "ckpt-000000000000.npz",
+        "ckpt-000000000002.npz",
+    ]
     assert by_time.stats()["checkpoint_age_seconds"] == 0.0
     now[0] += 4.0
     push(by_time, batches, "w", {(TOPIC, 0): (16, 24)})
-    assert len(list_checkpoints(tmp_path / "t")) == 1
+    assert len(list_checkpoints(tmp_path / "t")) == 2
     assert by_time.stats()["checkpoint_age_seconds"] == 4.0
 
 

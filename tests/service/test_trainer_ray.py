@@ -165,7 +165,14 @@ def test_stale_pushes_are_recomputed_not_lost(tmp_path, make_trainer, run, confi
 
 
 def test_actor_refuses_fenced_and_nonfinite_pushes(tmp_path, config):
-    cfg = config(tmp_path, **{"checkpoint.every_updates": 0, "checkpoint.every_seconds": 0.0})
+    cfg = config(
+        tmp_path,
+        **{
+            "checkpoint.every_updates": 0,
+            "checkpoint.every_seconds": 0.0,
+            "divergence.action": "alert",  # a refusal here must change nothing at all
+        },
+    )
     dataset = resolve_dataset(cfg)
     spec = network_spec(cfg, dataset)
     server = ParameterServerActor.options(max_concurrency=4).remote(spec, redacted(cfg))

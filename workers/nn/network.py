@@ -222,9 +222,7 @@ class Network:
         logits, *_ = self._forward_train(params, x)
         return loss_forward(self.output, logits, self._targets(y, x.shape[0]))[0]
 
-    def loss_and_grads(
-        self, params: Params, x: np.ndarray, y: np.ndarray
-    ) -> tuple[float, FlatDict, dict[str, np.ndarray]]:
+    def loss_and_grads(self, params: Params, x: np.ndarray, y: np.ndarray, return_logits=False):
         """Training-mode loss, its gradient for every parameter, and the batch statistics.
 
         Args:
@@ -252,7 +250,18 @@ class Network:
                 dzt, bn_cache, grads[f"bn{i}.gamma"], grads[f"bn{i}.beta"]
             )
             da, _ = dense_backward(dz, dense_cache, need_dx=i > 0, dW_out=grads[f"dense{i}.W"])
+        if return_logits:
+            return loss, grads, stats, logits
         return loss, grads, stats
+
+    def accuracy(self, logits: np.ndarray, y: np.ndarray) -> float:
+        """Share of correct predictions from logits (NaN for an identity output)."""
+        if self.output == "softmax":
+            return float(np.mean(logits.argmax(axis=1) == np.asarray(y)))
+        if self.output == "sigmoid":
+            t = np.asarray(y).reshape(logits.shape)
+            return float(np.mean((logits > 0) == (t > 0.5)))
+        return float("nan")
 
     def update_moving(
         self, moving: Mapping[str, np.ndarray], batch_stats: Mapping[str, np.ndarray]
@@ -300,8 +309,6 @@ class Network:
         t = self._targets(y, x.shape[0])
         logits = self.logits(params, moving, x)
         result = {"loss": loss_forward(self.output, logits, t)[0]}
-        if self.output == "softmax":
-            result["accuracy"] = float(np.mean(logits.argmax(axis=1) == t))
-        elif self.output == "sigmoid":
-            result["accuracy"] = float(np.mean((logits > 0) == (t > 0.5)))
+        if self.output != "identity":
+            result["accuracy"] = self.accuracy(logits, t)
         return result
