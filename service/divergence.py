@@ -61,9 +61,10 @@ class Verdict(NamedTuple):
 class DivergenceDetector:
     """Classifies a run from its per-update cost and gradient norm.
 
-    - ``diverged``: a non-finite cost or gradient, or the cost EMA above
+    - ``diverged``: a non-finite cost or gradient, or the cost EMA above both
       ``diverged_factor`` times its best (lowest) value seen after ``warmup`` updates
-      while gradient norms grew too;
+      and the cost the run started from (an untrained model's: a well-trained model's
+      best can be so low that noise alone is a multiple of it), unless it is drift;
     - ``rising``: the EMA's relative slope over ``trend_window`` updates above
       ``rising_threshold`` per update for ``rising_windows`` windows in a row;
     - ``healthy`` otherwise.
@@ -99,6 +100,7 @@ class DivergenceDetector:
         self.drift_grad_factor = float(drift_grad_factor)
         self.best = math.inf
         self.param_norm_at_best = math.nan
+        self.initial = math.nan  # the first cost seen: an untrained model's level
         self.reset()
 
     def reset(self) -> None:
@@ -128,6 +130,8 @@ class DivergenceDetector:
             not math.isfinite(grad_level) or grad_norm <= self.drift_grad_factor * grad_level
         ) and not param_norm > DRIFT_PARAM_FACTOR * self.param_norm_at_best
         ema = self.filter.update(cost)
+        if math.isnan(self.initial):
+            self.initial = cost
         self.grad_filter.update(grad_norm)
         self._updates += 1
         self._emas.append(ema)
@@ -141,7 +145,11 @@ class DivergenceDetector:
             self.best = ema
             self.param_norm_at_best = param_norm
         state, reason, drift = HEALTHY, "", False
-        if self._updates > self.warmup and ema > self.diverged_factor * self.best:
+        if (
+            self._updates > self.warmup
+            and ema > self.diverged_factor * self.best
+            and ema > self.initial
+        ):
             if bounded:
                 state, drift = RISING, True
                 reason = f"cost EMA {ema:.4g} > {self.diverged_factor} x best {self.best:.4g}"

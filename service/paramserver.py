@@ -28,6 +28,8 @@ from workers.nn import (
     get_optimizer,
 )
 
+ORDER_WAIT_SECONDS = 2.0  # longest a push waits for its worker's previous one
+
 _DETECTOR_KEYS = (
     "trend_window",
     "rising_threshold",
@@ -194,6 +196,7 @@ class ParameterServer:
         self._rejected: dict[str, int] = {}
         self._published: tuple[int, Any] | None = None
         self._workers: set[str] = set()
+        self._next_seq: dict[str, int] = {}  # per worker, the push number handled next
         self._round: list[_Push] = []
         self._round_id = 0
         self._reserved: dict[TopicPartition, int] = {}
@@ -297,6 +300,7 @@ class ParameterServer:
         """Register a worker (sync rounds wait for it); returns every known next offset."""
         with self._lock:
             self._workers.add(worker)
+            self._next_seq.setdefault(worker, 0)
             return self._next_offsets()
 
     def leave(self, worker: str) -> None:
@@ -355,6 +359,7 @@ class ParameterServer:
         spans: Spans,
         recomputed: bool = False,
         report: Mapping[str, Any] | None = None,
+        seq: int | None = None,
     ) -> PushReply:
         """Offer the gradient of one batch.
 
@@ -370,9 +375,14 @@ class ParameterServer:
             report: the worker's own observations since its last push: ``accuracy``
                 (of this batch, before training on it), ``push_seconds`` (round trips),
                 ``lag`` (records behind per partition), ``rejected`` (records per reason).
+            seq: the worker's push number (0, 1, 2, ...). A threaded actor may start a
+                worker's pushes out of order; the server handles them in ``seq`` order
+                (waiting up to ``ORDER_WAIT_SECONDS`` for a missing one), so in-flight
+                pushes are not fenced for arriving before their predecessor.
         """
         spans = {(str(t), int(p)): (int(s), int(e)) for (t, p), (s, e) in spans.items()}
         with self._lock:
+            self._await_turn(worker, seq)
             self._counters["pushes"] += 1
             if recomputed:
                 self._counters["recomputed"] += 1
@@ -424,6 +434,18 @@ class ParameterServer:
                 self._reply_params(base_version),
                 None,
             )
+
+    def _await_turn(self, worker: str, seq: int | None) -> None:
+        """Hold a push until the same worker's previous one has been handled."""
+        if seq is None:
+            return
+        expected = self._next_seq.get(worker, seq)
+        if seq > expected:
+            deadline = time.monotonic() + ORDER_WAIT_SECONDS
+            while self._next_seq.get(worker, seq) < seq and time.monotonic() < deadline:
+                self._lock.wait(0.05)
+        self._next_seq[worker] = max(seq + 1, self._next_seq.get(worker, 0))
+        self._lock.notify_all()
 
     def _take_report(self, report: Mapping[str, Any], spans: Spans) -> None:
         accuracy = report.get("accuracy")

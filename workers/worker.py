@@ -98,6 +98,7 @@ class GradientWorker:
         }
         self._sizes: dict[int, int] = {}
         self._push_seconds: list[float] = []  # round trips measured since the last push
+        self._seq = 0  # push number: the server handles this worker's pushes in this order
 
     # -- control -------------------------------------------------------------------
 
@@ -177,7 +178,9 @@ class GradientWorker:
             batch.spans,
             recomputed,
             report,
+            self._seq,
         )
+        self._seq += 1
         return _InFlight(batch, ref, recomputed, time.perf_counter())
 
     def _lag(self) -> dict:

@@ -64,8 +64,21 @@ def test_ema_far_above_its_best_with_exploding_weights_is_diverged():
     assert verdict.state == DIVERGED and not verdict.drift
 
 
+def test_noise_over_a_tiny_best_cost_is_not_divergence():
+    # A well-trained model's cost can be 0.01: noise at 0.05 is 5x that, yet far below
+    # the untrained model's 0.7, and must not trigger a rollback.
+    d = DivergenceDetector(ema_beta=0.5, diverged_factor=4.0)
+    d.observe(0.7, grad_norm=1.0, param_norm=10.0)
+    for _ in range(30):
+        d.observe(0.01, grad_norm=0.1, param_norm=10.0)
+    for _ in range(10):
+        verdict = d.observe(0.3, grad_norm=5.0, param_norm=20.0)
+    assert verdict.state != DIVERGED
+
+
 def test_cost_jump_with_a_stable_model_is_drift_not_divergence():
     d = DivergenceDetector(ema_beta=0.5, diverged_factor=4.0)
+    d.observe(1.0, grad_norm=1.0, param_norm=10.0)
     for _ in range(20):
         d.observe(0.1, grad_norm=1.0, param_norm=10.0)
     for _ in range(10):

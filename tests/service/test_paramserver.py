@@ -562,3 +562,27 @@ def test_concurrent_async_pushes_keep_exact_offsets():
     ends = {tp: server.positions()[tp] for tp in tps}
     assert_exact_tiling(history, tps, ends)
     assert sum(int(e - s) for _, s, e, _ in history) == server.model()["examples"]
+
+
+def test_a_workers_pushes_are_handled_in_seq_order_even_when_they_arrive_reversed():
+    server = make_server(**{"trainer.max_staleness": 10})
+    batches = Batches()
+    server.join("w")
+    version, flat = server.current()
+    first = batches.push_args(flat)
+    second = batches.push_args(flat)
+    replies = {}
+
+    def send(seq, args, spans):
+        replies[seq] = server.push("w", version, *args, spans, seq=seq)
+
+    # The second push (seq 1) arrives first; it must wait for seq 0 instead of being fenced.
+    late = threading.Thread(target=send, args=(1, second, {(TOPIC, 0): (8, 16)}))
+    late.start()
+    wait_for(lambda: late.is_alive())
+    time.sleep(0.1)  # seq 1 is now waiting inside the server
+    assert server.version == 0
+    send(0, first, {(TOPIC, 0): (0, 8)})
+    late.join(5)
+    assert replies[0].status == APPLIED and replies[1].status == APPLIED
+    assert server.stats()["counters"]["fenced"] == 0 and server.version == 2
