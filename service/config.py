@@ -216,14 +216,17 @@ class TrainerConfig(_Section):
     section: ClassVar[str] = "trainer"
     workers: int = _opt(2, "number of GradientWorker actors")
     mode: str = _opt("async", "apply pushes as they come or in rounds", choices=("async", "sync"))
-    max_staleness: int = _opt(4, "oldest base version accepted, in versions behind")
+    max_staleness: int = _opt(8, "oldest base version accepted, in versions behind")
     max_inflight: int = _opt(2, "pushes a worker keeps in flight")
+    coalesce: int = _opt(
+        0, "batches per push in async mode (0 = as many as fit one 100 KB Ray message)"
+    )
     ray_address: str = _opt("", "Ray cluster address ('' = start a local Ray)")
     updates: int = _opt(0, "stop after this many updates (0 = until the stream ends)")
 
     def _validate(self) -> None:
         self._positive("workers", "max_inflight")
-        self._non_negative("max_staleness", "updates")
+        self._non_negative("max_staleness", "updates", "coalesce")
 
 
 @dataclass(frozen=True)

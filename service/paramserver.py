@@ -57,12 +57,15 @@ class PushReply(NamedTuple):
     params: the current flat parameters (an object reference under Ray), or None when
         the pusher's base version is current.
     expected: for fenced pushes, the next expected offset of each pushed partition.
+    handled: for ``push_many``, how many of its batches were handled (applied, or refused
+        as non-finite) before ``status`` refused the next one.
     """
 
     status: str
     version: int
     params: Any
     expected: dict[TopicPartition, int] | None
+    handled: int = 1
 
 
 class _Push(NamedTuple):
@@ -387,21 +390,10 @@ class ParameterServer:
             if recomputed:
                 self._counters["recomputed"] += 1
             if report:
-                self._take_report(report, spans)
-            if self.paused:
-                self._counters["paused"] += 1
-                expected = {tp: self._next_offsets().get(tp, 0) for tp in spans}
-                return PushReply(PAUSED, self.version, None, expected)
-            # A partition not seen yet starts at 0, where workers seek it: accepting any
-            # start would let a reordered second batch skip the first one's examples.
-            expected = {tp: self._reserved.get(tp, self.offsets.get(tp, 0)) for tp in spans}
-            if any(expected[tp] != start for tp, (start, _) in spans.items()):
-                self._counters["fenced"] += 1
-                return PushReply(FENCED, self.version, self._params_ref(), expected)
-            staleness = self.version - int(base_version)
-            if staleness > self.max_staleness or (self.mode == "sync" and staleness != 0):
-                self._counters["stale"] += 1
-                return PushReply(STALE, self.version, self._params_ref(), None)
+                self._take_report(report)
+            refusal = self._refusal(base_version, spans)
+            if refusal is not None:
+                return refusal
             item = _Push(
                 worker,
                 np.asarray(grads),
@@ -435,6 +427,70 @@ class ParameterServer:
                 None,
             )
 
+    def push_many(
+        self,
+        worker: str,
+        base_version: int,
+        grads: np.ndarray,
+        ns: list[int],
+        losses: list[float],
+        stats: np.ndarray,
+        spans: list[Spans],
+        recomputed: bool = False,
+        report: Mapping[str, Any] | None = None,
+        seq: int | None = None,
+    ) -> PushReply:
+        """Offer k batches computed on the same parameters in one call (async mode).
+
+        Each is checked and applied in order as its own update, exactly as k pushes
+        would be; one Ray call carries them all, which is what bounds throughput for
+        small models. The reply's ``handled`` counts the batches done before the first
+        refusal, whose status it carries (``applied`` when all were handled).
+
+        Args:
+            grads: (k, n_params) flat gradients; stats: (k, n_moving) batch statistics;
+            ns, losses, spans: per batch. Other arguments as ``push``.
+        """
+        if self.mode != "async" and len(ns) > 1:
+            raise ValueError("push_many takes one batch at a time in sync mode")
+        with self._lock:
+            self._await_turn(worker, seq)
+            if report:
+                self._take_report(report)
+            for i, (n, loss, batch_spans) in enumerate(zip(ns, losses, spans, strict=True)):
+                batch_spans = {
+                    (str(t), int(p)): (int(a), int(b)) for (t, p), (a, b) in batch_spans.items()
+                }
+                self._counters["pushes"] += 1
+                if recomputed:
+                    self._counters["recomputed"] += 1
+                refusal = self._refusal(base_version, batch_spans)
+                if refusal is not None:
+                    return refusal._replace(handled=i)
+                item = _Push(worker, np.asarray(grads[i]), int(n), float(loss),
+                             np.asarray(stats[i]), batch_spans, int(base_version))  # fmt: skip
+                self._apply([item])
+            return PushReply(APPLIED, self.version, self._reply_params(base_version), None,
+                             len(ns))  # fmt: skip
+
+    def _refusal(self, base_version: int, spans: Spans) -> PushReply | None:
+        """The reply refusing a push, or None when it may be applied."""
+        if self.paused:
+            self._counters["paused"] += 1
+            expected = {tp: self._next_offsets().get(tp, 0) for tp in spans}
+            return PushReply(PAUSED, self.version, None, expected, 0)
+        # A partition not seen yet starts at 0, where workers seek it: accepting any
+        # start would let a reordered second batch skip the first one's examples.
+        expected = {tp: self._reserved.get(tp, self.offsets.get(tp, 0)) for tp in spans}
+        if any(expected[tp] != start for tp, (start, _) in spans.items()):
+            self._counters["fenced"] += 1
+            return PushReply(FENCED, self.version, self._params_ref(), expected, 0)
+        staleness = self.version - int(base_version)
+        if staleness > self.max_staleness or (self.mode == "sync" and staleness != 0):
+            self._counters["stale"] += 1
+            return PushReply(STALE, self.version, self._params_ref(), None, 0)
+        return None
+
     def _await_turn(self, worker: str, seq: int | None) -> None:
         """Hold a push until the same worker's previous one has been handled."""
         if seq is None:
@@ -447,7 +503,7 @@ class ParameterServer:
         self._next_seq[worker] = max(seq + 1, self._next_seq.get(worker, 0))
         self._lock.notify_all()
 
-    def _take_report(self, report: Mapping[str, Any], spans: Spans) -> None:
+    def _take_report(self, report: Mapping[str, Any]) -> None:
         accuracy = report.get("accuracy")
         if accuracy is not None and math.isfinite(accuracy):
             self._accuracies.append(float(accuracy))

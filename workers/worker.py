@@ -44,7 +44,7 @@ def make_source(spec: Mapping[str, Any]) -> Source:
 
 
 class _InFlight(NamedTuple):
-    batch: Batch
+    batches: list[Batch]
     ref: Any  # ObjectRef of a PushReply
     recomputed: bool
     sent: float  # time.perf_counter() at submission
@@ -61,6 +61,9 @@ class GradientWorker:
         batching: ``PowerOfTwoBatcher`` arguments.
         max_inflight: pushes awaiting a reply at once (1 in sync mode).
         poll_records: most records taken from the source per poll.
+        coalesce: batches computed on the same parameters and pushed in one call (the
+            server still applies each as its own update): a Ray call costs about a
+            millisecond, so small models push several batches per call.
     """
 
     def __init__(
@@ -72,6 +75,7 @@ class GradientWorker:
         batching: Mapping[str, Any],
         max_inflight: int = 2,
         poll_records: int = 4096,
+        coalesce: int = 1,
     ):
         if max_inflight < 1:
             raise ValueError(f"`max_inflight` must be >= 1. Received: max_inflight={max_inflight}")
@@ -80,6 +84,9 @@ class GradientWorker:
         self.net = Network(**net_spec)
         self.source = make_source(source_spec)
         self.batcher = PowerOfTwoBatcher(**batching)
+        if coalesce < 1:
+            raise ValueError(f"`coalesce` must be >= 1. Received: coalesce={coalesce}")
+        self.coalesce = int(coalesce)
         self.max_inflight = int(max_inflight)
         self.poll_records = int(poll_records)
         self._stop = threading.Event()
@@ -122,16 +129,20 @@ class GradientWorker:
         inflight: deque[_InFlight] = deque()
         try:
             while not self._stop.is_set():
-                if self.batcher.pending() < self.batcher.target:
+                if self.batcher.pending() < self.batcher.target * self.coalesce:
                     chunks = self.source.poll(self.poll_records, self._poll_timeout())
                     self.batcher.add(chunks)  # empty polls too: the adaptive rate sees idle time
                 done = self.source.exhausted()
-                batch = self.batcher.next_batch()
-                batches = [batch] if batch is not None else []
+                batches = []
+                while len(batches) < self.coalesce:
+                    batch = self.batcher.next_batch()
+                    if batch is None:
+                        break
+                    batches.append(batch)
                 if done and not batches:
                     batches = self.batcher.flush_all()
-                for b in batches:
-                    inflight.append(self._submit(b))
+                for i in range(0, len(batches), self.coalesce):
+                    inflight.append(self._submit(batches[i : i + self.coalesce]))
                     while len(inflight) >= self.max_inflight:
                         self._settle(inflight)
                 if done and not batches and self.batcher.pending() == 0:
@@ -156,32 +167,40 @@ class GradientWorker:
         self._params = self.net.layout.views(np.asarray(flat))  # read-only, zero-copy
         self._version = int(version)
 
-    def _submit(self, batch: Batch, recomputed: bool = False) -> _InFlight:
-        loss, grads, stats, logits = self.net.loss_and_grads(
-            self._params, batch.x, batch.y, return_logits=True
-        )
-        report = {"accuracy": self.net.accuracy(logits, batch.y), "lag": self._lag()}
+    def _submit(self, batches: list[Batch], recomputed: bool = False) -> _InFlight:
+        """Compute the batches' gradients on the current parameters; push them in one call."""
+        grads, stats, losses, ns, correct = [], [], [], [], 0.0
+        for batch in batches:
+            loss, g, st, logits = self.net.loss_and_grads(
+                self._params, batch.x, batch.y, return_logits=True
+            )
+            n = len(batch.x)
+            grads.append(g.flat)
+            stats.append(self.net.moving_layout.flatten(st))
+            losses.append(loss)
+            ns.append(n)
+            correct += self.net.accuracy(logits, batch.y) * n
+            self._counts["batches"] += 1
+            if not recomputed:
+                self._counts["examples"] += n
+                self._sizes[n] = self._sizes.get(n, 0) + 1
+        report = {"accuracy": correct / sum(ns), "lag": self._lag()}
         if self._push_seconds:
             report["push_seconds"], self._push_seconds = self._push_seconds, []
-        n = len(batch.x)
-        self._counts["batches"] += 1
-        if not recomputed:
-            self._counts["examples"] += n
-            self._sizes[n] = self._sizes.get(n, 0) + 1
-        ref = self.server.push.remote(
+        ref = self.server.push_many.remote(
             self.worker_id,
             self._version,
-            grads.flat,
-            n,
-            loss,
-            self.net.moving_layout.flatten(stats),
-            batch.spans,
+            np.stack(grads),  # (k, n_params): one array, one message
+            ns,
+            losses,
+            np.stack(stats),  # (k, n_moving)
+            [b.spans for b in batches],
             recomputed,
             report,
             self._seq,
         )
         self._seq += 1
-        return _InFlight(batch, ref, recomputed, time.perf_counter())
+        return _InFlight(batches, ref, recomputed, time.perf_counter())
 
     def _lag(self) -> dict:
         """Records behind per partition: what the source holds beyond the batches made."""
@@ -209,30 +228,35 @@ class GradientWorker:
         """
         item = inflight.popleft()
         reply = self._reply(item)
-        if reply.status in (APPLIED, NONFINITE):
+        if reply.status == APPLIED:
             return
         # Everything pushed after a refused batch is refused too (its offsets follow).
-        later = [(it.batch, self._reply(it)) for it in inflight]
+        later = [(it.batches, self._reply(it)) for it in inflight]
         inflight.clear()
         if reply.status == PAUSED:
             time.sleep(PAUSE_RETRY_SECONDS)
             self._resync(ray.get(self.server.positions.remote()))
             return
-        pending = [item.batch] + [b for b, r in later if r.status not in (APPLIED, NONFINITE)]
+        pending = item.batches[reply.handled :]
+        for batches, r in later:
+            pending += batches[r.handled :] if r.status != APPLIED else []
         for batch in pending:
             for _ in range(MAX_RECOMPUTE):
                 self._counts["recomputed"] += 1
-                r = self._reply(self._submit(batch, recomputed=True))
+                r = self._reply(self._submit([batch], recomputed=True))
                 if r.status != STALE:
                     break
-            if r.status not in (APPLIED, NONFINITE):
+            if r.status != APPLIED:
                 if r.status == PAUSED:
                     time.sleep(PAUSE_RETRY_SECONDS)
                 self._resync(ray.get(self.server.positions.remote()))
                 return
 
     def _count(self, reply) -> None:
-        self._counts[reply.status] = self._counts.get(reply.status, 0) + 1
+        """Per batch: ``handled`` batches applied (or refused non-finite), then the refusal."""
+        self._counts["applied"] += reply.handled
+        if reply.status != APPLIED:
+            self._counts[reply.status] = self._counts.get(reply.status, 0) + 1
 
     def _resync(self, positions: Mapping) -> None:
         """Seek source and batcher to the server's next offsets (0 where it has none)."""
