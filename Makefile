@@ -21,9 +21,10 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 # The Kafka broker's jars come from Maven Central once (deploy/kafka/broker.py fetch), so the
-# download is not timed inside a test.
+# download is not timed inside a test; Prometheus and promtool come from Debian's package.
 test: lint
 	$(PY) deploy/kafka/broker.py fetch
+	bash deploy/prometheus/install.sh
 	$(PY) -m pytest
 
 bench: $(STAMP)

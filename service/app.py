@@ -1,7 +1,8 @@
 """Wiring: start Ray, the parameter server and the workers, supervise them, report.
 
 ``Trainer`` owns a run's actors; ``run_demo`` is ``streamtrain demo``: the whole
-trainer on the embedded stream with progress, ``/metrics``, a summary and a cost plot.
+trainer on the embedded stream with progress, ``/metrics``, a metrics log, a summary and
+a cost plot.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
 from prometheus_client import CollectorRegistry, start_http_server
 
 from service.config import Config, redacted
 from service.monitor import TrainingMetrics
 from service.paramserver import ParameterServerActor
+from service.plot import LOG_NAME, RunLog, plot_costs
 from workers.ingest.memory import Dataset, assign_partitions, load_dataset, make_drift
 from workers.nn import Network
 from workers.worker import GradientWorkerActor
@@ -51,6 +52,28 @@ def network_spec(cfg: Config, dataset: Dataset) -> dict[str, Any]:
         "bn_momentum": cfg.model.bn_momentum,
         "dtype": cfg.model.dtype,
     }
+
+
+# Ray sends a call's arguments inline up to ~100 KB; past it they go through the object
+# store, which costs more than the call saves.
+INLINE_PUSH_BYTES = 100_000
+MAX_COALESCE = 8
+
+
+def coalesce_for(cfg: Config, n_params: int) -> int:
+    """Batches per push: 1 in sync mode, else as set, or as many as one inline message holds.
+
+    Automatic coalescing also keeps ``workers * max_inflight * coalesce`` within
+    ``max_staleness``, the staleness that many batches in flight can reach, so that it
+    does not turn into refusals.
+    """
+    if cfg.trainer.mode == "sync":
+        return 1
+    if cfg.trainer.coalesce:
+        return cfg.trainer.coalesce
+    in_flight = cfg.trainer.workers * cfg.trainer.max_inflight
+    fits = INLINE_PUSH_BYTES // (4 * n_params)
+    return max(1, min(MAX_COALESCE, fits, cfg.trainer.max_staleness // in_flight))
 
 
 @dataclass
@@ -114,10 +137,11 @@ class Trainer:
             "adaptive": cfg.batching.adaptive,
         }
         inflight = 1 if cfg.trainer.mode == "sync" else cfg.trainer.max_inflight
+        coalesce = coalesce_for(cfg, Network(**self.net_spec).n_params)
         wid = self._worker_id(index)
         self._generation += 1
         actor = GradientWorkerActor.options(max_concurrency=2, num_cpus=1).remote(
-            wid, self.server, self.net_spec, source_spec, batching, inflight
+            wid, self.server, self.net_spec, source_spec, batching, inflight, coalesce=coalesce
         )
         self.workers[wid] = (index, actor)
         self._runs[actor.run.remote()] = wid
@@ -194,32 +218,13 @@ def ensure_ray(address: str, num_cpus: int) -> bool:
     return True
 
 
-def plot_costs(costs: list[tuple[int, float, int]], beta: float, path: Path) -> Path:
-    """The lecture's Figure 1(b): cost per mini-batch and its low-pass filtered trend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from service.divergence import CostFilter
-
-    values = np.array([c for _, c, _ in costs], np.float64)
-    f = CostFilter(beta)
-    ema = np.array([f.update(c) for c in values])
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
-    ax.plot(values, lw=0.6, alpha=0.5, label="cost per mini-batch")
-    ax.plot(ema, lw=2.0, label=f"EMA (β={beta}, bias-corrected)")
-    ax.set_xlabel("update")
-    ax.set_ylabel("cost")
-    # A run resumed at the end of its stream applies nothing: an empty plot, not an error.
-    ax.set_yscale("log" if values.size and np.nanmin(values) > 0 else "linear")
-    ax.set_title("streamtrain: mini-batch cost")
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+def _report_events(events: list[dict[str, Any]], bar: Any = None) -> None:
+    """One warning per divergence event, also above the progress bar when there is one."""
+    for event in events:
+        line = f"[version {event['version']}] {event['event']}: {event['reason']}"
+        log.warning("%s", line)
+        if bar is not None:
+            bar.write(line)
 
 
 def run_demo(
@@ -241,6 +246,8 @@ def run_demo(
         f"metrics on http://{cfg.metrics.host}:{port}/metrics"
     )
     trainer = Trainer(cfg, dataset, registry)
+    # Costs and events as JSON lines, written as they come: `streamtrain plot` reads them.
+    run_log = RunLog(Path(out_dir) / LOG_NAME)
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def on_signal(signum, frame):
@@ -261,11 +268,8 @@ def run_demo(
         while not done:
             done = trainer.supervise(0.5)
             stats = trainer.poll()
-            for event in stats["events"]:
-                line = f"[version {event['version']}] {event['event']}: {event['reason']}"
-                log.warning("%s", line)
-                if bar is not None:
-                    bar.write(line)
+            run_log.write(stats["costs"], stats["events"])
+            _report_events(stats["events"], bar)
             if bar is not None:
                 bar.n = min(stats["examples"], bar.total)
                 ema = trainer.metrics.filter.value
@@ -280,7 +284,11 @@ def run_demo(
                 trainer.stop()
         seconds = time.perf_counter() - t0
         result = trainer.finish()
+        final = trainer.record.last  # the stats of finish()'s own poll
+        run_log.write(final["costs"], final["events"])
+        _report_events(final["events"], bar)
     finally:
+        run_log.close()
         if bar is not None:
             bar.close()
         if threading.current_thread() is threading.main_thread():
@@ -292,7 +300,12 @@ def run_demo(
     hist = stats["staleness"]
     n_pushes = sum(hist.values()) or 1
     mean_staleness = sum(int(s) * c for s, c in hist.items()) / n_pushes
-    plot = plot_costs(trainer.record.costs, cfg.metrics.ema_beta, Path(out_dir) / "cost.png")
+    plot = plot_costs(
+        trainer.record.costs,
+        cfg.metrics.ema_beta,
+        Path(out_dir) / "cost.png",
+        trainer.metrics.events,
+    )
     summary = {
         "examples": result["examples"],
         "seconds": seconds,
@@ -309,6 +322,7 @@ def run_demo(
         "batch_sizes": dict(sorted(stats["batch_sizes"].items())),
         "checkpoint": stats["checkpoint_path"],
         "plot": str(plot),
+        "metrics_log": str(run_log.path),
     }
     echo(
         f"examples {summary['examples']:,}  in {seconds:.1f} s  "
@@ -319,7 +333,7 @@ def run_demo(
         f"worker restarts {summary['worker_restarts']}\n"
         f"divergence state {summary['divergence_state']}  rollbacks {summary['rollbacks']}\n"
         f"batch sizes {summary['batch_sizes']}\n"
-        f"checkpoint {summary['checkpoint']}\ncost plot {plot}"
+        f"checkpoint {summary['checkpoint']}\ncost plot {plot}  metrics log {run_log.path}"
     )
     if started:
         ray.shutdown()

@@ -60,6 +60,18 @@ def _demo(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _plot(ns: argparse.Namespace) -> int:
+    from service.plot import LOG_NAME, plot_log
+
+    log = Path(ns.log)
+    if log.is_dir():
+        log = log / LOG_NAME
+    if not log.is_file():
+        raise ValueError(f"no metrics log at {log}")
+    print(plot_log(log, ns.out, ns.ema_beta))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="streamtrain",
@@ -92,6 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_cli_arguments(d)
     d.set_defaults(run=_demo)
+
+    g = sub.add_parser(
+        "plot",
+        help="render a run's metrics log: cost, its EMA and the divergence events, as a PNG",
+    )
+    g.add_argument("log", help="the metrics log (metrics.jsonl) or the run directory that holds it")
+    g.add_argument("--out", default=None, help="PNG written (default: cost.png beside the log)")
+    g.add_argument("--ema-beta", type=float, default=0.98, help="beta of the cost EMA")
+    g.set_defaults(run=_plot)
     return parser
 
 
