@@ -113,6 +113,12 @@ class TrainingMetrics:
             "1 while updates are paused after a divergence",
             registry=registry,
         )
+        self.divergences = Counter(
+            p + "divergences_total",
+            "Times the run was found diverged (counted even when a rollback healed it "
+            "before the next scrape)",
+            registry=registry,
+        )
         self.rollbacks = Counter(
             p + "rollbacks_total",
             "Rollbacks to the last healthy checkpoint after a divergence",
@@ -215,6 +221,8 @@ class TrainingMetrics:
             self.events.append(event)
             if event["event"] == "rollback":
                 self.rollbacks.inc()
+            elif event["event"] == "diverged":
+                self.divergences.inc()
         for accuracy in stats.get("accuracies", ()):
             self.accuracy.set(self.accuracy_filter.update(accuracy))
         for seconds in stats.get("push_seconds", ()):

@@ -199,3 +199,17 @@ def test_nonfinite_costs_leave_the_cost_gauges_alone(registry):
     assert value(registry, "streamtrain_cost") == 2.0
     assert value(registry, "streamtrain_cost_ema") == pytest.approx(2.0)
     assert value(registry, "streamtrain_batch_cost_count") == 1
+
+
+def test_divergence_and_rollback_events_are_counted_even_when_healed_at_once():
+    registry = CollectorRegistry()
+    metrics = TrainingMetrics(registry)
+    events = [
+        {"version": 6, "time": 0.0, "event": "diverged", "reason": "cost EMA 15 > 4 x best"},
+        {"version": 7, "time": 0.0, "event": "rollback", "reason": "restored", "lr_factor": 0.5},
+    ]
+    # By the time the service reads stats(), the rollback has made the run healthy again.
+    metrics.record(stats_record(events=events))
+    assert registry.get_sample_value("streamtrain_divergences_total") == 1.0
+    assert registry.get_sample_value("streamtrain_rollbacks_total") == 1.0
+    assert metrics.events == events
