@@ -221,12 +221,15 @@ class TrainerConfig(_Section):
     coalesce: int = _opt(
         0, "batches per push in async mode (0 = as many as fit one 100 KB Ray message)"
     )
+    publish_every: int = _opt(
+        0, "versions between parameter publications (0 = 1 up to 512 KiB of parameters, else 4)"
+    )
     ray_address: str = _opt("", "Ray cluster address ('' = start a local Ray)")
     updates: int = _opt(0, "stop after this many updates (0 = until the stream ends)")
 
     def _validate(self) -> None:
         self._positive("workers", "max_inflight")
-        self._non_negative("max_staleness", "updates", "coalesce")
+        self._non_negative("max_staleness", "updates", "coalesce", "publish_every")
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,7 @@ class PushReply(NamedTuple):
     params: Any
     expected: dict[TopicPartition, int] | None
     handled: int = 1
+    params_version: int | None = None  # the version ``params`` are of (None: ``version``)
 
 
 class _Push(NamedTuple):
@@ -163,6 +164,9 @@ class ParameterServer:
         self.ckpt_keep = int(ck.get("keep", 3))
         self.history_limit = int(ck.get("history", 1_000_000))
         self._publish = publish or np.copy
+        self.publish_every = int(trainer.get("publish_every", 0)) or (
+            1 if self.net.n_params * self.net.dtype.itemsize <= INLINE_PARAMS_BYTES else 4
+        )
         self._clock = clock
         self._lock = threading.Condition()
 
@@ -326,12 +330,19 @@ class ParameterServer:
     def current(self) -> tuple[int, Any]:
         """The version and the published flat parameters."""
         with self._lock:
-            return self.version, self._params_ref()
+            return self._params_ref(fresh=True)
 
-    def _params_ref(self):
-        if self._published is None or self._published[0] != self.version:
-            self._published = (self.version, self._publish(self.params.flat))
-        return self._published[1]
+    def _params_ref(self, fresh: bool = False) -> tuple[int, Any]:
+        """(version, published parameters); republished at most every ``publish_every``
+        versions unless ``fresh``: copying a large model per update would cost more than
+        the update itself, and the staleness this adds is bounded by ``publish_every``."""
+        published = self._published
+        if published is None or (
+            published[0] != self.version
+            and (fresh or self.version - published[0] >= self.publish_every)
+        ):
+            self._published = published = (self.version, self._publish(self.params.flat))
+        return published
 
     def model(self) -> dict[str, Any]:
         """Copies of parameters and moving statistics, with version and network spec."""
@@ -404,8 +415,7 @@ class ParameterServer:
                 int(base_version),
             )
             if self.mode == "async":
-                status = self._apply([item])
-                return PushReply(status, self.version, self._reply_params(base_version), None)
+                return self._reply(self._apply([item]), base_version)
             # sync: join this round; the last pusher of the round applies it.
             self._workers.add(worker)
             for tp, (_, end) in spans.items():
@@ -420,12 +430,7 @@ class ParameterServer:
                     self._apply_round()
                     break
                 self._lock.wait(min(left, 1.0))
-            return PushReply(
-                self._round_status.get(worker, APPLIED),
-                self.version,
-                self._reply_params(base_version),
-                None,
-            )
+            return self._reply(self._round_status.get(worker, APPLIED), base_version)
 
     def push_many(
         self,
@@ -470,8 +475,7 @@ class ParameterServer:
                 item = _Push(worker, np.asarray(grads[i]), int(n), float(loss),
                              np.asarray(stats[i]), batch_spans, int(base_version))  # fmt: skip
                 self._apply([item])
-            return PushReply(APPLIED, self.version, self._reply_params(base_version), None,
-                             len(ns))  # fmt: skip
+            return self._reply(APPLIED, base_version, len(ns))
 
     def _refusal(self, base_version: int, spans: Spans) -> PushReply | None:
         """The reply refusing a push, or None when it may be applied."""
@@ -484,11 +488,13 @@ class ParameterServer:
         expected = {tp: self._reserved.get(tp, self.offsets.get(tp, 0)) for tp in spans}
         if any(expected[tp] != start for tp, (start, _) in spans.items()):
             self._counters["fenced"] += 1
-            return PushReply(FENCED, self.version, self._params_ref(), expected, 0)
+            version, params = self._params_ref(fresh=True)
+            return PushReply(FENCED, self.version, params, expected, 0, version)
         staleness = self.version - int(base_version)
         if staleness > self.max_staleness or (self.mode == "sync" and staleness != 0):
             self._counters["stale"] += 1
-            return PushReply(STALE, self.version, self._params_ref(), None, 0)
+            version, params = self._params_ref(fresh=True)
+            return PushReply(STALE, self.version, params, None, 0, version)
         return None
 
     def _await_turn(self, worker: str, seq: int | None) -> None:
@@ -517,8 +523,12 @@ class ParameterServer:
             if len(values) > 100_000:
                 del values[: len(values) - 100_000]
 
-    def _reply_params(self, base_version: int):
-        return None if int(base_version) == self.version else self._params_ref()
+    def _reply(self, status: str, base_version: int, handled: int = 1) -> PushReply:
+        """A reply after handling a push: newer parameters when there are any."""
+        version, params = self._params_ref()
+        if int(base_version) == version:
+            params = None
+        return PushReply(status, self.version, params, None, handled, version)
 
     def _maybe_apply_round(self) -> None:
         if self._round and {p.worker for p in self._round} >= self._workers:

@@ -215,7 +215,8 @@ class GradientWorker:
         self._push_seconds.append(time.perf_counter() - item.sent)
         self._count(reply)
         if reply.params is not None:
-            self._set_params(reply.version, reply.params)
+            version = reply.version if reply.params_version is None else reply.params_version
+            self._set_params(version, reply.params)
         return reply
 
     def _settle(self, inflight: deque[_InFlight]) -> None:
