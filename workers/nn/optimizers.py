@@ -60,6 +60,25 @@ def _load_fused() -> ctypes.CDLL | None:
 FUSED = _load_fused()
 
 
+_EXECUTOR = None
+
+
+def _update_threads() -> int:
+    """Threads for one large fused update: 2 where the process may use two cores."""
+    limit = os.environ.get("OMP_NUM_THREADS")  # Ray sets it to an actor's CPUs
+    cores = int(limit) if limit and limit.isdigit() else (os.cpu_count() or 1)
+    return min(2, cores)
+
+
+def _executor():
+    global _EXECUTOR
+    if _EXECUTOR is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _EXECUTOR = ThreadPoolExecutor(max_workers=2, thread_name_prefix="streamtrain-update")
+    return _EXECUTOR
+
+
 def _address(a: np.ndarray) -> int:
     return a.__array_interface__["data"][0]
 
@@ -400,26 +419,39 @@ class Optimizer:
         else:
             new_w = np.empty_like(w)
             new_slots = [np.empty_like(s) for s in slots]
-        tmp = np.empty(min(CHUNK, w.size), w.dtype)
-        step_sq = 0.0
+        chunks = list(_chunks(w.size))
         fused = None
         if FUSED is not None and w.dtype in (np.float32, np.float64):
             suffix = "f32" if w.dtype == np.float32 else "f64"
-            fused = (
-                getattr(FUSED, f"{self.name}_{suffix}"),
-                [_address(a) for a in (w, g, *slots, new_w, *new_slots, tmp)],
-                w.dtype.itemsize,
-            )
-        for sl in _chunks(w.size):
-            t = tmp[: sl.stop - sl.start]
-            if fused is None:
-                self._kernel(sl, w, g, slots, new_w, new_slots, t, lr, scale, k + 1)
-            else:
-                fn, addresses, item = fused
-                at = [a + sl.start * item for a in addresses[:-1]] + [addresses[-1]]
-                fn(sl.stop - sl.start, *at, *self._fused_args(lr, scale, k + 1))
-            if with_info:
-                step_sq += float(np.dot(t, t))
+            fused = getattr(FUSED, f"{self.name}_{suffix}")
+            addresses = [_address(a) for a in (w, g, *slots, new_w, *new_slots)]
+            scalars = self._fused_args(lr, scale, k + 1)
+
+        def run(part: list[slice]) -> list[float]:
+            """Update the chunks of ``part``; the squared norm of each chunk's change."""
+            tmp = np.empty(min(CHUNK, w.size), w.dtype)
+            sq = []
+            for sl in part:
+                t = tmp[: sl.stop - sl.start]
+                if fused is None:
+                    self._kernel(sl, w, g, slots, new_w, new_slots, t, lr, scale, k + 1)
+                else:
+                    item = w.dtype.itemsize
+                    at = [a + sl.start * item for a in addresses] + [_address(t)]
+                    fused(sl.stop - sl.start, *at, *scalars)
+                if with_info:
+                    sq.append(float(np.dot(t, t)))
+            return sq
+
+        threads = _update_threads()
+        if fused is not None and threads > 1 and len(chunks) >= 4:
+            # ctypes releases the GIL: the two halves of a large update run side by side.
+            half = (len(chunks) + 1) // 2
+            parts = _executor().map(run, [chunks[:half], chunks[half:]])
+            squares = [x for part in parts for x in part]
+        else:
+            squares = run(chunks)
+        step_sq = sum(squares)  # chunk order, whatever the threading
         info = None
         if with_info:
             info = UpdateInfo(
