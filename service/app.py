@@ -25,7 +25,7 @@ from service.config import Config, redacted
 from service.monitor import TrainingMetrics
 from service.paramserver import ParameterServerActor
 from service.plot import LOG_NAME, RunLog, plot_costs
-from workers.ingest.memory import Dataset, assign_partitions, load_dataset, make_drift
+from workers.ingest.memory import Dataset, assign_partitions, load_dataset
 from workers.nn import Network
 from workers.worker import GradientWorkerActor
 
@@ -35,8 +35,6 @@ MAX_WORKER_RESTARTS = 100
 
 
 def resolve_dataset(cfg: Config) -> Dataset:
-    if cfg.stream.dataset == "drift":
-        return make_drift(test_fraction=cfg.stream.test_fraction, seed=cfg.stream.seed)
     return load_dataset(cfg.stream.dataset, cfg.stream.test_fraction, cfg.stream.seed)
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import ray
 
 from service.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+from service.config import OptimizerConfig
 from service.divergence import DIVERGED, HEALTHY, DivergenceDetector
 from workers.nn import (
     ExponentialDecay,
@@ -81,32 +82,16 @@ class _Push(NamedTuple):
 
 def build_optimizer(optimizer_cfg: Mapping[str, Any], lr_factor: float = 1.0):
     """The optimizer of an ``[optimizer]`` config section, learning rate times ``lr_factor``."""
-    cfg = dict(optimizer_cfg)
-    kwargs = {"learning_rate": cfg["learning_rate"] * lr_factor}
-    name = cfg["name"]
-    if name == "sgd":
-        kwargs.update(momentum=cfg["momentum"], nesterov=cfg["nesterov"])
-    elif name == "momentum":
-        kwargs.update(beta_1=cfg["beta_1"])
-    elif name == "rmsprop":
-        kwargs.update(rho=cfg["rho"], epsilon=cfg["epsilon"])
-    elif name == "adam":
-        kwargs.update(beta_1=cfg["beta_1"], beta_2=cfg["beta_2"], epsilon=cfg["epsilon"])
-    for clip in ("clipnorm", "global_clipnorm", "clipvalue"):
-        if cfg.get(clip):
-            kwargs[clip] = cfg[clip]
-    schedule = cfg.get("schedule", "constant")
-    if schedule == "inverse_time":
-        kwargs["learning_rate"] = InverseTimeDecay(
-            kwargs["learning_rate"], cfg["decay_steps"], cfg["decay_rate"]
-        )
-    elif schedule == "exponential":
-        kwargs["learning_rate"] = ExponentialDecay(
-            kwargs["learning_rate"], cfg["decay_steps"], cfg["decay_rate"]
-        )
-    elif cfg.get("decay"):
-        kwargs["decay"] = cfg["decay"]
-    return get_optimizer(name, **kwargs)
+    section = OptimizerConfig(**optimizer_cfg)  # validates, and knows each optimizer's keys
+    kwargs = section.optimizer_kwargs()
+    lr = section.learning_rate * lr_factor
+    if section.schedule == "inverse_time":
+        kwargs["learning_rate"] = InverseTimeDecay(lr, section.decay_steps, section.decay_rate)
+    elif section.schedule == "exponential":
+        kwargs["learning_rate"] = ExponentialDecay(lr, section.decay_steps, section.decay_rate)
+    else:
+        kwargs["learning_rate"] = lr
+    return get_optimizer(section.name, **kwargs)
 
 
 def pooled_statistics(layout, stats: list[np.ndarray], counts: list[int]) -> np.ndarray:
