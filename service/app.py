@@ -109,6 +109,8 @@ class Trainer:
         self._generation = 0
         self.workers: dict[str, Any] = {}
         self._runs: dict[Any, str] = {}
+        self._finished: set[int] = set()  # indices of workers whose run() returned
+        self._instance: str | None = None  # the server instance last polled
         for i in range(k):
             self._start_worker(i)
 
@@ -152,6 +154,15 @@ class Trainer:
     def poll(self) -> dict[str, Any]:
         """Fold the server's newest stats into the record and the metrics."""
         stats = ray.get(self.server.stats.remote())
+        restarted = self._instance is not None and stats["instance"] != self._instance
+        if restarted and not self.should_exit.is_set():
+            # A restarted server resumed from a checkpoint that may predate the last
+            # pushes of workers that have finished: they read their partitions again
+            # from its offsets (a replacement with nothing left to read ends at once).
+            for index in sorted(self._finished):
+                self._start_worker(index)
+            self._finished.clear()
+        self._instance = stats["instance"]
         self.record.costs.extend(stats["costs"])
         self.record.last = stats
         if self.metrics is not None:
@@ -168,6 +179,7 @@ class Trainer:
             index, _ = self.workers.pop(wid)
             try:
                 self.record.worker_stats.append(ray.get(ref))
+                self._finished.add(index)
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
                 if self.should_exit.is_set():
                     continue
@@ -179,6 +191,11 @@ class Trainer:
                 )
                 ray.get(self.server.leave.remote(wid))
                 self._start_worker(index)
+        return not self._runs
+
+    @property
+    def done(self) -> bool:
+        """Every worker has returned (``poll`` may start some again after a server restart)."""
         return not self._runs
 
     def stop(self) -> None:
@@ -280,6 +297,7 @@ def run_demo(
                 bar.refresh()
             if cfg.trainer.updates and stats["version"] >= cfg.trainer.updates:
                 trainer.stop()
+            done = done and trainer.done
         seconds = time.perf_counter() - t0
         result = trainer.finish()
         final = trainer.record.last  # the stats of finish()'s own poll

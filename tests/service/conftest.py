@@ -114,6 +114,7 @@ def run_to_end(
             continue  # the call was in flight when the server died; it restarts
         if on_poll is not None:
             on_poll(stats)
+        done = done and trainer.done
     return trainer.finish()
 
 
