@@ -21,7 +21,7 @@ from typing import Any
 import ray
 from prometheus_client import CollectorRegistry, start_http_server
 
-from service.config import Config, redacted
+from service.config import Config, config_to_dict, redacted
 from service.monitor import TrainingMetrics
 from service.paramserver import ParameterServerActor
 from service.plot import LOG_NAME, RunLog, plot_costs
@@ -39,12 +39,15 @@ def resolve_dataset(cfg: Config) -> Dataset:
 
 
 def network_spec(cfg: Config, dataset: Dataset) -> dict[str, Any]:
-    """``Network`` arguments: architecture from ``[model]``, input and output from the data."""
+    """``Network`` arguments: architecture from ``[model]``, input and output from the data
+    unless ``[model]`` sets them."""
+    output = cfg.model.output or dataset.output
+    n_outputs = cfg.model.n_outputs or (dataset.n_outputs if output == dataset.output else 1)
     return {
         "input_dim": cfg.model.input_dim or dataset.n_features,
         "hidden": tuple(cfg.model.hidden),
-        "output": cfg.model.output or dataset.output,
-        "n_outputs": dataset.n_outputs,
+        "output": output,
+        "n_outputs": n_outputs,
         "activation": cfg.model.activation,
         "bn_epsilon": cfg.model.bn_epsilon,
         "bn_momentum": cfg.model.bn_momentum,
@@ -85,11 +88,13 @@ class RunRecord:
 
 
 class Trainer:
-    """The parameter server and K gradient workers on the embedded stream.
+    """The parameter server and K gradient workers on the embedded stream or on Kafka.
 
     Args:
-        cfg: the resolved config.
-        dataset: the data set the embedded stream replays.
+        cfg: the resolved config; ``stream.source`` picks the stream.
+        dataset: the data set the embedded stream replays; on Kafka, the shape of the
+            model (unless ``[model]`` sets it) and the held-out split ``finish``
+            evaluates on.
         registry: Prometheus registry for this run's series (None: no metrics).
     """
 
@@ -104,7 +109,7 @@ class Trainer:
         self.server = ParameterServerActor.options(
             max_concurrency=k + 8, max_restarts=-1, num_cpus=0
         ).remote(self.net_spec, redacted(cfg))
-        self._dataset_ref = ray.put(dataset)
+        self._dataset_ref = ray.put(dataset) if cfg.stream.source == "memory" else None
         self._start = time.time()
         self._generation = 0
         self.workers: dict[str, Any] = {}
@@ -117,9 +122,35 @@ class Trainer:
     def _worker_id(self, index: int) -> str:
         return f"worker-{index}.{self._generation}"
 
-    def _start_worker(self, index: int) -> None:
+    def _source_spec(self, index: int, worker_id: str) -> dict[str, Any]:
         cfg = self.cfg
-        source_spec = {
+        if cfg.stream.source == "kafka":
+            from workers.ingest.kafka import client_settings
+
+            k = cfg.kafka
+            return {
+                "kind": "kafka",
+                "topic": k.topic,
+                "group_id": k.group_id,
+                "schema": {
+                    "n_features": self.net_spec["input_dim"],
+                    "output": self.net_spec["output"],
+                    "n_outputs": self.net_spec["n_outputs"],
+                    "max_bytes": k.max_record_bytes,
+                    "x_field": k.x_field,
+                    "y_field": k.y_field,
+                    "id_field": k.id_field,
+                },
+                "format": k.format,
+                "dead_letter_topic": k.dead_letter_topic,
+                "client": client_settings(config_to_dict(cfg)["kafka"]),  # secrets: never log
+                "idle_exit_s": k.exit_when_idle_seconds,
+                "session_timeout_ms": k.session_timeout_ms,
+                "heartbeat_interval_ms": k.heartbeat_interval_ms,
+                "max_poll_interval_ms": k.max_poll_interval_ms,
+                "client_id": f"streamtrain-{worker_id}",
+            }
+        return {
             "kind": "memory",
             "dataset": self._dataset_ref,
             "partitions": cfg.stream.partitions,
@@ -129,6 +160,9 @@ class Trainer:
             "seed": cfg.stream.seed,
             "start": self._start,
         }
+
+    def _start_worker(self, index: int) -> None:
+        cfg = self.cfg
         batching = {
             "batch_size": cfg.batching.batch_size,
             "min_batch": cfg.batching.min_batch,
@@ -141,12 +175,22 @@ class Trainer:
         wid = self._worker_id(index)
         self._generation += 1
         actor = GradientWorkerActor.options(max_concurrency=2, num_cpus=1).remote(
-            wid, self.server, self.net_spec, source_spec, batching, inflight, coalesce=coalesce
+            wid,
+            self.server,
+            self.net_spec,
+            self._source_spec(index, wid),
+            batching,
+            inflight,
+            coalesce=coalesce,
+            commit_every_s=cfg.kafka.commit_every_seconds,
         )
         self.workers[wid] = (index, actor)
         self._runs[actor.run.remote()] = wid
 
-    def total_examples(self) -> int:
+    def total_examples(self) -> int | None:
+        """Examples the stream holds (None on Kafka: it has no end)."""
+        if self.cfg.stream.source == "kafka":
+            return None
         if self.dataset.drift is not None:
             return self.dataset.drift.length
         return len(self.dataset.x_train) * self.cfg.stream.passes
@@ -204,6 +248,15 @@ class Trainer:
         for _, actor in self.workers.values():
             actor.stop.remote()
 
+    def _evaluable(self, spec: dict[str, Any]) -> bool:
+        """The held-out split fits the model (on Kafka the topic may hold other data)."""
+        d = self.dataset
+        return (
+            spec["input_dim"] == d.n_features
+            and spec["output"] == d.output
+            and spec["n_outputs"] == d.n_outputs
+        )
+
     def finish(self) -> dict[str, Any]:
         """Final checkpoint, final stats, and the model evaluated on the held-out split."""
         ray.get(self.server.checkpoint.remote())
@@ -211,7 +264,7 @@ class Trainer:
         model = ray.get(self.server.model.remote())
         net = Network(**model["network"])
         result = {"version": model["version"], "examples": model["examples"]}
-        if len(self.dataset.x_test):
+        if len(self.dataset.x_test) and self._evaluable(model["network"]):
             result |= net.evaluate(
                 model["params"], model["moving"], self.dataset.x_test, self.dataset.y_test
             )
@@ -249,17 +302,64 @@ def run_demo(
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """``streamtrain demo``: train on the embedded stream until it ends; print a summary."""
+    if cfg.stream.source != "memory":
+        raise ValueError("`streamtrain demo` runs the embedded stream; use `streamtrain serve`")
+    return run_service(cfg, out_dir, progress, echo)
+
+
+def run_serve(
+    cfg: Config,
+    out_dir: str | Path = "runs/serve",
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """``streamtrain serve``: train on the Kafka topic until stopped (or idle, if set)."""
+    from workers.ingest.kafka import check_topics, client_settings
+
+    k = cfg.kafka
+    partitions = check_topics(
+        client_settings(config_to_dict(cfg)["kafka"]), k.topic, k.dead_letter_topic
+    )
+    echo(
+        f"topic {cfg.kafka.topic!r}: {partitions} partitions on {cfg.kafka.bootstrap_servers}, "
+        f"group {cfg.kafka.group_id!r}, {cfg.kafka.format} records, dead letters to "
+        f"{cfg.kafka.dead_letter_topic!r}"
+    )
+    return run_service(cfg, out_dir, progress, echo)
+
+
+def _describe(cfg: Config, port: int) -> str:
+    if cfg.stream.source == "kafka":
+        stream = f"Kafka topic {cfg.kafka.topic}"
+    else:
+        stream = (
+            f"{cfg.stream.dataset} ({cfg.stream.passes} passes, {cfg.stream.partitions} partitions)"
+        )
+    return (
+        f"streamtrain {'serve' if cfg.stream.source == 'kafka' else 'demo'}: "
+        f"{cfg.trainer.workers} {cfg.trainer.mode} workers, {stream}, "
+        f"{cfg.optimizer.name} learning_rate={cfg.optimizer.learning_rate}; "
+        f"metrics on http://{cfg.metrics.host}:{port}/metrics"
+    )
+
+
+def run_service(
+    cfg: Config,
+    out_dir: str | Path,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run the trainer on the configured stream until it ends or a signal stops it.
+
+    SIGTERM/SIGINT stop the polling; in-flight pushes are applied or refused, the server
+    checkpoints and the workers commit the checkpoint's offsets before this returns.
+    """
     dataset = resolve_dataset(cfg)
     started = ensure_ray(cfg.trainer.ray_address, cfg.trainer.workers + 1)
     registry = CollectorRegistry()
     http, _ = start_http_server(cfg.metrics.port, addr=cfg.metrics.host, registry=registry)
     port = http.server_port
-    echo(
-        f"streamtrain demo: {cfg.trainer.workers} {cfg.trainer.mode} workers, "
-        f"{cfg.stream.dataset} ({cfg.stream.passes} passes, {cfg.stream.partitions} partitions), "
-        f"{cfg.optimizer.name} learning_rate={cfg.optimizer.learning_rate}; "
-        f"metrics on http://{cfg.metrics.host}:{port}/metrics"
-    )
+    echo(_describe(cfg, port))
     trainer = Trainer(cfg, dataset, registry)
     # Costs and events as JSON lines, written as they come: `streamtrain plot` reads them.
     run_log = RunLog(Path(out_dir) / LOG_NAME)
@@ -286,7 +386,7 @@ def run_demo(
             run_log.write(stats["costs"], stats["events"])
             _report_events(stats["events"], bar)
             if bar is not None:
-                bar.n = min(stats["examples"], bar.total)
+                bar.n = min(stats["examples"], bar.total or stats["examples"])
                 ema = trainer.metrics.filter.value
                 bar.set_postfix(
                     cost=f"{stats['last'].get('cost', math.nan):.4f}",

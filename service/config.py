@@ -11,7 +11,7 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -102,6 +102,9 @@ class ModelConfig(_Section):
     dtype: str = _opt("float32", "parameter dtype", choices=("float32", "float64"))
     seed: int = _opt(0, "seed of the parameter initialization")
     input_dim: int = _opt(0, "number of input features (0 = from the data set)")
+    n_outputs: int = _opt(
+        0, "classes (softmax) or targets (identity); 0 = from the data set, 1 for sigmoid"
+    )
     output: str = _opt(
         "",
         "output activation ('' = from the data set)",
@@ -116,7 +119,7 @@ class ModelConfig(_Section):
         )
         self._positive("bn_epsilon")
         self._fraction("bn_momentum")
-        self._non_negative("seed", "input_dim")
+        self._non_negative("seed", "input_dim", "n_outputs")
 
 
 @dataclass(frozen=True)
@@ -336,10 +339,34 @@ class KafkaConfig(_Section):
     ssl_certfile: str = _opt("", "client certificate file")
     ssl_keyfile: str = _opt("", "client key file")
     ssl_password: str = _opt("", "password of the client key (prefer the environment)", secret=True)
+    x_field: str = _opt("x", "JSON field of the features")
+    y_field: str = _opt("y", "JSON field of the label")
+    id_field: str = _opt("id", "JSON field of the optional example id")
+    max_record_bytes: int = _opt(1 << 20, "largest record accepted; larger ones are dead letters")
+    session_timeout_ms: int = _opt(6000, "consumer group session timeout")
+    heartbeat_interval_ms: int = _opt(2000, "consumer group heartbeat interval")
+    max_poll_interval_ms: int = _opt(300_000, "longest time between polls before eviction")
+    commit_every_seconds: float = _opt(5.0, "how often checkpointed offsets are committed to Kafka")
+    exit_when_idle_seconds: float = _opt(
+        0.0, "stop once the topic is read to its end and idle this long (0 = run until stopped)"
+    )
 
     def _validate(self) -> None:
         self._require(self.bootstrap_servers.strip() != "", "bootstrap_servers", "be non-empty")
         self._require(self.group_id != "", "group_id", "be non-empty")
+        self._positive(
+            "max_record_bytes",
+            "session_timeout_ms",
+            "heartbeat_interval_ms",
+            "max_poll_interval_ms",
+            "commit_every_seconds",
+        )
+        self._non_negative("exit_when_idle_seconds")
+        self._require(
+            self.heartbeat_interval_ms < self.session_timeout_ms,
+            "heartbeat_interval_ms",
+            "be below `kafka.session_timeout_ms`",
+        )
         for key in ("topic", "dead_letter_topic"):
             self._require(
                 bool(_TOPIC_RE.fullmatch(getattr(self, key))),
@@ -354,6 +381,24 @@ class KafkaConfig(_Section):
             "sasl_mechanism",
             f"be set when `kafka.security_protocol` is {self.security_protocol!r}",
         )
+
+
+@dataclass(frozen=True)
+class ApiConfig(_Section):
+    """The HTTP prediction API (/predict, /healthz, /readyz, /model, /metrics)."""
+
+    section: ClassVar[str] = "api"
+    enabled: bool = _opt(True, "serve the prediction API beside training")
+    host: str = _opt("127.0.0.1", "address the API binds")
+    port: int = _opt(8000, "API port (0 = pick a free port)")
+    max_batch: int = _opt(1024, "most rows one /predict request may carry")
+    max_body_bytes: int = _opt(1 << 20, "largest request body accepted")
+    refresh_seconds: float = _opt(0.2, "how often newer parameters are fetched")
+
+    def _validate(self) -> None:
+        self._require(self.host != "", "host", "be a non-empty address")
+        self._require(0 <= self.port <= 65535, "port", "be in [0, 65535]")
+        self._positive("max_batch", "max_body_bytes", "refresh_seconds")
 
 
 @dataclass(frozen=True)
@@ -385,6 +430,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -674,8 +720,12 @@ def dump_toml(cfg: Config, redact: bool = False) -> str:
 # ---------------------------------------------------------------- command line
 
 
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+def add_cli_arguments(
+    parser: argparse.ArgumentParser, sections: Iterable[str] | None = None
+) -> None:
     """Add ``--config PATH`` and one ``--<section>.<key-with-hyphens>`` flag per setting.
+
+    ``sections`` limits the flags to those sections (all by default).
 
     Flags default to "not given" so that ``overrides_from_args`` returns only what the
     user typed; their text is read like an environment variable's. Boolean flags alone
@@ -683,6 +733,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """
     parser.add_argument("--config", metavar="PATH", default=None, help="TOML config file")
     for section, fields in _FIELDS.items():
+        if sections is not None and section not in sections:
+            continue
         group = parser.add_argument_group(f"[{section}]")
         for key, f in fields.items():
             dotted = f"{section}.{key}"

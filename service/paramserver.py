@@ -161,6 +161,8 @@ class ParameterServer:
         self.state = self.opt.init(self.params)
         self.version = 0
         self.offsets: dict[TopicPartition, int] = {}
+        self._durable: dict[TopicPartition, int] = {}  # offsets of the newest checkpoint
+        self._rejected_next: dict[TopicPartition, int] = {}  # bad-record watermark
         self.tps: list[TopicPartition] = []  # partitions indexed by history[:, 0]
         self._tp_index: dict[TopicPartition, int] = {}
         self.history: deque[tuple[int, int, int, int]] = deque(maxlen=self.history_limit)
@@ -235,6 +237,11 @@ class ParameterServer:
         self.tps = [(str(t), int(p)) for t, p in ckpt.meta.get("topics", [])]
         self._tp_index = {tp: i for i, tp in enumerate(self.tps)}
         self.examples = int(ckpt.meta.get("examples", 0))
+        self._durable = dict(ckpt.offsets)
+        for topic, partition, offset in ckpt.meta.get("rejected_next", []):
+            # A rollback keeps the higher watermark: bad records are reported once.
+            tp = (str(topic), int(partition))
+            self._rejected_next[tp] = max(self._rejected_next.get(tp, 0), int(offset))
         self.history.clear()
         self.history.extend(tuple(int(v) for v in row) for row in ckpt.history)
 
@@ -262,10 +269,12 @@ class ParameterServer:
                 "lr_factor": self.lr_factor,
                 "topics": [list(tp) for tp in self.tps],
                 "network": self.net.spec(),
+                "rejected_next": [[t, p, o] for (t, p), o in self._rejected_next.items()],
             },
             history=np.array(self.history, np.int64).reshape(-1, 4),
         )
         path = save_checkpoint(self.ckpt_dir, ckpt, keep=self.ckpt_keep)
+        self._durable = dict(ckpt.offsets)
         self._last_ckpt_version = self.version
         self._last_ckpt_time = self._clock()
         self._last_ckpt_path = str(path)
@@ -306,6 +315,47 @@ class ParameterServer:
         """The offset each partition's next push must start at (what fencing expects)."""
         with self._lock:
             return self._next_offsets()
+
+    def durable_positions(self, checkpoint: bool = False) -> dict[TopicPartition, int]:
+        """The next offsets the newest checkpoint holds: what consumers may commit.
+
+        Args:
+            checkpoint: first write a checkpoint if the model moved since the last one
+                (a worker leaving commits everything it contributed).
+        """
+        with self._lock:
+            if (
+                checkpoint
+                and self.ckpt_dir
+                and (self.version != self._last_ckpt_version or self.offsets != self._durable)
+            ):
+                self._checkpoint()
+            return dict(self._durable)
+
+    def claim_rejections(self, items: list) -> list[bool]:
+        """Bad records read by a worker: which are reported for the first time.
+
+        Args:
+            items: ``[((topic, partition), offset, reason), ...]`` in offset order per
+                partition. A record at or past the partition's watermark is new: it is
+                counted under its reason and the watermark moves past it. Records read
+                again (a seek back, a rebalance) fall below the watermark.
+        """
+        with self._lock:
+            fresh = []
+            for (topic, partition), offset, reason in items:
+                tp = (str(topic), int(partition))
+                new = int(offset) >= self._rejected_next.get(tp, 0)
+                if new:
+                    self._rejected_next[tp] = int(offset) + 1
+                    self._rejected[str(reason)] = self._rejected.get(str(reason), 0) + 1
+                fresh.append(new)
+            return fresh
+
+    def report(self, report: Mapping[str, Any]) -> None:
+        """A worker's observations outside a push (``lag``, ``rejected``: see ``push``)."""
+        with self._lock:
+            self._take_report(report)
 
     def _next_offsets(self) -> dict[TopicPartition, int]:
         # Spans reserved by the pending sync round advance the offsets whatever the round's

@@ -25,8 +25,12 @@ PAUSE_RETRY_SECONDS = 0.5  # while the server is paused, how often a worker asks
 MAX_RECOMPUTE = 8  # stale refusals of one batch in a row before re-reading from the source
 
 
-def make_source(spec: Mapping[str, Any]) -> Source:
-    """A stream source from plain settings: ``{"kind": "memory", ...MemoryStream args}``."""
+def make_source(spec: Mapping[str, Any], on_assign=None, on_revoke=None, claim=None) -> Source:
+    """A stream source from plain settings: ``{"kind": "memory" | "kafka", ...its args}``.
+
+    ``on_assign``/``on_revoke`` are a Kafka source's rebalance callbacks and ``claim`` its
+    bad-record arbiter (see KafkaSource).
+    """
     spec = dict(spec)
     kind = spec.pop("kind", "memory")
     if kind == "memory":
@@ -40,7 +44,11 @@ def make_source(spec: Mapping[str, Any]) -> Source:
             start=start,
             **spec,
         )
-    raise ValueError(f"unknown source kind {kind!r}; valid: ['memory']")
+    if kind == "kafka":
+        from workers.ingest.kafka import KafkaSource
+
+        return KafkaSource(**spec, on_assign=on_assign, on_revoke=on_revoke, claim=claim)
+    raise ValueError(f"unknown source kind {kind!r}; valid: ['kafka', 'memory']")
 
 
 class _InFlight(NamedTuple):
@@ -64,6 +72,8 @@ class GradientWorker:
         coalesce: batches computed on the same parameters and pushed in one call (the
             server still applies each as its own update): a Ray call costs about a
             millisecond, so small models push several batches per call.
+        commit_every_s: how often a source that commits (Kafka) is told the positions
+            the newest durable checkpoint covers.
     """
 
     def __init__(
@@ -76,14 +86,21 @@ class GradientWorker:
         max_inflight: int = 2,
         poll_records: int = 4096,
         coalesce: int = 1,
+        commit_every_s: float = 5.0,
     ):
         if max_inflight < 1:
             raise ValueError(f"`max_inflight` must be >= 1. Received: max_inflight={max_inflight}")
         self.worker_id = worker_id
         self.server = server
         self.net = Network(**net_spec)
-        self.source = make_source(source_spec)
         self.batcher = PowerOfTwoBatcher(**batching)
+        self.source = make_source(
+            source_spec, self._on_assign, self._on_revoke, self._claim_rejections
+        )
+        self.commit_every_s = float(commit_every_s)
+        self._commit_ref = None  # a pending durable_positions() call
+        self._commit_at = time.monotonic() + self.commit_every_s
+        self._committed: dict = {}  # Kafka offsets of the final commit
         if coalesce < 1:
             raise ValueError(f"`coalesce` must be >= 1. Received: coalesce={coalesce}")
         self.coalesce = int(coalesce)
@@ -117,7 +134,16 @@ class GradientWorker:
         return self.worker_id
 
     def stats(self) -> dict[str, Any]:
-        return {"counts": dict(self._counts), "batch_sizes": dict(self._sizes)}
+        stats = {
+            "worker_id": self.worker_id,
+            "counts": dict(self._counts),
+            "batch_sizes": dict(self._sizes),
+            "committed": dict(self._committed),
+        }
+        for key in ("assignments", "rejected", "dead_letters", "records"):
+            if hasattr(self.source, key):
+                stats[key] = getattr(self.source, key)
+        return stats
 
     # -- the loop ------------------------------------------------------------------
 
@@ -129,6 +155,7 @@ class GradientWorker:
         inflight: deque[_InFlight] = deque()
         try:
             while not self._stop.is_set():
+                self._maybe_commit()
                 if self.batcher.pending() < self.batcher.target * self.coalesce:
                     chunks = self.source.poll(self.poll_records, self._poll_timeout())
                     self.batcher.add(chunks)  # empty polls too: the adaptive rate sees idle time
@@ -152,9 +179,52 @@ class GradientWorker:
                         break
             while inflight:
                 self._settle(inflight)
+            self._final_commit()
         finally:
-            ray.get(self.server.leave.remote(self.worker_id))
+            try:
+                ray.get(self.server.leave.remote(self.worker_id))
+            finally:
+                self.source.close()
         return self.stats()
+
+    # -- positions and commits -------------------------------------------------------
+
+    def _on_assign(self, tps: list) -> dict:
+        """Partitions newly assigned by the group: start them where the model's history ends."""
+        positions = ray.get(self.server.positions.remote())
+        target = {tp: int(positions.get(tp, 0)) for tp in tps}
+        self.batcher.seek(target)
+        self._counts["assigned"] = self._counts.get("assigned", 0) + 1
+        return target
+
+    def _claim_rejections(self, items: list) -> list[bool]:
+        """Which bad records nobody reported yet: the server counts each once."""
+        return ray.get(self.server.claim_rejections.remote(items))
+
+    def _on_revoke(self, tps: list) -> None:
+        """Partitions taken away: drop what is buffered of them (in-flight pushes are fenced)."""
+        self.batcher.reset(tps)
+
+    def _maybe_commit(self) -> None:
+        """Every ``commit_every_s``, commit what the newest durable checkpoint covers."""
+        commit = getattr(self.source, "commit", None)
+        if commit is None:
+            return
+        if self._commit_ref is not None:
+            ready, _ = ray.wait([self._commit_ref], timeout=0)
+            if ready:
+                commit(ray.get(self._commit_ref))
+                self._commit_ref = None
+        elif time.monotonic() >= self._commit_at:
+            self._commit_ref = self.server.durable_positions.remote()
+            self._commit_at = time.monotonic() + self.commit_every_s
+
+    def _final_commit(self) -> None:
+        """On the way out: the server checkpoints what it has, then its offsets are committed."""
+        commit = getattr(self.source, "commit", None)
+        if commit is None:
+            return
+        self._committed = commit(ray.get(self.server.durable_positions.remote(checkpoint=True)))
 
     def _poll_timeout(self) -> float:
         deadline = self.batcher.deadline()
@@ -204,10 +274,13 @@ class GradientWorker:
 
     def _lag(self) -> dict:
         """Records behind per partition: what the source holds beyond the batches made."""
+        cursors = self.batcher.cursors()
+        lag = getattr(self.source, "lag", None)
+        if lag is not None:
+            return lag(cursors)
         highwater = getattr(self.source, "highwater", None)
         if highwater is None:
             return {}
-        cursors = self.batcher.cursors()
         return {tp: max(0, highwater(tp) - cursors.get(tp, 0)) for tp in self.source.assignment()}
 
     def _reply(self, item: _InFlight):

@@ -11,6 +11,20 @@ import numpy as np
 TopicPartition = tuple[str, int]
 """A Kafka-style `(topic, partition)` key."""
 
+ROWS_PER_OFFSET = 1 << 16
+"""Stream positions of a Kafka source: `offset * ROWS_PER_OFFSET + row`.
+
+A Kafka record may hold a block of several examples, and a batch may end inside a
+block; giving every row a position of its own keeps fencing exact there (a block holds
+at most `ROWS_PER_OFFSET` rows). The embedded stream has one example per offset and
+uses offsets as positions directly.
+"""
+
+
+def split_position(position: int) -> tuple[int, int]:
+    """`(kafka_offset, row)` of a Kafka source's stream position."""
+    return divmod(int(position), ROWS_PER_OFFSET)
+
 
 class Chunk(NamedTuple):
     """Consecutive records of one partition, in offset order.

@@ -1,0 +1,428 @@
+"""KafkaSource: one consumer of the workers' consumer group, decoding records into chunks.
+
+Positions are the parameter server's, never Kafka's committed offsets: a newly assigned
+partition is sought to where the model's history ends, and only offsets a durable
+checkpoint covers are committed back (so standard Kafka tooling shows the lag).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata
+from kafka.structs import TopicPartition as KafkaTopicPartition
+
+from workers.ingest.codec import Codec, RecordError, Schema
+from workers.ingest.source import ROWS_PER_OFFSET, Chunk, TopicPartition, split_position
+
+log = logging.getLogger("streamtrain.kafka")
+
+# A consumer group join costs about 23 s with kafka-python's defaults (45 s session,
+# 3 s heartbeat) against about 3 s with these: a dead worker's partitions move within
+# the session timeout, and a healthy worker heartbeats from its background thread.
+SESSION_TIMEOUT_MS = 6000
+HEARTBEAT_INTERVAL_MS = 2000
+END_OFFSETS_EVERY_S = 1.0  # how often an idle source asks the broker where partitions end
+
+SECURITY_KEYS = (
+    "security_protocol",
+    "sasl_mechanism",
+    "sasl_plain_username",
+    "sasl_plain_password",
+    "ssl_cafile",
+    "ssl_certfile",
+    "ssl_keyfile",
+    "ssl_password",
+)
+
+
+def client_settings(kafka_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """kafka-python connection arguments from a ``[kafka]`` config section.
+
+    Empty settings are left out so kafka-python's defaults apply; the result holds
+    secrets and must never be logged.
+    """
+    settings = {"bootstrap_servers": str(kafka_cfg["bootstrap_servers"]).split(",")}
+    for key in SECURITY_KEYS:
+        value = kafka_cfg.get(key)
+        if value:
+            settings[key] = value
+    return settings
+
+
+class _Listener(ConsumerRebalanceListener):
+    """Forwards kafka-python's rebalance callbacks (run inside ``poll``) to the source."""
+
+    def __init__(self, source: KafkaSource):
+        self.source = source
+
+    def on_partitions_revoked(self, revoked):
+        self.source._revoked([(tp.topic, tp.partition) for tp in revoked])
+
+    def on_partitions_assigned(self, assigned):
+        self.source._assigned([(tp.topic, tp.partition) for tp in assigned])
+
+
+class KafkaSource:
+    """A ``Source`` over one topic, as one member of a consumer group.
+
+    Args:
+        topic: topic of training examples.
+        group_id: consumer group shared by the workers.
+        schema: what a valid record is (``workers.ingest.codec.Schema`` or its fields).
+        format: ``"json"`` or ``"binary"`` (``workers.ingest.codec``).
+        dead_letter_topic: where rejected records go, with the reason in headers.
+        client: kafka-python connection settings (``client_settings``).
+        on_assign: called inside ``poll`` with newly assigned partitions; returns the
+            stream position to start each at (the parameter server's).
+        on_revoke: called inside ``poll`` with partitions taken away.
+        claim: given ``[(partition, offset, reason), ...]`` of bad records read, returns
+            for each whether it is reported for the first time (the parameter server
+            keeps that across consumers and restarts); None: this consumer remembers.
+        idle_exit_s: > 0 makes the source finite: ``exhausted`` turns True once every
+            assigned partition is read to its end and nothing arrived for this long.
+        session_timeout_ms, heartbeat_interval_ms, max_poll_interval_ms: group timing.
+        client_id: name shown by the broker.
+    """
+
+    def __init__(
+        self,
+        topic: str,
+        group_id: str,
+        schema: Schema | Mapping[str, Any],
+        format: str = "json",
+        dead_letter_topic: str = "",
+        client: Mapping[str, Any] | None = None,
+        on_assign: Callable[[list[TopicPartition]], Mapping[TopicPartition, int]] | None = None,
+        on_revoke: Callable[[list[TopicPartition]], None] | None = None,
+        claim: Callable[[list[tuple[TopicPartition, int, str]]], list[bool]] | None = None,
+        idle_exit_s: float = 0.0,
+        session_timeout_ms: int = SESSION_TIMEOUT_MS,
+        heartbeat_interval_ms: int = HEARTBEAT_INTERVAL_MS,
+        max_poll_interval_ms: int = 300_000,
+        client_id: str = "streamtrain",
+    ):
+        if not isinstance(schema, Schema):
+            schema = Schema(**schema)
+        self.topic = topic
+        self.codec = Codec(format, schema)
+        self.dead_letter_topic = dead_letter_topic
+        self._client = dict(client or {"bootstrap_servers": ["127.0.0.1:9092"]})
+        self._on_assign = on_assign
+        self._on_revoke = on_revoke
+        self._claim = claim
+        self.idle_exit_s = float(idle_exit_s)
+        self.consumer = KafkaConsumer(
+            group_id=group_id,
+            client_id=client_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=session_timeout_ms,
+            heartbeat_interval_ms=heartbeat_interval_ms,
+            max_poll_interval_ms=max_poll_interval_ms,
+            **self._client,
+        )
+        self.consumer.subscribe([topic], listener=_Listener(self))
+        self._producer: KafkaProducer | None = None
+        self._skip: dict[TopicPartition, int] = {}  # first position wanted after a seek
+        self._rejected_next: dict[TopicPartition, int] = {}  # offset after the last rejected
+        self._assignment: list[TopicPartition] = []
+        self._joined = False
+        self._last_record = time.monotonic()
+        self._ends: dict[TopicPartition, int] = {}
+        self._ends_at = 0.0
+        self.rejected: dict[str, int] = {}  # records per reason, since the start
+        self.dead_letters = 0
+        self.records = 0
+        self.rebalances = 0
+        self.assignments: list[list[TopicPartition]] = []  # every assignment received
+
+    # -- group membership ----------------------------------------------------------------
+
+    def assignment(self) -> list[TopicPartition]:
+        return list(self._assignment)
+
+    def _assigned(self, tps: list[TopicPartition]) -> None:
+        self.rebalances += 1
+        self._joined = True
+        self._assignment = sorted(tps)
+        self.assignments.append(list(self._assignment))
+        self._ends_at = 0.0
+        positions = self._on_assign(list(self._assignment)) if self._on_assign else {}
+        self.seek({tp: int(positions.get(tp, 0)) for tp in self._assignment})
+        log.info("assigned %s", [p for _, p in self._assignment])
+
+    def _revoked(self, tps: list[TopicPartition]) -> None:
+        self._flush_dead_letters()
+        self._assignment = [tp for tp in self._assignment if tp not in set(tps)]
+        for tp in tps:
+            self._skip.pop(tp, None)
+        if self._on_revoke:
+            self._on_revoke(list(tps))
+
+    def seek(self, positions: Mapping[TopicPartition, int]) -> None:
+        """Read each partition from a stream position (``offset * ROWS_PER_OFFSET + row``)."""
+        for tp, position in positions.items():
+            offset, row = split_position(position)
+            self.consumer.seek(KafkaTopicPartition(tp[0], tp[1]), offset)
+            if row:
+                self._skip[tp] = int(position)
+            else:
+                self._skip.pop(tp, None)
+
+    # -- records ---------------------------------------------------------------------
+
+    def poll(self, max_records: int, timeout_s: float) -> list[Chunk]:
+        """Decode up to ``max_records`` records into chunks; rejected ones become dead letters."""
+        try:
+            polled = self.consumer.poll(
+                timeout_ms=max(0, int(timeout_s * 1000)), max_records=max_records
+            )
+        except KafkaError as exc:  # the broker is away: keep the worker alive, retry
+            log.warning("poll failed (%s); retrying", exc)
+            time.sleep(min(timeout_s, 0.5))
+            return []
+        chunks = []
+        for ktp, records in polled.items():
+            if not records:
+                continue
+            tp = (ktp.topic, ktp.partition)
+            chunk = self._decode(tp, records)
+            if chunk is not None:
+                chunks.append(chunk)
+        if polled:
+            self._last_record = time.monotonic()
+        return chunks
+
+    def _decode(self, tp: TopicPartition, records: list) -> Chunk | None:
+        self.records += len(records)
+        decoded = self.codec.decode_many([r.value if r.value is not None else b"" for r in records])
+        if decoded.errors:
+            self._reject(tp, [(records[i], error) for i, error in decoded.errors])
+        rows = decoded.rows
+        if not len(decoded.x):
+            return None
+        offsets = np.fromiter((r.offset for r in records), np.int64, len(records))
+        # Every row its own position: the block's offset scaled, plus the row within it.
+        starts = np.repeat(offsets * ROWS_PER_OFFSET, rows)  # (n_rows,)
+        within = np.arange(len(starts)) - np.repeat(np.cumsum(rows) - rows, rows)
+        positions = starts + within
+        x, y = decoded.x, decoded.y
+        skip = self._skip.pop(tp, None)
+        if skip is not None:  # a seek into a block: its earlier rows are in the model already
+            keep = positions >= skip
+            positions, x, y = positions[keep], x[keep], y[keep]
+            if not len(positions):
+                return None
+        return Chunk(tp[0], tp[1], positions, x, y)
+
+    def _reject(self, tp: TopicPartition, bad: list) -> None:
+        """Dead-letter and count bad records, each once although it may be read again.
+
+        A seek back (a resync after a refused push) or a rebalance makes a consumer read
+        records again; ``claim`` (the parameter server's, when given) says which offsets
+        nobody has reported yet, else this consumer remembers what it reported.
+        """
+        if self._claim is not None:
+            fresh = self._claim([(tp, int(r.offset), e.reason) for r, e in bad])
+        else:
+            seen = self._rejected_next.get(tp, 0)
+            fresh = [r.offset >= seen for r, _ in bad]
+            self._rejected_next[tp] = max(seen, bad[-1][0].offset + 1)
+        for (record, error), new in zip(bad, fresh, strict=True):
+            if new:
+                self._dead_letter(record, error)
+
+    def _dead_letter(self, record, error: RecordError) -> None:
+        self.rejected[error.reason] = self.rejected.get(error.reason, 0) + 1
+        if not self.dead_letter_topic:
+            return
+        if self._producer is None:
+            # Brokers often refuse to auto-create topics: make it (one partition) if missing.
+            ensure_topic(self._client, self.dead_letter_topic, 1)
+            self._producer = KafkaProducer(acks="all", linger_ms=20, **self._client)
+        headers = [
+            ("reason", error.reason.encode()),
+            ("error", str(error)[:500].encode()),
+            ("topic", record.topic.encode()),
+            ("partition", str(record.partition).encode()),
+            ("offset", str(record.offset).encode()),
+        ]
+        self._producer.send(
+            self.dead_letter_topic,
+            value=record.value if record.value is not None else b"",
+            key=record.key,
+            headers=headers,
+        )
+        self.dead_letters += 1
+
+    def _flush_dead_letters(self) -> None:
+        if self._producer is not None:
+            try:
+                self._producer.flush(timeout=30)
+            except KafkaError as exc:
+                log.warning("dead letters not flushed (%s)", exc)
+
+    # -- progress --------------------------------------------------------------------
+
+    def highwater(self, tp: TopicPartition) -> int | None:
+        """The partition's end offset as last fetched (None before any fetch)."""
+        return self.consumer.highwater(KafkaTopicPartition(tp[0], tp[1]))
+
+    def lag(self, cursors: Mapping[TopicPartition, int]) -> dict[TopicPartition, int]:
+        """Records behind per assigned partition, from the positions batches reached."""
+        lag = {}
+        for tp in self._assignment:
+            end = self.highwater(tp)
+            if end is None or tp not in cursors:
+                continue
+            offset, _ = split_position(cursors[tp])
+            lag[tp] = max(0, end - offset)  # a partly trained block still counts as behind
+        return lag
+
+    def exhausted(self) -> bool:
+        """True in finite mode once the assigned partitions are read and the topic is idle."""
+        if self.idle_exit_s <= 0 or not self._joined:
+            return False
+        now = time.monotonic()
+        if now - self._last_record < self.idle_exit_s:
+            return False
+        if now - self._ends_at >= END_OFFSETS_EVERY_S:
+            ktps = [KafkaTopicPartition(t, p) for t, p in self._assignment]
+            try:
+                ends = self.consumer.end_offsets(ktps, timeout_ms=5000) if ktps else {}
+            except KafkaError:
+                return False
+            self._ends = {(k.topic, k.partition): int(v) for k, v in ends.items()}
+            self._ends_at = now
+        for tp in self._assignment:
+            position = self.consumer.position(KafkaTopicPartition(tp[0], tp[1]))
+            if position is None or position < self._ends.get(tp, 0):
+                return False
+        return True
+
+    def commit(self, positions: Mapping[TopicPartition, int]) -> dict[TopicPartition, int]:
+        """Commit, for the assigned partitions, the offsets a durable checkpoint covers.
+
+        A block only partly in the model is committed at its own offset, so that a
+        consumer starting from Kafka's offsets would read it again. Dead letters are
+        flushed first: a committed offset never leaves a rejected record unrecorded.
+
+        Returns:
+            The Kafka offsets committed (empty when the commit failed: it is retried at
+            the next call, and the model's positions never depend on it).
+        """
+        offsets = {
+            tp: split_position(positions[tp])[0] for tp in self._assignment if tp in positions
+        }
+        if not offsets:
+            return {}
+        self._flush_dead_letters()
+        try:
+            self.consumer.commit(
+                {
+                    KafkaTopicPartition(t, p): OffsetAndMetadata(o, "", -1)
+                    for (t, p), o in offsets.items()
+                }
+            )
+        except KafkaError as exc:  # a rebalance or the broker away: next time
+            log.warning("offset commit failed (%s)", exc)
+            return {}
+        return offsets
+
+    def close(self) -> None:
+        self._flush_dead_letters()
+        if self._producer is not None:
+            self._producer.close(timeout=10)
+        self.consumer.close(autocommit=False)
+
+
+def _admin(client: Mapping[str, Any], timeout_s: float):
+    """An admin client, waiting up to ``timeout_s`` for the brokers to answer."""
+    from kafka import KafkaAdminClient
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return KafkaAdminClient(client_id="streamtrain-admin", **client)
+        except KafkaError as exc:  # kafka-python 3: KafkaTimeoutError "Unable to bootstrap"
+            if time.monotonic() >= deadline:
+                servers = ",".join(client.get("bootstrap_servers", []))
+                raise ConnectionError(
+                    f"no Kafka broker answers at {servers} after {timeout_s:.0f} s; "
+                    "start one (python deploy/kafka/broker.py start) or set "
+                    "kafka.bootstrap_servers"
+                ) from exc
+            time.sleep(1.0)
+
+
+def topic_partitions(client: Mapping[str, Any], topic: str, timeout_s: float = 30.0) -> int:
+    """Partitions of ``topic`` (0 when it does not exist)."""
+    admin = _admin(client, timeout_s)
+    try:
+        if topic not in admin.list_topics():
+            return 0
+        (described,) = admin.describe_topics([topic])
+        return len(described["partitions"])
+    finally:
+        admin.close()
+
+
+def ensure_topic(
+    client: Mapping[str, Any], topic: str, partitions: int, timeout_s: float = 30.0
+) -> tuple[int, bool]:
+    """Create ``topic`` with ``partitions`` if it is missing.
+
+    Returns:
+        (its partition count, whether this call created it).
+    """
+    from kafka.admin import NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    if partitions < 1:
+        raise ValueError(f"`partitions` must be >= 1. Received: partitions={partitions}")
+    existing = topic_partitions(client, topic, timeout_s)
+    if existing:
+        return existing, False
+    admin = _admin(client, timeout_s)
+    try:
+        admin.create_topics(
+            [NewTopic(topic, num_partitions=partitions, replication_factor=1)],
+            timeout_ms=int(timeout_s * 1000),
+        )
+        created = True
+    except TopicAlreadyExistsError:  # created meanwhile by another client
+        created = False
+    finally:
+        admin.close()
+    return topic_partitions(client, topic, timeout_s), created
+
+
+def check_topics(
+    client: Mapping[str, Any], topic: str, dead_letter_topic: str, timeout_s: float = 30.0
+) -> int:
+    """Before serving: the topic must exist; the dead-letter topic is made if missing.
+
+    Returns:
+        The topic's partition count.
+
+    Raises:
+        ConnectionError: no broker answers within ``timeout_s``.
+        ValueError: the topic does not exist.
+    """
+    partitions = topic_partitions(client, topic, timeout_s)
+    if not partitions:
+        raise ValueError(
+            f"topic {topic!r} does not exist; create it with `streamtrain produce "
+            f"--partitions N` or the Kafka tools"
+        )
+    if dead_letter_topic:
+        ensure_topic(client, dead_letter_topic, 1, timeout_s)
+    return partitions
