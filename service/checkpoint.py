@@ -124,6 +124,11 @@ def _version_of(path: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def checkpoint_version(path: str | Path) -> int | None:
+    """The version a checkpoint file's name carries (``ckpt-<version>.npz``), None otherwise."""
+    return _version_of(Path(path))
+
+
 def list_checkpoints(directory: str | Path) -> list[Path]:
     """The checkpoint files in ``directory``, oldest (lowest version) first.
 

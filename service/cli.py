@@ -60,6 +60,59 @@ def _demo(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(ns: argparse.Namespace) -> int:
+    import logging
+
+    from service.app import run_serve
+    from service.config import load_config, overrides_from_args
+
+    cfg = load_config(ns.config, overrides={**overrides_from_args(ns), "stream.source": "kafka"})
+    logging.basicConfig(level=cfg.log.level, format="%(asctime)s %(levelname)s %(message)s")
+    run_serve(cfg, out_dir=Path(ns.out), progress=not ns.no_progress)
+    return 0
+
+
+def _produce(ns: argparse.Namespace) -> int:
+    from service.config import config_to_dict, load_config, overrides_from_args
+    from service.produce import dataset_examples, file_examples, produce
+    from workers.ingest.kafka import client_settings
+
+    cfg = load_config(ns.config, overrides=overrides_from_args(ns))
+    if ns.file:
+        examples = file_examples(ns.file, ns.output, ns.label_column, ns.n_outputs, ns.passes)
+        what = ns.file
+    else:
+        name = ns.dataset or "digits"
+        examples = dataset_examples(name, ns.passes, ns.seed, cfg.stream.test_fraction)
+        what = name
+    k = cfg.kafka
+    print(
+        f"producing {examples.total:,} examples of {what} to {k.topic!r} on "
+        f"{k.bootstrap_servers} as {k.format}"
+        + (f" blocks of {ns.block}" if ns.block > 1 else "")
+        + (f" at {ns.rate:g} examples/s" if ns.rate else ""),
+        flush=True,
+    )
+    result = produce(
+        examples,
+        client_settings(config_to_dict(cfg)["kafka"]),
+        k.topic,
+        format=k.format,
+        block=ns.block,
+        rate=ns.rate,
+        ids=ns.ids,
+        partitions=ns.partitions,
+        progress=not ns.no_progress,
+    )
+    print(
+        f"{result['examples']:,} examples in {result['records']:,} records, "
+        f"{result['seconds']:.1f} s ({result['examples'] / max(result['seconds'], 1e-9):,.0f} "
+        f"examples/s); topic {k.topic!r} {'created with' if result['created'] else 'has'} "
+        f"{result['partitions']} partitions; end offsets {result['end_offsets']}"
+    )
+    return 0
+
+
 def _plot(ns: argparse.Namespace) -> int:
     from service.plot import LOG_NAME, plot_log
 
@@ -113,6 +166,85 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default=None, help="PNG written (default: cost.png beside the log)")
     g.add_argument("--ema-beta", type=float, default=0.98, help="beta of the cost EMA")
     g.set_defaults(run=_plot)
+
+    s = sub.add_parser(
+        "serve",
+        help="the service on Kafka: Ray parameter server and workers consuming the topic",
+    )
+    s.add_argument(
+        "--out", default="runs/serve", help="the run's metrics log and cost plot go under OUT/"
+    )
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_cli_arguments(s)
+    s.set_defaults(run=_serve)
+
+    p = sub.add_parser(
+        "produce",
+        help="write a data set into a Kafka topic (JSON or binary records)",
+    )
+    what = p.add_mutually_exclusive_group()
+    what.add_argument(
+        "--dataset",
+        choices=("digits", "breast_cancer", "drift"),
+        default=None,
+        help="a bundled data set's training split, or the drifting stream (default: digits)",
+    )
+    what.add_argument("--file", default=None, help="a CSV or .npy file of rows: features, label")
+    p.add_argument(
+        "--output",
+        choices=("sigmoid", "softmax", "identity"),
+        default="softmax",
+        help="--file only: what the label is (0/1, a class id, or target values)",
+    )
+    p.add_argument("--label-column", type=int, default=-1, help="--file only: label column")
+    p.add_argument("--n-outputs", type=int, default=0, help="--file only: classes or targets")
+    p.add_argument("--passes", type=int, default=1, help="times the data is written")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split and the shuffling")
+    p.add_argument(
+        "--block", type=int, default=1, help="binary only: examples per record (default 1)"
+    )
+    p.add_argument("--rate", type=float, default=0.0, help="examples/s (0 = as fast as possible)")
+    p.add_argument("--ids", action="store_true", help="give each example an id (its index)")
+    p.add_argument(
+        "--partitions", type=int, default=4, help="partitions of the topic if it is created"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_cli_arguments(p, sections=("kafka",))
+    p.set_defaults(run=_produce)
+
+    from service import ops
+
+    c = sub.add_parser("config", help="show the resolved configuration, secrets redacted")
+    c_sub = c.add_subparsers(dest="config_command", required=True)
+    show = c_sub.add_parser(
+        "show",
+        help="print the config as TOML: defaults < --config FILE < STREAMTRAIN_* environment "
+        "< flags",
+    )
+    form = show.add_mutually_exclusive_group()
+    form.add_argument("--json", action="store_true", help="JSON instead of TOML")
+    form.add_argument(
+        "--commented", action="store_true", help="TOML with every key's help as a comment"
+    )
+    add_cli_arguments(show)
+    show.set_defaults(run=ops.run_config_show)
+
+    k = sub.add_parser("checkpoint", help="list, inspect or export checkpoints")
+    k_sub = k.add_subparsers(dest="checkpoint_command", required=True)
+    ls = k_sub.add_parser("list", help="the checkpoints of a directory, newest last")
+    ls.add_argument("dir", help="checkpoint directory (checkpoint.dir)")
+    ls.add_argument("--json", action="store_true", help="JSON instead of a table")
+    ls.set_defaults(run=ops.run_checkpoint_list)
+    ins = k_sub.add_parser(
+        "inspect", help="version, network, optimizer, offsets and config of a checkpoint"
+    )
+    ins.add_argument("path", help="a checkpoint file, or a directory (its newest checkpoint)")
+    ins.add_argument("--json", action="store_true", help="JSON instead of text")
+    ins.set_defaults(run=ops.run_checkpoint_inspect)
+    exp = k_sub.add_parser("export", help="write the model as a plain .npz that numpy alone loads")
+    exp.add_argument("path", help="a checkpoint file, or a directory (its newest checkpoint)")
+    exp.add_argument("--out", required=True, help="the .npz written, e.g. model.npz")
+    exp.set_defaults(run=ops.run_checkpoint_export)
     return parser
 
 
@@ -120,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
         return ns.run(ns)
-    except ValueError as exc:
+    except (ValueError, ConnectionError) as exc:
         print(f"streamtrain: error: {exc}", file=sys.stderr)
         return 2
 
