@@ -44,10 +44,9 @@ def _train(ns: argparse.Namespace) -> int:
 
 
 def _demo(ns: argparse.Namespace) -> int:
-    import logging
-
     from service.app import run_demo
     from service.config import CheckpointConfig, load_config, overrides_from_args
+    from service.logs import configure_logging, log_config_once
 
     overrides = overrides_from_args(ns)
     cfg = load_config(ns.config, overrides=overrides)
@@ -55,7 +54,8 @@ def _demo(ns: argparse.Namespace) -> int:
     if cfg.checkpoint.dir == CheckpointConfig.dir:
         # Unless told where, each demo run starts fresh in a directory of its own.
         cfg = load_config(ns.config, overrides={**overrides, "checkpoint.dir": str(out / "ckpt")})
-    logging.basicConfig(level=cfg.log.level, format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging(cfg.log.level, cfg.log.json)
+    log_config_once(cfg)
     run_demo(cfg, out_dir=out, progress=not ns.no_progress)
     return 0
 
@@ -65,10 +65,15 @@ def _serve(ns: argparse.Namespace) -> int:
 
     from service.app import run_serve
     from service.config import load_config, overrides_from_args
+    from service.logs import configure_logging, log_config_once
 
     cfg = load_config(ns.config, overrides={**overrides_from_args(ns), "stream.source": "kafka"})
-    logging.basicConfig(level=cfg.log.level, format="%(asctime)s %(levelname)s %(message)s")
-    run_serve(cfg, out_dir=Path(ns.out), progress=not ns.no_progress)
+    configure_logging(cfg.log.level, cfg.log.json)
+    logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))
+    log_config_once(cfg)
+    run_serve(
+        cfg, out_dir=Path(ns.out) / time.strftime("%Y%m%d-%H%M%S"), progress=not ns.no_progress
+    )
     return 0
 
 
@@ -172,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the service on Kafka: Ray parameter server and workers consuming the topic",
     )
     s.add_argument(
-        "--out", default="runs/serve", help="the run's metrics log and cost plot go under OUT/"
+        "--out",
+        default="runs/serve",
+        help="each run writes its metrics log and cost plot under OUT/<date-time>/",
     )
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_cli_arguments(s)

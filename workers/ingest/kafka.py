@@ -135,6 +135,7 @@ class KafkaSource:
         self._rejected_next: dict[TopicPartition, int] = {}  # offset after the last rejected
         self._assignment: list[TopicPartition] = []
         self._joined = False
+        self._rebalancing = False
         self._last_record = time.monotonic()
         self._ends: dict[TopicPartition, int] = {}
         self._ends_at = 0.0
@@ -150,16 +151,22 @@ class KafkaSource:
         return list(self._assignment)
 
     def _assigned(self, tps: list[TopicPartition]) -> None:
+        """New partitions (all of them in an eager rebalance, the added ones otherwise)."""
         self.rebalances += 1
         self._joined = True
-        self._assignment = sorted(tps)
+        self._rebalancing = False
+        self._assignment = sorted((t.topic, t.partition) for t in self.consumer.assignment())
         self.assignments.append(list(self._assignment))
         self._ends_at = 0.0
-        positions = self._on_assign(list(self._assignment)) if self._on_assign else {}
-        self.seek({tp: int(positions.get(tp, 0)) for tp in self._assignment})
+        added = sorted(tps)
+        positions = self._on_assign(added) if self._on_assign else {}
+        self.seek({tp: int(positions.get(tp, 0)) for tp in added})
         log.info("assigned %s", [p for _, p in self._assignment])
 
     def _revoked(self, tps: list[TopicPartition]) -> None:
+        # Until the assignment comes back the source is not done, whatever it read:
+        # the partitions may return to it (their buffered records are dropped now).
+        self._rebalancing = True
         self._flush_dead_letters()
         self._assignment = [tp for tp in self._assignment if tp not in set(tps)]
         for tp in tps:
@@ -210,10 +217,13 @@ class KafkaSource:
         if not len(decoded.x):
             return None
         offsets = np.fromiter((r.offset for r in records), np.int64, len(records))
-        # Every row its own position: the block's offset scaled, plus the row within it.
+        # Every row its own position: the block's offset scaled, plus the row within it;
+        # a record's last row takes the last position of its offset, so a batch ending
+        # with it ends at (offset + 1) * ROWS_PER_OFFSET, the next record's start.
         starts = np.repeat(offsets * ROWS_PER_OFFSET, rows)  # (n_rows,)
         within = np.arange(len(starts)) - np.repeat(np.cumsum(rows) - rows, rows)
-        positions = starts + within
+        last = within == np.repeat(rows - 1, rows)
+        positions = starts + np.where(last, ROWS_PER_OFFSET - 1, within)
         x, y = decoded.x, decoded.y
         skip = self._skip.pop(tp, None)
         if skip is not None:  # a seek into a block: its earlier rows are in the model already
@@ -289,7 +299,7 @@ class KafkaSource:
 
     def exhausted(self) -> bool:
         """True in finite mode once the assigned partitions are read and the topic is idle."""
-        if self.idle_exit_s <= 0 or not self._joined:
+        if self.idle_exit_s <= 0 or not self._joined or self._rebalancing:
             return False
         now = time.monotonic()
         if now - self._last_record < self.idle_exit_s:

@@ -16,8 +16,11 @@ ROWS_PER_OFFSET = 1 << 16
 
 A Kafka record may hold a block of several examples, and a batch may end inside a
 block; giving every row a position of its own keeps fencing exact there (a block holds
-at most `ROWS_PER_OFFSET` rows). The embedded stream has one example per offset and
-uses offsets as positions directly.
+at most `ROWS_PER_OFFSET` rows). A record's last row takes position
+`offset * ROWS_PER_OFFSET + ROWS_PER_OFFSET - 1`, so a batch that ends with a whole
+record ends at the next offset's first position: positions between records are whole
+Kafka offsets. The embedded stream has one example per offset and uses offsets as
+positions directly.
 """
 
 

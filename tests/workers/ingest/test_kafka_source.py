@@ -92,9 +92,10 @@ def test_block_rows_get_positions_and_a_seek_into_a_block_skips_its_first_rows(b
     finally:
         source.close()
     positions = np.concatenate([c.offsets for c in chunks])
-    expected = [ROWS_PER_OFFSET + r for r in range(2, 5)] + [
-        2 * ROWS_PER_OFFSET + r for r in range(5)
-    ]
+    # Rows keep their index within the block, but a block's last row takes the last
+    # position of its offset: a batch ending there ends at the next offset.
+    r = ROWS_PER_OFFSET
+    expected = [r + 2, r + 3, 2 * r - 1] + [2 * r + i for i in range(4)] + [3 * r - 1]
     assert positions.tolist() == expected
     np.testing.assert_array_equal(
         np.concatenate([c.x for c in chunks]), np.concatenate([xs[1][2:], xs[2]])
@@ -121,7 +122,7 @@ def test_batches_split_blocks_with_spans_that_tile_the_positions(bootstrap):
     assert spans == [
         (0, 1 * ROWS_PER_OFFSET + 8),
         (1 * ROWS_PER_OFFSET + 8, 2 * ROWS_PER_OFFSET + 16),
-        (2 * ROWS_PER_OFFSET + 16, 3 * ROWS_PER_OFFSET + 24),
+        (2 * ROWS_PER_OFFSET + 16, 4 * ROWS_PER_OFFSET),
     ]
 
 
@@ -138,8 +139,8 @@ def test_bad_records_go_to_the_dead_letter_topic_with_their_reason(bootstrap):
     finally:
         source.close()  # flushes the dead letters
     assert np.concatenate([c.offsets for c in chunks]).tolist() == [
-        o * ROWS_PER_OFFSET for o in (0, 2, 4, 6)
-    ]
+        (o + 1) * ROWS_PER_OFFSET - 1 for o in (0, 2, 4, 6)
+    ]  # one-row records: each row is its record's last
     assert source.rejected == {"bad_json": 1, "wrong_dimension": 1, "bad_label": 1}
     consumer = KafkaConsumer(
         dead, bootstrap_servers=bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=10_000
