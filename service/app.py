@@ -361,6 +361,14 @@ def run_service(
     port = http.server_port
     echo(_describe(cfg, port))
     trainer = Trainer(cfg, dataset, registry)
+    api = cache = None
+    if cfg.api.enabled:
+        from service.api import ModelCache, start_api, trainer_info
+
+        # Predictions from the newest parameters, fetched by a thread of their own.
+        cache = ModelCache(trainer.server, cfg.api.refresh_seconds).start()
+        api = start_api(cache, cfg.api, trainer_info(trainer), registry)
+        echo(f"predictions on {api.url}/predict (health {api.url}/healthz)")
     # Costs and events as JSON lines, written as they come: `streamtrain plot` reads them.
     run_log = RunLog(Path(out_dir) / LOG_NAME)
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -410,6 +418,9 @@ def run_service(
         if threading.current_thread() is threading.main_thread():
             for s, h in previous.items():
                 signal.signal(s, h)
+        if api is not None:
+            api.stop()
+            cache.stop()
         http.shutdown()
     stats = trainer.record.last
     counters = stats["counters"]

@@ -68,6 +68,7 @@ def trainer_config(ckpt_dir: Path, **overrides: Any) -> Config:
         "checkpoint.dir": str(ckpt_dir),
         "checkpoint.resume": False,
         "metrics.port": 0,
+        "api.port": 0,
     }
     return load_config(env={}, overrides=settings | overrides)
 

@@ -163,6 +163,8 @@ def serve_command(servers: str, topic: str, group: str, ckpt: Path, out: Path, *
         "10",
         "--metrics.port",
         "0",
+        "--api.port",
+        "0",
         "--stream.dataset",
         "digits",
         "--optimizer.learning-rate",

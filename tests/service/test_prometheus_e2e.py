@@ -160,6 +160,8 @@ class Demo:
                     *DEMO_ARGS,
                     "--metrics.port",
                     "0",
+                    "--api.port",
+                    "0",
                     "--out",
                     str(self.dir / "out"),
                     "--checkpoint.dir",

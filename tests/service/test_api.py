@@ -1,0 +1,411 @@
+"""The prediction API: predictions equal Network.predict, every 4xx, readiness, metrics,
+a live Trainer on Ray, and the OpenAPI contract checked by schemathesis."""
+
+import collections
+import json
+import math
+import socket
+
+import httpx
+import numpy as np
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from prometheus_client import CollectorRegistry, Gauge
+from schemathesis.checks import (
+    content_type_conformance,
+    not_a_server_error,
+    response_schema_conformance,
+    status_code_conformance,
+)
+from schemathesis.generation.modes import GenerationMode
+
+from service.api import ModelCache, start_api, trainer_info
+from service.checkpoint import Checkpoint, save_checkpoint
+from service.config import ApiConfig
+from workers.ingest.memory import load_dataset
+from workers.nn import Network, get_optimizer
+
+VERSION = 123
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", 0.2, 0)
+
+
+def train(net: Network, x: np.ndarray, y: np.ndarray, epochs: int) -> tuple[dict, dict]:
+    """Mini-batches of 64 with Adam, the moving statistics updated as the server does."""
+    params, moving = net.init(0)
+    opt = get_optimizer("adam", learning_rate=3e-3)
+    state = opt.init(params)
+    rng = np.random.default_rng(0)
+    for _ in range(epochs):
+        order = rng.permutation(len(x))
+        for i in range(0, len(x) - 63, 64):
+            idx = order[i : i + 64]
+            _, grads, stats = net.loss_and_grads(params, x[idx], y[idx])
+            params, state = opt.update(params, grads, state)
+            moving = net.update_moving(moving, stats)
+    return params, moving
+
+
+@pytest.fixture(scope="module")
+def model(digits):
+    """A digits model trained in-process, as ``ParameterServer.model()`` returns one."""
+    net = Network(digits.n_features, (64,), "softmax", digits.n_outputs)
+    params, moving = train(net, digits.x_train, digits.y_train, epochs=15)
+    return {
+        "version": VERSION,
+        "params": dict(params),
+        "moving": dict(moving),
+        "network": net.spec(),
+        "examples": 15 * len(digits.x_train),
+    }
+
+
+@pytest.fixture
+def serve():
+    """Start APIs on free ports; stop them after the test. Returns (server, client)."""
+    started = []
+
+    def start(cache, info=None, registry=None, **api):
+        server = start_api(cache, ApiConfig(port=0, **api), info, registry)
+        client = httpx.Client(base_url=server.url, timeout=10.0)
+        started.append((server, client))
+        return server, client
+
+    yield start
+    for server, client in started:
+        client.close()
+        server.stop()
+
+
+def post_json(client: httpx.Client, body, path: str = "/predict") -> httpx.Response:
+    """POST ``body`` as JSON text; floats NaN/inf are written as JSON's NaN/Infinity."""
+    text = body if isinstance(body, str | bytes) else json.dumps(body)
+    return client.post(path, content=text, headers={"content-type": "application/json"})
+
+
+def predict_classes(client: httpx.Client, x: np.ndarray, batch: int = 100) -> tuple[list, set]:
+    classes, versions = [], set()
+    for i in range(0, len(x), batch):
+        reply = post_json(client, {"x": x[i : i + batch].tolist()})
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        versions.add(body["version"])
+        classes += [p["class"] for p in body["predictions"]]
+    return classes, versions
+
+
+# ---------------------------------------------------------------- predictions
+
+
+def test_single_and_batch_predictions_equal_network_predict(model, digits, serve):
+    _, client = serve(ModelCache.from_model(model))
+    net = Network(**model["network"])
+    x = digits.x_test[:64]
+
+    single = post_json(client, {"x": x[0].tolist()})
+    batch = post_json(client, {"x": x.tolist()})
+
+    assert single.status_code == 200 and batch.status_code == 200, (single.text, batch.text)
+    for reply, rows in ((single.json(), x[:1]), (batch.json(), x)):
+        assert reply["version"] == VERSION and reply["output"] == "softmax"
+        expected = net.predict(model["params"], model["moving"], rows)  # (m, 10)
+        got = np.array([p["probabilities"] for p in reply["predictions"]])
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+        assert [p["class"] for p in reply["predictions"]] == expected.argmax(axis=1).tolist()
+        assert all(set(p) == {"probabilities", "class"} for p in reply["predictions"])
+
+
+def test_held_out_accuracy_through_predict(model, digits, serve):
+    _, client = serve(ModelCache.from_model(model))
+    classes, versions = predict_classes(client, digits.x_test)
+    accuracy = float(np.mean(np.array(classes) == digits.y_test))
+    assert accuracy >= 0.95, accuracy
+    assert versions == {VERSION}
+
+
+@pytest.mark.parametrize("output", ["sigmoid", "identity"])
+def test_sigmoid_and_identity_rows(output, serve):
+    n_outputs = 1 if output == "sigmoid" else 2
+    net = Network(3, (4,), output, n_outputs)
+    params, moving = net.init(1)
+    model = {"version": 1, "params": params, "moving": moving, "network": net.spec()}
+    _, client = serve(ModelCache.from_model(model))
+    x = np.array([[0.5, -1.0, 2.0], [0.0, 1.0, -0.5]], np.float32)
+
+    reply = post_json(client, {"x": x.tolist()})
+
+    assert reply.status_code == 200, reply.text
+    rows = reply.json()["predictions"]
+    expected = net.predict(params, moving, x)  # (2, n_outputs)
+    if output == "sigmoid":
+        got = [p["probability"] for p in rows]
+        np.testing.assert_allclose(got, expected[:, 0], rtol=1e-6)
+        assert [p["class"] for p in rows] == (expected[:, 0] > 0.5).astype(int).tolist()
+    else:
+        np.testing.assert_allclose([p["values"] for p in rows], expected, rtol=1e-6)
+        assert all("class" not in p for p in rows)
+
+
+def test_checkpoint_is_served_with_its_optimizer(model, digits, serve, tmp_path):
+    ckpt = Checkpoint(
+        params=model["params"],
+        moving=model["moving"],
+        optimizer={"iterations": np.array(7)},
+        version=VERSION,
+        offsets={("digits", 0): 10},
+        config={"optimizer": {"name": "adam", "learning_rate": 0.003}},
+        meta={"network": model["network"], "examples": model["examples"]},
+    )
+    path = save_checkpoint(tmp_path, ckpt)
+    _, client = serve(ModelCache.from_checkpoint(tmp_path))  # a directory: its newest
+
+    info = client.get("/model").json()
+    classes, _ = predict_classes(client, digits.x_test)
+
+    assert info["checkpoint"] == str(path) and info["source"] == "checkpoint"
+    assert info["optimizer"]["name"] == "adam" and info["version"] == VERSION
+    assert info["architecture"] == model["network"] and info["examples"] == model["examples"]
+    assert np.mean(np.array(classes) == digits.y_test) >= 0.95
+
+
+def test_model_that_does_not_fit_its_spec_is_refused(model):
+    bad = dict(model, params=dict(model["params"], **{"out.b": np.zeros(3, np.float32)}))
+    with pytest.raises(ValueError, match=r"out\.b.*shape \(10,\)"):
+        ModelCache.from_model(bad)
+    with pytest.raises(ValueError, match="lacks.*moving"):
+        ModelCache.from_model({k: v for k, v in model.items() if k != "moving"})
+
+
+def test_non_finite_parameters_answer_503(model, serve):
+    params = dict(model["params"], **{"out.b": np.full(10, np.nan, np.float32)})
+    _, client = serve(ModelCache.from_model(dict(model, params=params)))
+    reply = post_json(client, {"x": [0.0] * 64})
+    assert reply.status_code == 503
+    assert "non-finite parameters" in reply.json()["detail"]
+
+
+# ---------------------------------------------------------------- 4xx
+
+
+def rows(n: int, dim: int = 64) -> list[list[float]]:
+    return [[0.25] * dim for _ in range(n)]
+
+
+BAD_REQUESTS = [
+    ("wrong dimension", {"x": [0.1] * 10}, 422, "x has 10 features; the model takes 64"),
+    ("ragged batch", {"x": [[0.1] * 64, [0.1] * 63]}, 422, "x[1] has 63 features"),
+    ("NaN", '{"x": [' + "1.0, " * 63 + "NaN]}", 422, "x[63]: Input should be a finite number"),
+    ("Infinity", '{"x": [[-Infinity' + ", 0" * 63 + "]]}", 422, "x[0][0]: Input should be a fin"),
+    ("overflowing literal", '{"x": [1e400' + ", 0" * 63 + "]}", 422, "finite number (got inf)"),
+    ("beyond float32", {"x": [1e300] + [0.0] * 63}, 422, "x[0] holds a value outside the float32"),
+    ("huge features", {"x": [3e38] * 64}, 422, "give non-finite outputs"),
+    ("boolean", {"x": [True] + [0.0] * 63}, 422, "x[0]: Input should be a valid number (got True)"),
+    ("string", {"x": [["1.5"] + [0.0] * 63]}, 422, "x[0][0]: Input should be a valid number"),
+    ("empty batch", {"x": []}, 422, "x is empty"),
+    ("empty row", {"x": [[]]}, 422, "x[0]: List should have at least 1 item"),
+    ("not a list", {"x": 3}, 422, "x must be a list of numbers"),
+    ("missing x", {"y": [1]}, 422, "x: Field required"),
+    ("too many rows", {"x": rows(9)}, 422, "x has 9 rows; at most api.max_batch=8"),
+    ("malformed JSON", '{"x": [1, 2', 422, "malformed JSON at character"),
+    ("not an object", "[1, 2]", 422, "Input should be a valid dictionary"),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "message"), [r[1:] for r in BAD_REQUESTS], ids=[r[0] for r in BAD_REQUESTS]
+)
+def test_bad_requests_are_refused_with_a_clear_message(body, code, message, model, serve):
+    _, client = serve(ModelCache.from_model(model), max_batch=8)
+    reply = post_json(client, body)
+    assert reply.status_code == code, reply.text
+    assert message in reply.json()["detail"]
+    assert post_json(client, {"x": rows(8)}).status_code == 200  # the limit itself is fine
+
+
+def test_body_over_max_body_bytes_is_413_declared_or_chunked(model, serve):
+    _, client = serve(ModelCache.from_model(model), max_body_bytes=2000)
+    text = json.dumps({"x": rows(8)})  # 390 bytes per row
+    declared = post_json(client, text)
+
+    def chunks():
+        for i in range(0, len(text), 100):
+            yield text[i : i + 100].encode()
+
+    chunked = client.post(
+        "/predict", content=chunks(), headers={"content-type": "application/json"}
+    )
+
+    assert declared.status_code == 413 and chunked.status_code == 413
+    assert declared.json()["detail"] == (
+        f"request body of {len(text)} bytes exceeds api.max_body_bytes=2000"
+    )
+    assert "exceeds api.max_body_bytes=2000" in chunked.json()["detail"]
+    assert post_json(client, {"x": rows(1)}).status_code == 200  # the connection still serves
+
+
+def test_body_without_json_content_type_or_not_utf8_is_refused(model, serve):
+    _, client = serve(ModelCache.from_model(model))
+    untyped = client.post("/predict", content=json.dumps({"x": rows(1)}))
+    binary = post_json(client, b"\xff\x1dB")
+    assert untyped.status_code == 422
+    assert "Content-Type: application/json" in untyped.json()["detail"]
+    assert binary.status_code == 400
+    assert "the body must be UTF-8 encoded JSON" in binary.json()["detail"]
+
+
+def test_listening_socket_turns_nagle_off(model, serve):
+    """Headers and body are two writes: with Nagle on, the body waits for a delayed ACK."""
+    server, client = serve(ModelCache.from_model(model))
+    assert server.socket.proto == socket.IPPROTO_TCP  # asyncio sets TCP_NODELAY on these
+    assert server.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    assert client.get("/healthz").status_code == 200
+
+
+# ---------------------------------------------------------------- health, readiness, metrics
+
+
+def test_no_model_is_503_until_one_loads_and_readiness_follows_the_source(model, serve):
+    cache = ModelCache()
+    source = {"source_connected": False, "source_reason": "consumer group not joined"}
+    _, client = serve(cache, info=lambda: source)
+
+    assert client.get("/healthz").json() == {"status": "ok"}
+    reply = post_json(client, {"x": rows(1)})
+    assert reply.status_code == 503 and reply.json()["detail"] == "no model loaded yet"
+    assert client.get("/model").status_code == 503
+    ready = client.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.json() == {"status": "not ready", "reason": "no model loaded yet"}
+
+    cache.load(model)
+    assert post_json(client, {"x": rows(1)}).status_code == 200
+    ready = client.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["reason"] == "consumer group not joined"
+
+    source.update(source_connected=True, source_reason=None)
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json() == {"status": "ready", "version": VERSION}
+
+
+def test_metrics_expose_the_registry_and_the_api_series(model, serve):
+    registry = CollectorRegistry()
+    Gauge("streamtrain_cost", "a training series", registry=registry).set(0.25)
+    _, client = serve(ModelCache.from_model(model), registry=registry)
+
+    assert post_json(client, {"x": rows(2)}).status_code == 200
+    assert post_json(client, {"x": rows(1, 3)}).status_code == 422
+    text = client.get("/metrics").text
+
+    assert "streamtrain_cost 0.25" in text
+    assert 'streamtrain_api_requests_total{code="200",endpoint="/predict"} 1.0' in text
+    assert 'streamtrain_api_requests_total{code="422",endpoint="/predict"} 1.0' in text
+    assert f"streamtrain_api_model_version {float(VERSION)}" in text
+    sample = registry.get_sample_value
+    assert sample("streamtrain_api_request_duration_seconds_count", {"endpoint": "/predict"}) == 2
+    # A response is counted before it goes out, so the scrape itself is in the registry now.
+    assert sample("streamtrain_api_requests_total", {"endpoint": "/metrics", "code": "200"}) == 1
+
+
+def test_model_endpoint_reports_what_info_says(model, serve):
+    info = {"optimizer": {"name": "momentum", "beta_1": 0.9}, "checkpoint": "/ckpt/a.npz"}
+    _, client = serve(ModelCache.from_model(model), info=lambda: info)
+    body = client.get("/model").json()
+    assert body["version"] == VERSION and body["examples"] == model["examples"]
+    assert body["optimizer"] == info["optimizer"] and body["checkpoint"] == "/ckpt/a.npz"
+    assert body["architecture"]["hidden"] == [64]
+    assert body["n_params"] == Network(**model["network"]).n_params
+
+
+# ---------------------------------------------------------------- real Ray
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("local_ray")
+def test_api_follows_a_live_trainer_and_serves_its_final_model(
+    tmp_path, make_trainer, run, config, serve
+):
+    cfg = config(tmp_path, **{"stream.passes": 25, "api.port": 0, "api.refresh_seconds": 0.05})
+    registry = CollectorRegistry()
+    trainer = make_trainer(cfg, registry=registry)
+    cache = ModelCache(trainer.server, cfg.api.refresh_seconds).start()
+    try:
+        server, client = serve(cache, trainer_info(trainer), registry)
+        cache.wait_for(0, timeout=30)
+        probe = trainer.dataset.x_test[:1].tolist()
+        seen = []  # (version, ready) while workers still run
+
+        def on_poll(stats):
+            if not trainer.done:
+                reply = post_json(client, {"x": probe})
+                assert reply.status_code == 200, reply.text
+                seen.append((reply.json()["version"], client.get("/readyz").status_code))
+
+        result = run(trainer, timeout=90, on_poll=on_poll)
+        versions = [v for v, _ in seen]
+        assert versions == sorted(versions), versions
+        assert len(set(versions)) >= 2, f"the served version never advanced: {versions}"
+        # Ready once workers have joined (a poll between the last worker leaving and the
+        # trainer noticing it may read "no worker is reading the stream").
+        assert any(code == 200 for _, code in seen), seen
+
+        cache.wait_for(result["version"], timeout=10)
+        classes, served = predict_classes(client, trainer.dataset.x_test)
+        accuracy = float(np.mean(np.array(classes) == trainer.dataset.y_test))
+        assert served == {result["version"]}
+        assert accuracy >= 0.95, accuracy
+        assert math.isclose(accuracy, result["accuracy"], abs_tol=1e-9)
+        body = client.get("/model").json()
+        assert body["examples"] == result["examples"] and body["optimizer"]["name"] == "adam"
+        assert registry.get_sample_value("streamtrain_api_model_version") == result["version"]
+    finally:
+        cache.stop()
+
+
+# ---------------------------------------------------------------- the OpenAPI contract
+
+
+@pytest.fixture(scope="module")
+def contract_server():
+    """A one-feature softmax model, so that generated rows often have the right width."""
+    net = Network(1, (4,), "softmax", 3)
+    params, moving = net.init(0)
+    model = {"version": 1, "params": params, "moving": moving, "network": net.spec()}
+    server = start_api(ModelCache.from_model(model), ApiConfig(port=0, max_batch=16))
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("mode", list(GenerationMode), ids=str)
+def test_openapi_contract_holds(mode, contract_server):
+    """No 5xx, documented status codes and content types, bodies that fit their schemas."""
+    schema = schemathesis.openapi.from_url(f"{contract_server.url}/openapi.json")
+    operations = sorted(op.ok().label for op in schema.get_all_operations())
+    assert operations == [
+        "GET /healthz", "GET /metrics", "GET /model", "GET /readyz", "POST /predict"
+    ]  # fmt: skip
+    if mode == GenerationMode.NEGATIVE:  # only /predict takes input to get wrong
+        schema = schema.include(path="/predict")
+    checks = [
+        not_a_server_error,
+        status_code_conformance,
+        content_type_conformance,
+        response_schema_conformance,
+    ]
+    seen = collections.Counter()
+
+    @given(case=schema.as_strategy(generation_mode=mode))
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    def check(case):
+        response = case.call_and_validate(checks=checks)
+        seen[(case.operation.label, response.status_code)] += 1
+
+    check()
+    if mode == GenerationMode.POSITIVE:  # the generated rows did reach the model
+        assert seen[("POST /predict", 200)] > 0, seen
+    else:
+        assert seen[("POST /predict", 422)] > 0, seen
