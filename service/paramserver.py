@@ -352,6 +352,11 @@ class ParameterServer:
                 fresh.append(new)
             return fresh
 
+    def progress(self) -> dict[str, dict[TopicPartition, int]]:
+        """How far the model's history reaches: next positions and bad-record watermarks."""
+        with self._lock:
+            return {"positions": self._next_offsets(), "rejected": dict(self._rejected_next)}
+
     def report(self, report: Mapping[str, Any]) -> None:
         """A worker's observations outside a push (``lag``, ``rejected``: see ``push``)."""
         with self._lock:

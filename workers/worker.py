@@ -176,7 +176,15 @@ class GradientWorker:
                     while inflight:
                         self._settle(inflight)
                     if self.source.exhausted() and self.batcher.pending() == 0:
-                        break
+                        if self._stream_trained():
+                            break
+                        # Read to the end, yet the model is behind somewhere: records of
+                        # ours dropped by a rebalance are read again from its positions;
+                        # another worker's partitions are theirs to finish (or ours, once
+                        # the group moves them).
+                        self._counts["end_resyncs"] = self._counts.get("end_resyncs", 0) + 1
+                        self._resync(ray.get(self.server.positions.remote()))
+                        time.sleep(PAUSE_RETRY_SECONDS)
             while inflight:
                 self._settle(inflight)
             self._final_commit()
@@ -188,6 +196,13 @@ class GradientWorker:
         return self.stats()
 
     # -- positions and commits -------------------------------------------------------
+
+    def _stream_trained(self) -> bool:
+        """A finite source may end this worker only once the model covers the whole stream."""
+        complete = getattr(self.source, "complete", None)
+        if complete is None:  # the embedded stream: each worker owns its partitions for good
+            return True
+        return complete(ray.get(self.server.progress.remote()))
 
     def _on_assign(self, tps: list) -> dict:
         """Partitions newly assigned by the group: start them where the model's history ends."""

@@ -318,6 +318,27 @@ class KafkaSource:
                 return False
         return True
 
+    def complete(self, progress: Mapping[str, Mapping[TopicPartition, int]]) -> bool:
+        """True when the model has passed the end of every partition of the topic.
+
+        Args:
+            progress: the parameter server's ``progress()``: next stream positions and the
+                offsets past the last bad record reported, per partition.
+        """
+        try:
+            partitions = self.consumer.partitions_for_topic(self.topic) or set()
+            ktps = [KafkaTopicPartition(self.topic, p) for p in sorted(partitions)]
+            ends = self.consumer.end_offsets(ktps, timeout_ms=5000) if ktps else {}
+        except KafkaError:
+            return False
+        positions, rejected = progress.get("positions", {}), progress.get("rejected", {})
+        for ktp, end in ends.items():
+            tp = (ktp.topic, ktp.partition)
+            trained = max(split_position(positions.get(tp, 0))[0], rejected.get(tp, 0))
+            if trained < end:
+                return False
+        return True
+
     def commit(self, positions: Mapping[TopicPartition, int]) -> dict[TopicPartition, int]:
         """Commit, for the assigned partitions, the offsets a durable checkpoint covers.
 
