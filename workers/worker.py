@@ -243,7 +243,9 @@ class GradientWorker:
 
     def _poll_timeout(self) -> float:
         deadline = self.batcher.deadline()
-        if deadline is None:
+        # Below min_batch nothing can be emitted at the deadline: wait for records instead
+        # (zero-timeout polls cost ~1 ms each in kafka-python and spin the loop).
+        if deadline is None or self.batcher.pending() < self.batcher.min_batch:
             return 0.05
         return min(0.05, max(0.0, deadline - time.monotonic()))
 

@@ -103,8 +103,12 @@ def run_to_end(
     done = False
     while not done:
         if time.monotonic() > deadline:
+            workers = [
+                ray.get(actor.stats.remote(), timeout=10) for _, actor in trainer.workers.values()
+            ]
             raise AssertionError(
-                f"the run did not end within {timeout} s; last stats {trainer.record.last}"
+                f"the run did not end within {timeout} s; workers {workers}; "
+                f"last stats {trainer.record.last}"
             )
         done = trainer.supervise(0.2)
         try:

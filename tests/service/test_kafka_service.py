@@ -38,7 +38,7 @@ sys.modules[_spec.name] = kb
 _spec.loader.exec_module(kb)
 
 PARTITIONS = 4
-DEADLINE_S = 180.0  # bounds on loops, not assertions
+DEADLINE_S = 120.0  # bounds on loops, not assertions
 LEARNING_RATE = 0.001  # smooth enough that two runs end within a point of each other
 MAX_RECORD_BYTES = 65536  # the service's limit in the bad-input test (the broker's is 1 MB)
 

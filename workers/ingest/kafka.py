@@ -29,7 +29,10 @@ log = logging.getLogger("streamtrain.kafka")
 # the session timeout, and a healthy worker heartbeats from its background thread.
 SESSION_TIMEOUT_MS = 6000
 HEARTBEAT_INTERVAL_MS = 2000
-END_OFFSETS_EVERY_S = 1.0  # how often an idle source asks the broker where partitions end
+END_OFFSETS_EVERY_S = 1.0
+# Calls that would otherwise wait for the group coordinator without end (kafka-python's
+# commit and position) give up after this and are tried again later.
+CLIENT_TIMEOUT_MS = 10_000  # how often an idle source asks the broker where partitions end
 
 SECURITY_KEYS = (
     "security_protocol",
@@ -312,10 +315,15 @@ class KafkaSource:
                 return False
             self._ends = {(k.topic, k.partition): int(v) for k, v in ends.items()}
             self._ends_at = now
-        for tp in self._assignment:
-            position = self.consumer.position(KafkaTopicPartition(tp[0], tp[1]))
-            if position is None or position < self._ends.get(tp, 0):
-                return False
+        try:
+            for tp in self._assignment:
+                position = self.consumer.position(
+                    KafkaTopicPartition(tp[0], tp[1]), timeout_ms=CLIENT_TIMEOUT_MS
+                )
+                if position is None or position < self._ends.get(tp, 0):
+                    return False
+        except KafkaError:  # the coordinator away or a rebalance: not done, ask again
+            return False
         return True
 
     def complete(self, progress: Mapping[str, Mapping[TopicPartition, int]]) -> bool:
@@ -328,7 +336,7 @@ class KafkaSource:
         try:
             partitions = self.consumer.partitions_for_topic(self.topic) or set()
             ktps = [KafkaTopicPartition(self.topic, p) for p in sorted(partitions)]
-            ends = self.consumer.end_offsets(ktps, timeout_ms=5000) if ktps else {}
+            ends = self.consumer.end_offsets(ktps, timeout_ms=CLIENT_TIMEOUT_MS) if ktps else {}
         except KafkaError:
             return False
         positions, rejected = progress.get("positions", {}), progress.get("rejected", {})
@@ -361,7 +369,8 @@ class KafkaSource:
                 {
                     KafkaTopicPartition(t, p): OffsetAndMetadata(o, "", -1)
                     for (t, p), o in offsets.items()
-                }
+                },
+                timeout_ms=CLIENT_TIMEOUT_MS,
             )
         except KafkaError as exc:  # a rebalance or the broker away: next time
             log.warning("offset commit failed (%s)", exc)
