@@ -357,11 +357,6 @@ class ParameterServer:
         with self._lock:
             return {"positions": self._next_offsets(), "rejected": dict(self._rejected_next)}
 
-    def report(self, report: Mapping[str, Any]) -> None:
-        """A worker's observations outside a push (``lag``, ``rejected``: see ``push``)."""
-        with self._lock:
-            self._take_report(report)
-
     def _next_offsets(self) -> dict[TopicPartition, int]:
         # Spans reserved by the pending sync round advance the offsets whatever the round's
         # outcome; a worker seeking before them would be fenced until the round applies.

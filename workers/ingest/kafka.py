@@ -145,7 +145,6 @@ class KafkaSource:
         self.rejected: dict[str, int] = {}  # records per reason, since the start
         self.dead_letters = 0
         self.records = 0
-        self.rebalances = 0
         self.assignments: list[list[TopicPartition]] = []  # every assignment received
 
     # -- group membership ----------------------------------------------------------------
@@ -155,7 +154,6 @@ class KafkaSource:
 
     def _assigned(self, tps: list[TopicPartition]) -> None:
         """New partitions (all of them in an eager rebalance, the added ones otherwise)."""
-        self.rebalances += 1
         self._joined = True
         self._rebalancing = False
         self._assignment = sorted((t.topic, t.partition) for t in self.consumer.assignment())
