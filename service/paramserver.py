@@ -551,8 +551,6 @@ class ParameterServer:
         self._push_seconds.extend(float(x) for x in report.get("push_seconds", ()))
         for tp, lag in (report.get("lag") or {}).items():
             self._lag[(str(tp[0]), int(tp[1]))] = int(lag)
-        for reason, count in (report.get("rejected") or {}).items():
-            self._rejected[str(reason)] = self._rejected.get(str(reason), 0) + int(count)
         for name in ("_accuracies", "_push_seconds"):  # bounded when nobody reads stats()
             values = getattr(self, name)
             if len(values) > 100_000:

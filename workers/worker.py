@@ -6,8 +6,10 @@ A plain class made a Ray actor once (``GradientWorkerActor``). It imports nothin
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -132,6 +134,15 @@ class GradientWorker:
 
     def ping(self) -> str:
         return self.worker_id
+
+    def stacks(self) -> str:
+        """Where each of this worker's threads is now (to tell a stall from a slow step)."""
+        frames = sys._current_frames()
+        return "\n".join(
+            f"thread {t.name}:\n" + "".join(traceback.format_stack(frames[t.ident]))
+            for t in threading.enumerate()
+            if t.ident in frames
+        )
 
     def stats(self) -> dict[str, Any]:
         stats = {

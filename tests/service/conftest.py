@@ -103,12 +103,12 @@ def run_to_end(
     done = False
     while not done:
         if time.monotonic() > deadline:
-            workers = [
-                ray.get(actor.stats.remote(), timeout=10) for _, actor in trainer.workers.values()
-            ]
+            actors = [actor for _, actor in trainer.workers.values()]
+            workers = [ray.get(actor.stats.remote(), timeout=10) for actor in actors]
+            stacks = "\n".join(ray.get(actor.stacks.remote(), timeout=10) for actor in actors)
             raise AssertionError(
                 f"the run did not end within {timeout} s; workers {workers}; "
-                f"last stats {trainer.record.last}"
+                f"last stats {trainer.record.last}; worker threads:\n{stacks}"
             )
         done = trainer.supervise(0.2)
         try:

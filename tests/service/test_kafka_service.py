@@ -178,12 +178,30 @@ def start_serve(cmd: list[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
+def stack_dumps(pid: int) -> str:
+    """py-spy's dump of the serve process and its gradient workers (what a stall waits on)."""
+    spy = Path(sys.executable).with_name("py-spy")
+    workers = subprocess.run(
+        ["pgrep", "-f", "ray::GradientWorker"], capture_output=True, text=True
+    ).stdout.split()
+    dumps = []
+    for p in [str(pid), *workers]:
+        out = subprocess.run(
+            [str(spy), "dump", "--pid", p], capture_output=True, text=True, timeout=60
+        )
+        dumps.append(out.stdout + out.stderr)
+    return "\n".join(dumps)
+
+
 def wait_exit(proc: subprocess.Popen, log: Path, timeout: float = DEADLINE_S) -> int:
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
+        stacks = stack_dumps(proc.pid)
         proc.kill()
-        raise AssertionError(f"serve did not end; log:\n{log.read_text()[-4000:]}") from None
+        raise AssertionError(
+            f"serve did not end; log:\n{log.read_text()[-4000:]}\nstacks:\n{stacks}"
+        ) from None
 
 
 def held_out_accuracy(ckpt_dir: Path) -> float:
@@ -213,11 +231,11 @@ def test_kill9_mid_stream_then_restart_applies_every_example_exactly_once(bootst
     idle = ["--kafka.exit-when-idle-seconds", "4"]
 
     # The crashed run consumes while the stream is being produced, at a pace that keeps
-    # it mid-stream when it is killed.
+    # it mid-stream when it is killed; it runs until killed (the topic starts empty).
     ckpt = tmp_path / "crashed"
     cmd = serve_command(bootstrap, topic, "crashed", ckpt, tmp_path / "out", *idle)
     log1 = tmp_path / "serve1.log"
-    proc = start_serve(cmd, log1)
+    proc = start_serve(serve_command(bootstrap, topic, "crashed", ckpt, tmp_path / "out"), log1)
     wait_group_stable(bootstrap, "crashed", 2, proc, log1)
     producer = threading.Thread(
         target=produce,

@@ -90,7 +90,8 @@ class KafkaSource:
             for each whether it is reported for the first time (the parameter server
             keeps that across consumers and restarts); None: this consumer remembers.
         idle_exit_s: > 0 makes the source finite: ``exhausted`` turns True once every
-            assigned partition is read to its end and nothing arrived for this long.
+            assigned partition is read to its end and nothing arrived for this long
+            (counted from the last record or the last assignment, whichever is later).
         session_timeout_ms, heartbeat_interval_ms, max_poll_interval_ms: group timing.
         client_id: name shown by the broker.
     """
@@ -156,6 +157,9 @@ class KafkaSource:
         """New partitions (all of them in an eager rebalance, the added ones otherwise)."""
         self._joined = True
         self._rebalancing = False
+        # Idle time counts from here: a consumer that took long to join (a slow start, a
+        # rebalance) has not yet had the chance to see records of its new partitions.
+        self._last_record = time.monotonic()
         self._assignment = sorted((t.topic, t.partition) for t in self.consumer.assignment())
         self.assignments.append(list(self._assignment))
         self._ends_at = 0.0
@@ -336,6 +340,8 @@ class KafkaSource:
             ktps = [KafkaTopicPartition(self.topic, p) for p in sorted(partitions)]
             ends = self.consumer.end_offsets(ktps, timeout_ms=CLIENT_TIMEOUT_MS) if ktps else {}
         except KafkaError:
+            return False
+        if not ends:  # the topic's partitions not known (metadata being refreshed): not yet
             return False
         positions, rejected = progress.get("positions", {}), progress.get("rejected", {})
         for ktp, end in ends.items():

@@ -197,3 +197,21 @@ def test_a_finite_source_is_exhausted_once_read_to_the_end_and_idle(bootstrap):
         assert source.lag({(topic, 0): 1 * ROWS_PER_OFFSET}) == {(topic, 0): 2}
     finally:
         source.close()
+
+
+def test_idle_time_counts_from_the_assignment_not_from_the_start(bootstrap):
+    """A consumer that joins late on a still-empty topic is not done the moment it joins."""
+    topic = "source-late-join"
+    ensure_topic({"bootstrap_servers": [bootstrap]}, topic, 1)
+    source = source_for(bootstrap, topic, "late-join", idle_exit_s=2.0)
+    try:
+        time.sleep(2.5)  # longer than the idle limit before the group is even joined
+        deadline = time.monotonic() + DEADLINE_S
+        while not source.assignment():
+            assert time.monotonic() < deadline, "never assigned"
+            source.poll(100, 0.1)
+        assert not source.exhausted()  # idle 0 s since the assignment, not 2.5 s
+        send(bootstrap, topic, [encode_json([0.0, 1.0, 2.0], 1)] * 2)
+        assert len(poll_rows(source, 2)) >= 1  # records produced after joining are read
+    finally:
+        source.close()
