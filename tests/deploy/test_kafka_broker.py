@@ -1,24 +1,16 @@
 """The local Kafka broker of deploy/kafka: a real KRaft broker, real kafka-python clients."""
 
-import importlib.util
 import os
 import subprocess
 import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaTimeoutError
 
-ROOT = Path(__file__).resolve().parents[2]
-BROKER_PY = ROOT / "deploy" / "kafka" / "broker.py"
-
-_spec = importlib.util.spec_from_file_location("streamtrain_kafka_broker", BROKER_PY)
-kb = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = kb
-_spec.loader.exec_module(kb)
+from tests.kafka_broker import BROKER_PY, kb
 
 pytestmark = pytest.mark.integration
 

@@ -2,7 +2,6 @@
 and broker restarts, dead letters for bad records, graceful stops and `streamtrain produce`.
 """
 
-import importlib.util
 import json
 import os
 import signal
@@ -21,6 +20,7 @@ from kafka.errors import KafkaError
 from service.app import Trainer
 from service.checkpoint import latest_checkpoint, load_checkpoint
 from service.produce import dataset_examples, produce
+from tests.kafka_broker import kb
 from workers.ingest.codec import Codec, RecordError, Schema, encode_binary, encode_json
 from workers.ingest.kafka import ensure_topic
 from workers.ingest.memory import load_dataset
@@ -30,26 +30,11 @@ from workers.nn import Network
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location(
-    "streamtrain_kafka_broker", ROOT / "deploy/kafka/broker.py"
-)
-kb = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = kb
-_spec.loader.exec_module(kb)
 
 PARTITIONS = 4
 DEADLINE_S = 120.0  # bounds on loops, not assertions
 LEARNING_RATE = 0.001  # smooth enough that two runs end within a point of each other
 MAX_RECORD_BYTES = 65536  # the service's limit in the bad-input test (the broker's is 1 MB)
-
-
-@pytest.fixture(scope="module")
-def bootstrap():
-    servers, stop = kb.bootstrap_servers()
-    try:
-        yield servers
-    finally:
-        stop()
 
 
 def client(servers: str) -> dict:

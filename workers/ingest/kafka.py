@@ -303,12 +303,22 @@ class KafkaSource:
         return lag
 
     def exhausted(self) -> bool:
-        """True in finite mode once the assigned partitions are read and the topic is idle."""
-        if self.idle_exit_s <= 0 or not self._joined or self._rebalancing:
+        """True in finite mode once nothing arrived for ``idle_exit_s`` and nothing is left
+        to read here: the assigned partitions are read to their ends, or this consumer holds
+        none while it waits to (re)join the group.
+
+        It says nothing about the stream as a whole: the caller ends only once ``complete``
+        confirms the model covers every partition. A consumer that waits for the group
+        without end (kafka-python may not find the coordinator again after a broker or
+        group upheaval) must not hold up the end of a stream the others have finished.
+        """
+        if self.idle_exit_s <= 0:
             return False
         now = time.monotonic()
         if now - self._last_record < self.idle_exit_s:
             return False
+        if not self._joined or self._rebalancing:
+            return True  # no partitions held (a revoke dropped what was buffered)
         if now - self._ends_at >= END_OFFSETS_EVERY_S:
             ktps = [KafkaTopicPartition(t, p) for t, p in self._assignment]
             try:
