@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import gc
 import http.client
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -210,6 +211,13 @@ def renice_training(trainer: Trainer, niceness: int) -> None:
         os.setpriority(os.PRIO_PROCESS, pid, os.getpriority(os.PRIO_PROCESS, pid) + niceness)
 
 
+def uvicorn_stack() -> str:
+    """The event loop and HTTP parser uvicorn picks ("auto": the C ones when installed)."""
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    return f"{loop} loop, {http} parser"
+
+
 def bench_config(args: argparse.Namespace, checkpoint_dir: str) -> Config:
     return load_config(
         env={},
@@ -253,8 +261,8 @@ def run(args: argparse.Namespace) -> int:
             f"{cfg.model.activation} -> {dataset.n_outputs} softmax, {cfg.optimizer.name}, "
             f"batch {cfg.batching.batch_size}, actors' niceness +{args.training_nice}; service "
             f"polls every {POLL_SECONDS} s, GIL switch interval "
-            f"{sys.getswitchinterval() * 1e3:g} ms; API on {api.url} (uvicorn, one thread in "
-            f"the service process), refresh every {cfg.api.refresh_seconds} s; "
+            f"{sys.getswitchinterval() * 1e3:g} ms; API on {api.url} (uvicorn, {uvicorn_stack()}, "
+            f"one thread in the service process), refresh every {cfg.api.refresh_seconds} s; "
             f"client in its own process, one keep-alive connection (http.client)"
         )
         try:
