@@ -151,7 +151,7 @@ class GradientWorker:
             "batch_sizes": dict(self._sizes),
             "committed": dict(self._committed),
         }
-        for key in ("assignments", "rejected", "dead_letters", "records"):
+        for key in ("assignments", "rejected", "dead_letters", "records", "consumer_replacements"):
             if hasattr(self.source, key):
                 stats[key] = getattr(self.source, key)
         return stats

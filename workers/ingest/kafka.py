@@ -8,6 +8,7 @@ checkpoint covers are committed back (so standard Kafka tooling shows the lag).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -33,6 +34,12 @@ END_OFFSETS_EVERY_S = 1.0
 # Calls that would otherwise wait for the group coordinator without end (kafka-python's
 # commit and position) give up after this and are tried again later.
 CLIENT_TIMEOUT_MS = 10_000  # how often an idle source asks the broker where partitions end
+# kafka-python can lose the group coordinator for good after a broker or group upheaval:
+# its polls keep looking the coordinator up and never join again. A consumer without one
+# for this long is replaced by a new consumer, which joins the group afresh (nothing is
+# lost: an assigned partition starts at the parameter server's position).
+COORDINATOR_LOST_S = 30.0
+CLOSE_TIMEOUT_MS = 10_000
 
 SECURITY_KEYS = (
     "security_protocol",
@@ -64,13 +71,15 @@ class _Listener(ConsumerRebalanceListener):
     """Forwards kafka-python's rebalance callbacks (run inside ``poll``) to the source."""
 
     def __init__(self, source: KafkaSource):
-        self.source = source
+        self.source: KafkaSource | None = source
 
     def on_partitions_revoked(self, revoked):
-        self.source._revoked([(tp.topic, tp.partition) for tp in revoked])
+        if self.source is not None:
+            self.source._revoked([(tp.topic, tp.partition) for tp in revoked])
 
     def on_partitions_assigned(self, assigned):
-        self.source._assigned([(tp.topic, tp.partition) for tp in assigned])
+        if self.source is not None:
+            self.source._assigned([(tp.topic, tp.partition) for tp in assigned])
 
 
 class KafkaSource:
@@ -94,6 +103,8 @@ class KafkaSource:
             (counted from the last record or the last assignment, whichever is later).
         session_timeout_ms, heartbeat_interval_ms, max_poll_interval_ms: group timing.
         client_id: name shown by the broker.
+        coordinator_lost_s: a consumer that has known no group coordinator for this long
+            is replaced by a new one (kafka-python may not find it again by itself).
     """
 
     def __init__(
@@ -112,6 +123,7 @@ class KafkaSource:
         heartbeat_interval_ms: int = HEARTBEAT_INTERVAL_MS,
         max_poll_interval_ms: int = 300_000,
         client_id: str = "streamtrain",
+        coordinator_lost_s: float = COORDINATOR_LOST_S,
     ):
         if not isinstance(schema, Schema):
             schema = Schema(**schema)
@@ -123,7 +135,8 @@ class KafkaSource:
         self._on_revoke = on_revoke
         self._claim = claim
         self.idle_exit_s = float(idle_exit_s)
-        self.consumer = KafkaConsumer(
+        self.coordinator_lost_s = float(coordinator_lost_s)
+        self._consumer_args = dict(
             group_id=group_id,
             client_id=client_id,
             enable_auto_commit=False,
@@ -133,7 +146,9 @@ class KafkaSource:
             max_poll_interval_ms=max_poll_interval_ms,
             **self._client,
         )
-        self.consumer.subscribe([topic], listener=_Listener(self))
+        self.consumer = self._new_consumer()
+        self._coordinator_lost_at: float | None = None
+        self.consumer_replacements = 0
         self._producer: KafkaProducer | None = None
         self._skip: dict[TopicPartition, int] = {}  # first position wanted after a seek
         self._rejected_next: dict[TopicPartition, int] = {}  # offset after the last rejected
@@ -149,6 +164,56 @@ class KafkaSource:
         self.assignments: list[list[TopicPartition]] = []  # every assignment received
 
     # -- group membership ----------------------------------------------------------------
+
+    def _new_consumer(self) -> KafkaConsumer:
+        consumer = KafkaConsumer(**self._consumer_args)
+        self._listener = _Listener(self)
+        consumer.subscribe([self.topic], listener=self._listener)
+        return consumer
+
+    def _coordinator_known(self) -> bool:
+        """Whether the consumer knows its group coordinator now.
+
+        kafka-python exposes this only on its coordinator object; where that is not
+        there to read (another version), the answer is yes and nothing is ever replaced.
+        """
+        coordinator = getattr(self.consumer, "_coordinator", None)
+        return getattr(coordinator, "coordinator_id", 0) is not None
+
+    def _watch_coordinator(self) -> None:
+        """Replace a consumer that has had no group coordinator for ``coordinator_lost_s``."""
+        now = time.monotonic()
+        if self._coordinator_known():
+            self._coordinator_lost_at = None
+            return
+        if self._coordinator_lost_at is None:
+            self._coordinator_lost_at = now
+        if now - self._coordinator_lost_at < self.coordinator_lost_s:
+            return
+        old_listener = self._listener
+        try:
+            fresh = self._new_consumer()
+        except KafkaError as exc:  # the brokers away too: try again after as long
+            log.warning("consumer not replaced (%s); trying again later", exc)
+            self._listener = old_listener
+            self._coordinator_lost_at = now
+            return
+        old_listener.source = None  # the old consumer's leaving is no news to this source
+        log.warning(
+            "no group coordinator for %.0f s: the consumer is replaced and joins again",
+            now - self._coordinator_lost_at,
+        )
+        old, self.consumer = self.consumer, fresh
+        self._coordinator_lost_at = None
+        self.consumer_replacements += 1
+        self._revoked(list(self._assignment))  # whatever it held is the group's again
+        # Closing may wait for the lost coordinator: on a thread of its own.
+        threading.Thread(
+            target=old.close,
+            kwargs={"autocommit": False, "timeout_ms": CLOSE_TIMEOUT_MS},
+            name="kafka-close",
+            daemon=True,
+        ).start()
 
     def assignment(self) -> list[TopicPartition]:
         return list(self._assignment)
@@ -193,6 +258,7 @@ class KafkaSource:
 
     def poll(self, max_records: int, timeout_s: float) -> list[Chunk]:
         """Decode up to ``max_records`` records into chunks; rejected ones become dead letters."""
+        self._watch_coordinator()
         try:
             polled = self.consumer.poll(
                 timeout_ms=max(0, int(timeout_s * 1000)), max_records=max_records

@@ -196,3 +196,38 @@ def test_idle_time_counts_from_the_assignment_not_from_the_start(bootstrap):
         assert len(poll_rows(source, 2)) >= 1  # records produced after joining are read
     finally:
         source.close()
+
+
+def test_a_consumer_without_group_coordinator_is_replaced_and_joins_again(bootstrap):
+    """kafka-python may never find a lost coordinator again: the source replaces it."""
+    topic = "source-lost-coordinator"
+    ensure_topic({"bootstrap_servers": [bootstrap]}, topic, 1)
+    send(bootstrap, topic, [encode_json([0.0, 1.0, 2.0], 1)] * 2)
+    revoked = []
+    source = source_for(
+        bootstrap, topic, "lost-coordinator", coordinator_lost_s=1.0, on_revoke=revoked.extend
+    )
+    try:
+        poll_rows(source, 2)
+        first = source.consumer
+        assert source.assignment() == [(topic, 0)]
+        # The state kafka-python gets stuck in, as seen from the source: no coordinator.
+        source._coordinator_known = lambda: False
+        after = []  # chunks read once the consumer is replaced
+        deadline = time.monotonic() + DEADLINE_S
+        while source.consumer is first:
+            assert time.monotonic() < deadline, "the consumer was never replaced"
+            after += source.poll(100, 0.2)
+        assert source.consumer_replacements == 1
+        assert revoked == [(topic, 0)]  # once, by the source: the old consumer is detached
+        del source._coordinator_known  # the new consumer finds its coordinator
+        send(bootstrap, topic, [encode_json([0.0, 1.0, 2.0], 2)] * 3)
+        while sum(len(c.offsets) for c in after) < 5:
+            assert time.monotonic() < deadline, "the new consumer read too little"
+            after += source.poll(100, 0.2)
+        # No on_assign here, so the new member starts at the earliest offset: all 5 records.
+        offsets = sorted(int(p) // ROWS_PER_OFFSET for c in after for p in c.offsets)
+        assert offsets == [0, 1, 2, 3, 4]
+        assert source.assignment() == [(topic, 0)] and source.consumer_replacements == 1
+    finally:
+        source.close()
