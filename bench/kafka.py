@@ -42,7 +42,6 @@ from kafka import TopicPartition as KafkaTopicPartition  # noqa: E402
 from kafka.errors import KafkaError  # noqa: E402
 
 from bench import machine  # noqa: E402
-from bench.trainer import descendant_pids  # noqa: E402
 from service.app import Trainer, coalesce_for, ensure_ray, network_spec  # noqa: E402
 from service.config import Config, load_config  # noqa: E402
 from service.produce import CHUNK_ROWS, Examples, produce  # noqa: E402
@@ -244,7 +243,7 @@ def consume_raw(bootstrap: str, topic: Topic, schema: Schema, broker_pid: int | 
     kafka-python's defaults, as in KafkaSource.
     """
     codec = Codec(topic.encoding.format, schema)
-    own = descendant_pids(os.getpid()) + ([broker_pid] if broker_pid is not None else [])
+    own = machine.descendant_pids(os.getpid()) + ([broker_pid] if broker_pid is not None else [])
     consumer = KafkaConsumer(
         bootstrap_servers=bootstrap.split(","),
         enable_auto_commit=False,
@@ -327,11 +326,6 @@ def service_config(*args: Any, extra: Mapping[str, str] | None = None) -> Config
     """``service_overrides(*args, extra)`` over the defaults; env={}: whatever
     STREAMTRAIN_* the shell holds does not apply."""
     return load_config(env={}, overrides=service_overrides(*args, extra=extra))
-
-
-def actor_pid(actor) -> int:
-    """The OS process id of an actor."""
-    return int(ray.get(actor.__ray_call__.remote(lambda self: os.getpid())))
 
 
 def install_phase_timers(worker: GradientWorker, bin_s: float = PHASE_BIN_S) -> None:
@@ -501,7 +495,10 @@ def run_end_to_end(cfg: Config, dataset: Dataset, broker_pid: int | None) -> End
             wait_group_stable(cfg.kafka.bootstrap_servers, cfg.kafka.group_id, len(workers))
             stable = time.perf_counter() - started
             ray.get([a.__ray_call__.remote(release_partitions) for a in workers])
-        groups = {"server": [actor_pid(trainer.server)], "workers": list(map(actor_pid, workers))}
+        groups = {
+            "server": [machine.actor_pid(trainer.server)],
+            "workers": list(map(machine.actor_pid, workers)),
+        }
         groups["driver"] = [os.getpid()]
         if broker_pid is not None:
             groups["broker"] = [broker_pid]
@@ -733,15 +730,6 @@ def measure_freshness(
 # ---------------------------------------------------------------- report
 
 
-def format_rate(per_second: float) -> str:
-    """Examples per second as 37.2k / 1.23M."""
-    if per_second >= 1e6:
-        return f"{per_second / 1e6:.2f}M"
-    if per_second >= 1e3:
-        return f"{per_second / 1e3:.3g}k"
-    return f"{per_second:.3g}"
-
-
 TABLE_HEADERS = [
     "codec",
     "records",
@@ -765,14 +753,16 @@ def result_rows(
                 name,
                 f"{topic.records:,}",
                 f"{topic.record_bytes:.0f}",
-                format_rate(raws[name].rate),
-                format_rate(e2e[name].rate),
+                machine.format_rate(raws[name].rate),
+                machine.format_rate(e2e[name].rate),
                 f"{ratio:.2f}",
                 "PASS" if ratio >= TARGET_RATIO else "FAIL",
             ]
         )
     if "embedded" in e2e:
-        rows.append(["embedded stream", "-", "-", "-", format_rate(e2e["embedded"].rate), "-", ""])
+        rows.append(
+            ["embedded stream", "-", "-", "-", machine.format_rate(e2e["embedded"].rate), "-", ""]
+        )
     return rows
 
 
@@ -812,7 +802,7 @@ def time_rows(
         rows.append(
             [
                 name if topic else "embedded stream",
-                format_rate(topic.examples / topic.seconds) if topic else "-",
+                machine.format_rate(topic.examples / topic.seconds) if topic else "-",
                 f"{raw.fetch_seconds / read:.0%}/{raw.decode_seconds / read:.0%}" if raw else "-",
                 f"{1e6 * raw.cpu_seconds / raw.total:.1f}" if raw else "-",
                 f"{raw.others_cores:.2f}" if raw and raw.others_cores is not None else "-",
@@ -965,7 +955,7 @@ def wait_for_quiet(seconds: float, broker_pid: int | None) -> float | None:
     """
     if seconds <= 0:
         return None
-    own = descendant_pids(os.getpid()) + ([broker_pid] if broker_pid is not None else [])
+    own = machine.descendant_pids(os.getpid()) + ([broker_pid] if broker_pid is not None else [])
     return machine.wait_for_quiet(QUIET_CORES, seconds, own)
 
 
@@ -1074,7 +1064,7 @@ def measure(args: argparse.Namespace, lines: list[str], bootstrap: str, broker_p
             if raw.errors:
                 raise RuntimeError(f"{encoding.name}: {raw.errors} records rejected")
             raws[encoding.name] = raw
-            progress(f"  {format_rate(raw.rate)} examples/s")
+            progress(f"  {machine.format_rate(raw.rate)} examples/s")
             progress(f"end to end: {encoding.name}")
             wait_for_quiet(args.quiet_wait, broker_pid)
             cfg = service_config(
@@ -1087,7 +1077,7 @@ def measure(args: argparse.Namespace, lines: list[str], bootstrap: str, broker_p
                 extra=args.set,
             )
             e2e[encoding.name] = run_end_to_end(cfg, train, broker_pid)
-            progress(f"  {format_rate(e2e[encoding.name].rate)} examples/s")
+            progress(f"  {machine.format_rate(e2e[encoding.name].rate)} examples/s")
         progress("end to end: the embedded stream, same examples, no Kafka")
         wait_for_quiet(args.quiet_wait, broker_pid)
         memory_cfg = service_config(
@@ -1100,7 +1090,7 @@ def measure(args: argparse.Namespace, lines: list[str], bootstrap: str, broker_p
             extra=args.set,
         )
         e2e["embedded"] = run_end_to_end(memory_cfg, train, broker_pid)
-        progress(f"  {format_rate(e2e['embedded'].rate)} examples/s")
+        progress(f"  {machine.format_rate(e2e['embedded'].rate)} examples/s")
         if not args.no_freshness:
             progress(f"freshness: {FRESH_RATE:g} examples/s for {args.fresh_seconds:g} s")
             wait_for_quiet(args.quiet_wait, broker_pid)

@@ -163,6 +163,42 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def descendant_pids(root: int) -> list[int]:
+    """Every live process below `root`: here Ray's raylet, GCS, agents and actor processes."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                parent = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    found, frontier = [], [root]
+    while frontier:
+        below = children.get(frontier.pop(), [])
+        found.extend(below)
+        frontier.extend(below)
+    return found
+
+
+def actor_pid(actor) -> int:
+    """The OS process id of a Ray actor (ray is imported only by the scripts that use it)."""
+    import ray
+
+    return int(ray.get(actor.__ray_call__.remote(lambda self: os.getpid())))
+
+
+def format_rate(per_second: float) -> str:
+    """Examples per second as 372k / 1.23M."""
+    if per_second >= 1e6:
+        return f"{per_second / 1e6:.2f}M"
+    if per_second >= 1e3:
+        return f"{per_second / 1e3:.3g}k"
+    return f"{per_second:.3g}"
+
+
 class CpuMeter:
     """Measures how many cores *other* processes kept busy while a benchmark ran.
 

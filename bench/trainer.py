@@ -216,50 +216,6 @@ def row_config(row: Row, args: argparse.Namespace, checkpoint_dir: str, passes: 
 # ---------------------------------------------------------------- processes and CPU time
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process, all threads (0.0 once it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    # After the command name: fields[11] is utime, fields[12] stime, in clock ticks.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def machine_busy_seconds() -> float:
-    """Non-idle CPU seconds of the whole machine since boot, summed over cores."""
-    with open("/proc/stat") as fh:
-        values = [int(v) for v in fh.readline().split()[1:]]
-    idle = values[3] + values[4]  # idle + iowait
-    return (sum(values[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def descendant_pids(root: int) -> list[int]:
-    """Every live process below `root`: here Ray's raylet, GCS, agents and actor processes."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                parent = int(fh.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(parent, []).append(int(entry))
-    found, frontier = [], [root]
-    while frontier:
-        below = children.get(frontier.pop(), [])
-        found.extend(below)
-        frontier.extend(below)
-    return found
-
-
-def actor_pid(actor) -> int:
-    """The OS process id of an actor."""
-    return int(ray.get(actor.__ray_call__.remote(lambda self: os.getpid())))
-
-
 def actor_blas_threads(actor) -> str:
     """What threadpoolctl reports inside an actor: BLAS threads and OMP_NUM_THREADS."""
 
@@ -313,11 +269,11 @@ class Pipeline:
 
     def __init__(self, cfg: Config, dataset: Dataset) -> None:
         self.trainer = Trainer(cfg, dataset, registry=None)
-        groups = {"server": [actor_pid(self.trainer.server)]}
+        groups = {"server": [machine.actor_pid(self.trainer.server)]}
         for index, actor in sorted(self.trainer.workers.values()):
-            groups[f"worker{index}"] = [actor_pid(actor)]
+            groups[f"worker{index}"] = [machine.actor_pid(actor)]
         actors = {pid for pids in groups.values() for pid in pids}
-        groups["ray"] = [p for p in descendant_pids(os.getpid()) if p not in actors]
+        groups["ray"] = [p for p in machine.descendant_pids(os.getpid()) if p not in actors]
         groups["driver"] = [os.getpid()]
         self.groups = groups
         self.apply_seconds: list[float] = []
@@ -335,7 +291,7 @@ class Pipeline:
             self.push_seconds.extend(stats.get("push_seconds", ()))
         self.last = stats
         cpu = {
-            label: sum(process_cpu_seconds(pid) for pid in pids)
+            label: sum(machine.process_cpu_seconds(pid) for pid in pids)
             for label, pids in self.groups.items()
         }
         self.events.extend(event["event"] for event in stats.get("events", ()))
@@ -344,7 +300,7 @@ class Pipeline:
             applied_examples(stats),
             int(stats["counters"]["applied"]),
             cpu,
-            machine_busy_seconds(),
+            machine.host_cpu_seconds() or 0.0,
         )
 
     def wait_first_update(self) -> None:
@@ -421,15 +377,6 @@ def run_row(row: Row, args: argparse.Namespace, dataset: Dataset, checkpoint_roo
 # ---------------------------------------------------------------- report
 
 
-def format_rate(per_second: float) -> str:
-    """Examples per second as 372k / 1.23M."""
-    if per_second >= 1e6:
-        return f"{per_second / 1e6:.2f}M"
-    if per_second >= 1e3:
-        return f"{per_second / 1e3:.3g}k"
-    return f"{per_second:.3g}"
-
-
 def target(result: Result, results: dict[Row, Result]) -> str:
     """The informational target of a row with PASS/FAIL, or "" where none is set."""
     row = result.row
@@ -499,8 +446,8 @@ def throughput_rows(results: dict[Row, Result]) -> list[list[str]]:
                 str(result.max_staleness),
                 f"{result.examples:,}",
                 f"{result.seconds:.2f}",
-                format_rate(result.rate),
-                format_rate(result.step_rate),
+                machine.format_rate(result.rate),
+                machine.format_rate(result.step_rate),
                 f"{100 * result.rate / result.step_rate:.0f}%",
                 target(result, results),
             ]
@@ -543,7 +490,7 @@ def profile_rows(results: dict[Row, Result]) -> list[list[str]]:
                 f"{staleness:.2f}",
                 f"{result.counters.get('stale', 0)}/{result.counters.get('fenced', 0)}",
                 ", ".join(f"{k} {v}" for k, v in Counter(result.events).items()) or "-",
-                format_rate(row.batch / result.step_all_seconds),
+                machine.format_rate(row.batch / result.step_all_seconds),
             ]
         )
     return rows
@@ -675,7 +622,7 @@ def run(args: argparse.Namespace) -> int:
                 failures[row] = f"{type(error).__name__}: {error}"
                 progress(f"  failed: {failures[row]}")
                 continue
-            progress(f"  {format_rate(results[row].rate)} examples/s")
+            progress(f"  {machine.format_rate(results[row].rate)} examples/s")
     print()
     print(
         machine.markdown_table(THROUGHPUT_HEADERS, throughput_rows(results), right=THROUGHPUT_RIGHT)
