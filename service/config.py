@@ -225,7 +225,9 @@ class TrainerConfig(_Section):
         0, "batches per push in async mode (0 = as many as fit one 100 KB Ray message)"
     )
     publish_every: int = _opt(
-        0, "versions between parameter publications (0 = 1 up to 512 KiB of parameters, else 4)"
+        0,
+        "versions between parameter publications in async mode"
+        " (0 = 1 up to 512 KiB of parameters, else 4; sync mode publishes every version)",
     )
     ray_address: str = _opt("", "Ray cluster address ('' = start a local Ray)")
     updates: int = _opt(0, "stop after this many updates (0 = until the stream ends)")

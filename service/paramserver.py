@@ -480,19 +480,23 @@ class ParameterServer:
         report: Mapping[str, Any] | None = None,
         seq: int | None = None,
     ) -> PushReply:
-        """Offer k batches computed on the same parameters in one call (async mode).
+        """Offer k batches computed on the same parameters in one call.
 
-        Each is checked and applied in order as its own update, exactly as k pushes
-        would be; one Ray call carries them all, which is what bounds throughput for
-        small models. The reply's ``handled`` counts the batches done before the first
-        refusal, whose status it carries (``applied`` when all were handled).
+        Async mode: each is checked and applied in order as its own update, exactly as
+        k pushes would be; one Ray call carries them all, which is what bounds
+        throughput for small models. The reply's ``handled`` counts the batches done
+        before the first refusal, whose status it carries (``applied`` when all were
+        handled). Sync mode takes one batch, which joins the round as ``push`` does.
 
         Args:
             grads: (k, n_params) flat gradients; stats: (k, n_moving) batch statistics;
             ns, losses, spans: per batch. Other arguments as ``push``.
         """
-        if self.mode != "async" and len(ns) > 1:
-            raise ValueError("push_many takes one batch at a time in sync mode")
+        if self.mode != "async":
+            if len(ns) != 1:
+                raise ValueError("push_many takes one batch at a time in sync mode")
+            return self.push(worker, base_version, grads[0], ns[0], losses[0], stats[0],
+                             spans[0], recomputed, report, seq)  # fmt: skip
         with self._lock:
             self._await_turn(worker, seq)
             if report:
@@ -557,8 +561,11 @@ class ParameterServer:
                 del values[: len(values) - 100_000]
 
     def _reply(self, status: str, base_version: int, handled: int = 1) -> PushReply:
-        """A reply after handling a push: newer parameters when there are any."""
-        version, params = self._params_ref()
+        """A reply after handling a push: newer parameters when there are any.
+
+        A sync round admits only the current version, so its replies always carry it;
+        async replies may lag up to ``publish_every`` versions."""
+        version, params = self._params_ref(fresh=self.mode == "sync")
         if int(base_version) == version:
             params = None
         return PushReply(status, self.version, params, None, handled, version)

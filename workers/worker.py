@@ -288,10 +288,10 @@ class GradientWorker:
         ref = self.server.push_many.remote(
             self.worker_id,
             self._version,
-            np.stack(grads),  # (k, n_params): one array, one message
+            _rows(grads),  # (k, n_params): one array, one message
             ns,
             losses,
-            np.stack(stats),  # (k, n_moving)
+            _rows(stats),  # (k, n_moving)
             [b.spans for b in batches],
             recomputed,
             report,
@@ -366,6 +366,12 @@ class GradientWorker:
         target = {tp: int(positions.get(tp, 0)) for tp in self.source.assignment()}
         self.source.seek(target)
         self.batcher.seek(target)
+
+
+def _rows(arrays: list[np.ndarray]) -> np.ndarray:
+    """The arrays as the rows of one (k, n) array; one row is a view, not a copy
+    (a large model's gradient is copied once more on its way into the push anyway)."""
+    return arrays[0][None] if len(arrays) == 1 else np.stack(arrays)
 
 
 GradientWorkerActor = ray.remote(GradientWorker)

@@ -13,6 +13,7 @@ from service.config import load_config, redacted
 from service.paramserver import (
     APPLIED,
     FENCED,
+    INLINE_PARAMS_BYTES,
     NONFINITE,
     STALE,
     ParameterServer,
@@ -325,6 +326,32 @@ def test_sync_round_applies_only_when_every_joined_worker_pushed():
     assert server.stats()["batch_sizes"] == {8: 1, 32: 1}
 
 
+def test_push_many_in_sync_mode_joins_the_round():
+    # Workers push through push_many; in sync mode one batch at a time must wait for the
+    # round like push does, not be applied alone.
+    server = make_server(**{"trainer.mode": "sync"})
+    server.join("w0")
+    server.join("w1")
+
+    def push_one(worker, spans, n=8, seed=0):
+        version, flat = server.current()
+        grads, n, loss, stats = Batches(seed).push_args(flat, n)
+        return server.push_many(worker, version, grads[None], [n], [loss], stats[None], [spans])
+
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(push_one, "w0", {(TOPIC, 0): (0, 8)})
+        wait_for(lambda: server.stats()["counters"]["pushes"] == 1)
+        time.sleep(0.1)
+        assert not first.done() and server.model()["version"] == 0
+        second = push_one("w1", {(TOPIC, 1): (0, 32)}, n=32, seed=1)
+        assert second.status == APPLIED and second.handled == 1
+        assert first.result(timeout=10).status == APPLIED
+    assert server.model()["version"] == 1  # one update: the average of both
+    assert server.stats()["batch_sizes"] == {8: 1, 32: 1}
+    with pytest.raises(ValueError, match="one batch at a time"):
+        server.push_many("w0", 1, np.zeros((2, 3)), [8, 8], [0.0, 0.0], np.zeros((2, 3)), [{}, {}])
+
+
 def test_leave_of_a_missing_worker_completes_the_round():
     server, batches = make_server(**{"trainer.mode": "sync"}), Batches()
     server.join("w0")
@@ -371,6 +398,32 @@ def test_sync_push_on_an_old_version_is_stale():
     assert push(server, batches, "w0", {(TOPIC, 0): (0, 8)}).status == APPLIED
     reply = push(server, batches, "w0", {(TOPIC, 0): (8, 16)}, base=0)
     assert reply.status == STALE and reply.version == 1
+
+
+def test_sync_replies_carry_the_new_parameters_of_a_large_model():
+    # Above INLINE_PARAMS_BYTES async replies republish only every few versions; a sync
+    # round admits nothing but the current version, so its replies must carry it, or
+    # every next push would be refused as stale and computed twice.
+    big = {"input_dim": 2048, "hidden": (64, 64), "output": "sigmoid", "n_outputs": 1}
+    net = Network(**big)
+    assert net.n_params * 4 > INLINE_PARAMS_BYTES
+    server = ParameterServer(big, server_config(**{"trainer.mode": "sync"}))
+    assert server.publish_every > 1  # the automatic choice for a model this size
+    rng = np.random.default_rng(0)
+    version, flat = server.current()
+    for step in range(3):
+        x = rng.standard_normal((16, 2048)).astype(np.float32)
+        y = rng.integers(0, 2, 16)
+        loss, grads, stats = net.loss_and_grads(net.layout.views(np.asarray(flat)), x, y)
+        span = {(TOPIC, 0): (16 * step, 16 * step + 16)}
+        reply = server.push(
+            "w0", version, grads.flat, 16, loss, net.moving_layout.flatten(stats), span
+        )
+        assert reply.status == APPLIED
+        assert reply.params is not None and reply.params_version == reply.version == step + 1
+        np.testing.assert_array_equal(np.asarray(reply.params), server.current()[1])
+        version, flat = reply.params_version, reply.params
+    assert server.stats()["counters"]["stale"] == 0
 
 
 def hidden_preactivations(net: Network, params, x: np.ndarray) -> list[np.ndarray]:
