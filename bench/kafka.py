@@ -42,7 +42,7 @@ from kafka import TopicPartition as KafkaTopicPartition  # noqa: E402
 from kafka.errors import KafkaError  # noqa: E402
 
 from bench import machine  # noqa: E402
-from service.app import Trainer, coalesce_for, ensure_ray, network_spec  # noqa: E402
+from service.app import Trainer, coalesce_for, ensure_ray, inflight_for, network_spec  # noqa: E402
 from service.config import Config, load_config  # noqa: E402
 from service.produce import CHUNK_ROWS, Examples, produce  # noqa: E402
 from workers.ingest.codec import Codec, Schema  # noqa: E402
@@ -908,8 +908,9 @@ def config_lines(cfg: Config, coalesce: int, overrides: dict[str, object]) -> li
         f"  batching: batch_size={b.batch_size} min_batch={b.min_batch} "
         f"max_batch={b.max_batch} max_latency_ms={b.max_latency_ms:g} adaptive={b.adaptive}",
         f"  trainer: workers={t.workers} mode={t.mode} max_inflight={t.max_inflight} "
-        f"max_staleness={t.max_staleness} coalesce={t.coalesce} (resolved: {coalesce} "
-        f"batches per push); worker poll_records={POLL_RECORDS}",
+        f"(resolved: {inflight_for(cfg)}) max_staleness={t.max_staleness} "
+        f"coalesce={t.coalesce} (resolved: {coalesce} batches per push); "
+        f"worker poll_records={POLL_RECORDS}",
         f"  checkpoint: every_updates={c.every_updates} every_seconds={c.every_seconds:g}; "
         f"kafka: commit_every_seconds={k.commit_every_seconds:g} "
         f"session_timeout_ms={k.session_timeout_ms} "

@@ -28,7 +28,7 @@ import ray  # noqa: E402
 from bench import machine  # noqa: E402
 from bench.step import Clipping, NumpyStep  # noqa: E402
 from bench.step import Config as StepConfig  # noqa: E402
-from service.app import Trainer, ensure_ray  # noqa: E402
+from service.app import Trainer, ensure_ray, inflight_for  # noqa: E402
 from service.config import SECTIONS, Config, TrainerConfig, load_config  # noqa: E402
 from service.paramserver import INLINE_PARAMS_BYTES  # noqa: E402
 from workers.ingest.batcher import PowerOfTwoBatcher  # noqa: E402
@@ -92,6 +92,7 @@ class Result(NamedTuple):
     seconds: float  # the window, first poll after warm-up to the last
     updates: int
     step_seconds: float  # best single-process step, BLAS at one thread (as in an actor)
+    step_after_seconds: float  # the same, measured again right after the window
     step_all_seconds: float  # best single-process step, BLAS at its default threads
     input_seconds: float  # per example: stream poll + batcher, in the driver
     apply_seconds: list[float]  # the server's time per applied update in the window
@@ -108,7 +109,9 @@ class Result(NamedTuple):
 
     @property
     def step_rate(self) -> float:
-        return self.row.batch / self.step_seconds
+        """Mean of the step's rates before and after the window: this host's speed drifts
+        by tens of percent over seconds, and the window lies between the two."""
+        return (self.row.batch / self.step_seconds + self.row.batch / self.step_after_seconds) / 2
 
 
 # ---------------------------------------------------------------- data
@@ -230,12 +233,15 @@ def actor_blas_threads(actor) -> str:
 # ---------------------------------------------------------------- measurements
 
 
-def measure_step(row: Row, seconds: float) -> tuple[float, float]:
-    """Best seconds of one single-process step, BLAS at one thread and at its default."""
+def measure_step(row: Row, seconds: float, all_threads: bool = True) -> tuple[float, float]:
+    """Best seconds of one single-process step, BLAS at one thread and (unless not
+    ``all_threads``: nan) at its default."""
     config = StepConfig(row.input_dim, row.batch)
     step = NumpyStep(config, "adam", Clipping(global_clipnorm=GLOBAL_CLIPNORM), inplace=True)
     with machine.limit_blas_threads(1):
         one, _ = machine.best_seconds_per_call(step.step, seconds=seconds)
+    if not all_threads:
+        return one, float("nan")
     default, _ = machine.best_seconds_per_call(step.step, seconds=seconds)
     return one, default
 
@@ -351,17 +357,19 @@ def run_row(row: Row, args: argparse.Namespace, dataset: Dataset, checkpoint_roo
         first, last = pipeline.window(args.warmup, args.seconds)
     finally:
         pipeline.close()
+    step_after_seconds, _ = measure_step(row, args.step_seconds, all_threads=False)
     seconds = last.time - first.time
     cpu = {label: (last.cpu[label] - first.cpu[label]) / seconds for label in last.cpu}
     stats = pipeline.last
     return Result(
         row=row,
-        max_inflight=1 if row.mode == "sync" else args.max_inflight,
+        max_inflight=inflight_for(cfg),
         max_staleness=args.max_staleness,
         examples=last.examples - first.examples,
         seconds=seconds,
         updates=last.updates - first.updates,
         step_seconds=step_seconds,
+        step_after_seconds=step_after_seconds,
         step_all_seconds=step_all_seconds,
         input_seconds=input_seconds,
         apply_seconds=pipeline.apply_seconds,
@@ -426,9 +434,10 @@ PROFILE_HEADERS = [
     "staleness mean",
     "refused stale/fenced",
     "detector events",
+    "step before/after",
     "step ex/s all threads",
 ]
-PROFILE_RIGHT = [False] + [True] * 16
+PROFILE_RIGHT = [False] + [True] * 17
 
 
 def throughput_rows(results: dict[Row, Result]) -> list[list[str]]:
@@ -490,6 +499,8 @@ def profile_rows(results: dict[Row, Result]) -> list[list[str]]:
                 f"{staleness:.2f}",
                 f"{result.counters.get('stale', 0)}/{result.counters.get('fenced', 0)}",
                 ", ".join(f"{k} {v}" for k, v in Counter(result.events).items()) or "-",
+                f"{machine.format_rate(row.batch / result.step_seconds)}/"
+                f"{machine.format_rate(row.batch / result.step_after_seconds)}",
                 machine.format_rate(row.batch / result.step_all_seconds),
             ]
         )
@@ -528,7 +539,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--step-seconds", type=float, default=1.0, help="budget of each single-process step timing"
     )
-    parser.add_argument("--max-inflight", type=int, default=2, help="async pushes in flight")
+    parser.add_argument(
+        "--max-inflight",
+        type=int,
+        default=TrainerConfig.max_inflight,
+        help="async pushes in flight (0 = the service's automatic choice)",
+    )
     parser.add_argument(
         "--max-staleness", type=int, default=TrainerConfig.max_staleness, help="service default"
     )
@@ -553,8 +569,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.step_seconds = 0.3
     if args.seconds <= 0 or args.warmup < 0 or args.step_seconds <= 0:
         parser.error("--seconds and --step-seconds must be > 0, --warmup >= 0")
-    if args.max_inflight < 1 or args.max_staleness < 0 or args.partitions < 2:
-        parser.error("--max-inflight >= 1, --max-staleness >= 0 and --partitions >= 2 required")
+    if args.max_inflight < 0 or args.max_staleness < 0 or args.partitions < 2:
+        parser.error("--max-inflight >= 0, --max-staleness >= 0 and --partitions >= 2 required")
     try:
         args.selected = select_rows(args.rows)
     except ValueError as error:
@@ -610,7 +626,8 @@ def run(args: argparse.Namespace) -> int:
             f"method: per row, the single-process step (bench/step.py NumpyStep, inplace Adam, "
             f"best of 5 windows in {args.step_seconds:g} s, BLAS 1 thread as in an actor), then "
             f"the pipeline: timing starts {args.warmup:g} s after the first applied update and "
-            f"runs {args.seconds:g} s; examples = the server's applied examples in that window"
+            f"runs {args.seconds:g} s; examples = the server's applied examples in that window; "
+            "then the step again (step ex/s is the mean of both)"
         )
         print("\n".join(lines), flush=True)
         for index, row in enumerate(rows):
@@ -636,7 +653,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"FAILED {row.name}: {reason}")
     print(f"load average at end (1/5/15 min): {machine.load_average()}")
     print(
-        "notes: step ex/s = batch / best single-process step (BLAS 1 thread); pipeline ex/s "
+        "notes: step ex/s = batch / best single-process step (BLAS 1 thread), the mean of "
+        "the rates measured before and after the window (shown apart in 'step before/after'; "
+        "this host's speed drifts over seconds); pipeline ex/s "
         "is the mean over the window, so pipeline/step is conservative. server apply = mean "
         "time of one applied update inside the server (stats()['step_seconds']); server "
         "busy = their sum / window. push round trip = median push -> reply time seen by the "

@@ -61,10 +61,26 @@ INLINE_PUSH_BYTES = 100_000
 MAX_COALESCE = 8
 
 
+def inflight_for(cfg: Config) -> int:
+    """Pushes a worker keeps in flight: 1 in sync mode, else as set, or automatic.
+
+    A single worker keeps two, so that it computes while its push travels; with several,
+    the others fill that time, and one push each leaves the staleness bound to more
+    batches per push: fewer Ray calls, which bound a small model's throughput, and
+    fewer stale refusals (2 workers on 2 cores, input 30, batch 256: 170k examples/s
+    against 118k with two in flight, bench/trainer.py).
+    """
+    if cfg.trainer.mode == "sync":
+        return 1
+    if cfg.trainer.max_inflight:
+        return cfg.trainer.max_inflight
+    return 2 if cfg.trainer.workers == 1 else 1
+
+
 def coalesce_for(cfg: Config, n_params: int) -> int:
     """Batches per push: 1 in sync mode, else as set, or as many as one inline message holds.
 
-    Automatic coalescing also keeps ``workers * max_inflight * coalesce`` within
+    Automatic coalescing also keeps ``workers * inflight_for(cfg) * coalesce`` within
     ``max_staleness``, the staleness that many batches in flight can reach, so that it
     does not turn into refusals.
     """
@@ -72,7 +88,7 @@ def coalesce_for(cfg: Config, n_params: int) -> int:
         return 1
     if cfg.trainer.coalesce:
         return cfg.trainer.coalesce
-    in_flight = cfg.trainer.workers * cfg.trainer.max_inflight
+    in_flight = cfg.trainer.workers * inflight_for(cfg)
     fits = INLINE_PUSH_BYTES // (4 * n_params)
     return max(1, min(MAX_COALESCE, fits, cfg.trainer.max_staleness // in_flight))
 
@@ -170,7 +186,7 @@ class Trainer:
             "max_latency_ms": cfg.batching.max_latency_ms,
             "adaptive": cfg.batching.adaptive,
         }
-        inflight = 1 if cfg.trainer.mode == "sync" else cfg.trainer.max_inflight
+        inflight = inflight_for(cfg)
         coalesce = coalesce_for(cfg, Network(**self.net_spec).n_params)
         wid = self._worker_id(index)
         self._generation += 1

@@ -220,7 +220,9 @@ class TrainerConfig(_Section):
     workers: int = _opt(2, "number of GradientWorker actors")
     mode: str = _opt("async", "apply pushes as they come or in rounds", choices=("async", "sync"))
     max_staleness: int = _opt(8, "oldest base version accepted, in versions behind")
-    max_inflight: int = _opt(2, "pushes a worker keeps in flight")
+    max_inflight: int = _opt(
+        0, "async pushes a worker keeps in flight (0 = 2 for a single worker, else 1)"
+    )
     coalesce: int = _opt(
         0, "batches per push in async mode (0 = as many as fit one 100 KB Ray message)"
     )
@@ -233,8 +235,8 @@ class TrainerConfig(_Section):
     updates: int = _opt(0, "stop after this many updates (0 = until the stream ends)")
 
     def _validate(self) -> None:
-        self._positive("workers", "max_inflight")
-        self._non_negative("max_staleness", "updates", "coalesce", "publish_every")
+        self._positive("workers")
+        self._non_negative("max_staleness", "updates", "coalesce", "publish_every", "max_inflight")
 
 
 @dataclass(frozen=True)

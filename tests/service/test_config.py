@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from service.app import coalesce_for, inflight_for
 from service.config import (
     Config,
     ConfigError,
@@ -142,6 +143,7 @@ def test_unknown_key_in_file_names_the_file_and_the_valid_keys(tmp_path):
         ({"kafka.topic": "bad topic"}, "kafka.topic='bad topic'"),
         ({"trainer.workers": 2.5}, "trainer.workers=2.5"),
         ({"trainer.workers": True}, "trainer.workers=True"),
+        ({"trainer.max_inflight": -1}, "trainer.max_inflight=-1"),
         ({"checkpoint.resume": "maybe"}, "checkpoint.resume='maybe'"),
         ({"optimizer.learning_rate": "nan"}, "optimizer.learning_rate=nan"),
     ],
@@ -376,3 +378,26 @@ def test_optimizer_kwargs(overrides, expected):
     # The names are the optimizers' own: the registry builds each one from them.
     optimizer = get_optimizer(cfg.optimizer.name, **cfg.optimizer.optimizer_kwargs())
     assert optimizer.learning_rate == cfg.optimizer.learning_rate
+
+
+@pytest.mark.parametrize(
+    ("overrides", "inflight", "coalesce"),
+    [
+        # One worker keeps two pushes in flight; several keep one each, and the staleness
+        # bound (8) left over goes to batches per push: 8 // (workers * in flight).
+        ({"trainer.workers": 1}, 2, 4),
+        ({"trainer.workers": 2}, 1, 4),
+        ({"trainer.workers": 4}, 1, 2),
+        ({"trainer.workers": 2, "trainer.max_inflight": 2}, 2, 2),
+        ({"trainer.workers": 2, "trainer.max_staleness": 16}, 1, 4),  # 100 KB: 4 batches
+        ({"trainer.workers": 2, "trainer.max_staleness": 2}, 1, 1),
+        ({"trainer.workers": 2, "trainer.coalesce": 3}, 1, 3),
+        ({"trainer.workers": 2, "trainer.mode": "sync", "trainer.max_inflight": 2}, 1, 1),
+    ],
+)
+def test_pushes_in_flight_and_batches_per_push(overrides, inflight, coalesce):
+    cfg = load_config(env={}, overrides=overrides)
+    assert inflight_for(cfg) == inflight
+    assert coalesce_for(cfg, n_params=6_000) == coalesce  # a small model: 24 KB a batch
+    # A large model's gradient alone fills a message: one batch per push.
+    assert coalesce_for(cfg, n_params=800_000) == (coalesce if cfg.trainer.coalesce else 1)
