@@ -898,6 +898,7 @@ def config_lines(cfg: Config, coalesce: int, overrides: dict[str, object]) -> li
     clip = [f"{n}={getattr(o, n)}" for n in ("clipnorm", "global_clipnorm", "clipvalue")]
     clip = [v for v in clip if not v.endswith("=0.0")] or ["no clipping"]
     shown = {key: value for key, value in overrides.items() if not key.startswith("kafka.")}
+    n_params = Network(input_dim=N_FEATURES, hidden=m.hidden, n_outputs=1).n_params
     return [
         "service config: the defaults of service/config.py, env ignored, with "
         + ", ".join(f"{key}={value}" for key, value in shown.items())
@@ -908,7 +909,7 @@ def config_lines(cfg: Config, coalesce: int, overrides: dict[str, object]) -> li
         f"  batching: batch_size={b.batch_size} min_batch={b.min_batch} "
         f"max_batch={b.max_batch} max_latency_ms={b.max_latency_ms:g} adaptive={b.adaptive}",
         f"  trainer: workers={t.workers} mode={t.mode} max_inflight={t.max_inflight} "
-        f"(resolved: {inflight_for(cfg)}) max_staleness={t.max_staleness} "
+        f"(resolved: {inflight_for(cfg, n_params)}) max_staleness={t.max_staleness} "
         f"coalesce={t.coalesce} (resolved: {coalesce} batches per push); "
         f"worker poll_records={POLL_RECORDS}",
         f"  checkpoint: every_updates={c.every_updates} every_seconds={c.every_seconds:g}; "

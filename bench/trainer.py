@@ -39,7 +39,7 @@ from workers.ingest.memory import (  # noqa: E402
     load_dataset,
     make_drift,
 )
-from workers.nn import optimizers  # noqa: E402
+from workers.nn import Network, optimizers  # noqa: E402
 
 GLOBAL_CLIPNORM = 3.0
 WORKERS = (1, 2)
@@ -363,7 +363,7 @@ def run_row(row: Row, args: argparse.Namespace, dataset: Dataset, checkpoint_roo
     stats = pipeline.last
     return Result(
         row=row,
-        max_inflight=inflight_for(cfg),
+        max_inflight=inflight_for(cfg, Network(**pipeline.trainer.net_spec).n_params),
         max_staleness=args.max_staleness,
         examples=last.examples - first.examples,
         seconds=seconds,

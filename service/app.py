@@ -61,26 +61,29 @@ INLINE_PUSH_BYTES = 100_000
 MAX_COALESCE = 8
 
 
-def inflight_for(cfg: Config) -> int:
+def inflight_for(cfg: Config, n_params: int) -> int:
     """Pushes a worker keeps in flight: 1 in sync mode, else as set, or automatic.
 
-    A single worker keeps two, so that it computes while its push travels; with several,
-    the others fill that time, and one push each leaves the staleness bound to more
-    batches per push: fewer Ray calls, which bound a small model's throughput, and
-    fewer stale refusals (2 workers on 2 cores, input 30, batch 256: 170k examples/s
-    against 118k with two in flight, bench/trainer.py).
+    Automatic: two, so that a worker computes while its push travels; but with several
+    workers and pushes that carry several batches (a small model), one: the others fill
+    that time, and one push each leaves the staleness bound to more batches per push,
+    hence fewer Ray calls (which bound a small model's throughput) and fewer stale
+    refusals (2 workers on 2 cores, input 30, batch 256: 170-182k examples/s against
+    118-144k with two in flight, bench/trainer.py). A large model's push carries one
+    batch whatever the bound, and its workers keep two in flight.
     """
     if cfg.trainer.mode == "sync":
         return 1
     if cfg.trainer.max_inflight:
         return cfg.trainer.max_inflight
-    return 2 if cfg.trainer.workers == 1 else 1
+    batches = cfg.trainer.coalesce or INLINE_PUSH_BYTES // (4 * n_params)
+    return 1 if cfg.trainer.workers > 1 and batches >= 2 else 2
 
 
 def coalesce_for(cfg: Config, n_params: int) -> int:
     """Batches per push: 1 in sync mode, else as set, or as many as one inline message holds.
 
-    Automatic coalescing also keeps ``workers * inflight_for(cfg) * coalesce`` within
+    Automatic coalescing also keeps ``workers * inflight_for(...) * coalesce`` within
     ``max_staleness``, the staleness that many batches in flight can reach, so that it
     does not turn into refusals.
     """
@@ -88,7 +91,7 @@ def coalesce_for(cfg: Config, n_params: int) -> int:
         return 1
     if cfg.trainer.coalesce:
         return cfg.trainer.coalesce
-    in_flight = cfg.trainer.workers * inflight_for(cfg)
+    in_flight = cfg.trainer.workers * inflight_for(cfg, n_params)
     fits = INLINE_PUSH_BYTES // (4 * n_params)
     return max(1, min(MAX_COALESCE, fits, cfg.trainer.max_staleness // in_flight))
 
@@ -186,8 +189,9 @@ class Trainer:
             "max_latency_ms": cfg.batching.max_latency_ms,
             "adaptive": cfg.batching.adaptive,
         }
-        inflight = inflight_for(cfg)
-        coalesce = coalesce_for(cfg, Network(**self.net_spec).n_params)
+        n_params = Network(**self.net_spec).n_params
+        inflight = inflight_for(cfg, n_params)
+        coalesce = coalesce_for(cfg, n_params)
         wid = self._worker_id(index)
         self._generation += 1
         actor = GradientWorkerActor.options(max_concurrency=2, num_cpus=1).remote(

@@ -221,7 +221,9 @@ class TrainerConfig(_Section):
     mode: str = _opt("async", "apply pushes as they come or in rounds", choices=("async", "sync"))
     max_staleness: int = _opt(8, "oldest base version accepted, in versions behind")
     max_inflight: int = _opt(
-        0, "async pushes a worker keeps in flight (0 = 2 for a single worker, else 1)"
+        0,
+        "async pushes a worker keeps in flight (0 = 2, or 1 when several workers push several"
+        " batches each)",
     )
     coalesce: int = _opt(
         0, "batches per push in async mode (0 = as many as fit one 100 KB Ray message)"

@@ -392,12 +392,20 @@ def test_optimizer_kwargs(overrides, expected):
         ({"trainer.workers": 2, "trainer.max_staleness": 16}, 1, 4),  # 100 KB: 4 batches
         ({"trainer.workers": 2, "trainer.max_staleness": 2}, 1, 1),
         ({"trainer.workers": 2, "trainer.coalesce": 3}, 1, 3),
+        ({"trainer.workers": 2, "trainer.coalesce": 1}, 2, 1),  # nothing to gain from one
         ({"trainer.workers": 2, "trainer.mode": "sync", "trainer.max_inflight": 2}, 1, 1),
     ],
 )
 def test_pushes_in_flight_and_batches_per_push(overrides, inflight, coalesce):
     cfg = load_config(env={}, overrides=overrides)
-    assert inflight_for(cfg) == inflight
-    assert coalesce_for(cfg, n_params=6_000) == coalesce  # a small model: 24 KB a batch
-    # A large model's gradient alone fills a message: one batch per push.
-    assert coalesce_for(cfg, n_params=800_000) == (coalesce if cfg.trainer.coalesce else 1)
+    small = 6_000  # parameters: 24 KB a batch, 4 fit one 100 KB push
+    assert inflight_for(cfg, small) == inflight
+    assert coalesce_for(cfg, small) == coalesce
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4])
+def test_a_large_model_pushes_one_batch_and_keeps_two_in_flight(workers):
+    cfg = load_config(env={}, overrides={"trainer.workers": workers})
+    large = 800_000  # 3.2 MB a gradient
+    assert coalesce_for(cfg, large) == 1
+    assert inflight_for(cfg, large) == 2
