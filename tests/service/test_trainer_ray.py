@@ -44,7 +44,7 @@ def test_digits_reach_95_percent_held_out_accuracy(
         assert stats["staleness"] == {0: pushes}
         # ... and averaged with the other worker's in one update (rounds of one happen
         # only while a worker starts or after it finished its partitions).
-        assert pushes >= 1.8 * stats["version"], (pushes, stats["version"])
+        assert pushes >= 1.5 * stats["version"], (pushes, stats["version"])
 
 
 def test_batches_stay_powers_of_two_under_adaptive_batching(
