@@ -63,10 +63,13 @@ FUSED = _load_fused()
 _EXECUTOR = None
 
 
+_CPU_COUNT = os.cpu_count() or 1
+
+
 def _update_threads() -> int:
     """Threads for one large fused update: 2 where the process may use two cores."""
     limit = os.environ.get("OMP_NUM_THREADS")  # Ray sets it to an actor's CPUs
-    cores = int(limit) if limit and limit.isdigit() else (os.cpu_count() or 1)
+    cores = int(limit) if limit and limit.isdigit() else _CPU_COUNT
     return min(2, cores)
 
 
@@ -75,7 +78,7 @@ def _executor():
     if _EXECUTOR is None:
         from concurrent.futures import ThreadPoolExecutor
 
-        _EXECUTOR = ThreadPoolExecutor(max_workers=2, thread_name_prefix="streamtrain-update")
+        _EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamtrain-update")
     return _EXECUTOR
 
 
@@ -437,7 +440,8 @@ class Optimizer:
                     self._kernel(sl, w, g, slots, new_w, new_slots, t, lr, scale, k + 1)
                 else:
                     item = w.dtype.itemsize
-                    at = [a + sl.start * item for a in addresses] + [_address(t)]
+                    change = _address(t) if with_info else None  # NULL: not kept
+                    at = [a + sl.start * item for a in addresses] + [change]
                     fused(sl.stop - sl.start, *at, *scalars)
                 if with_info:
                     sq.append(float(np.dot(t, t)))
@@ -445,10 +449,11 @@ class Optimizer:
 
         threads = _update_threads()
         if fused is not None and threads > 1 and len(chunks) >= 4:
-            # ctypes releases the GIL: the two halves of a large update run side by side.
+            # ctypes releases the GIL: the two halves of a large update run side by side,
+            # the second on the pool's thread, the first on this one.
             half = (len(chunks) + 1) // 2
-            parts = _executor().map(run, [chunks[:half], chunks[half:]])
-            squares = [x for part in parts for x in part]
+            second = _executor().submit(run, chunks[half:])
+            squares = run(chunks[:half]) + second.result()
         else:
             squares = run(chunks)
         step_sq = sum(squares)  # chunk order, whatever the threading
