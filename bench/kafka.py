@@ -367,8 +367,9 @@ def install_phase_timers(worker: GradientWorker, bin_s: float = PHASE_BIN_S) -> 
     worker.bench_phases = totals
 
 
-def wait_group_stable(bootstrap: str, group: str, members: int) -> None:
-    """Until the consumer group is Stable with ``members`` consumers."""
+def wait_group_stable(bootstrap: str, group: str, members: int, workers: list) -> None:
+    """Until the consumer group is Stable with ``members`` consumers; on the timeout,
+    the ``workers``' stats and thread stacks go to stderr before the error is raised."""
     admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","))
     deadline = time.perf_counter() + GROUP_TIMEOUT_S
     try:
@@ -390,6 +391,14 @@ def wait_group_stable(bootstrap: str, group: str, members: int) -> None:
                 if state == "Stable" and n == members:
                     return
             if time.perf_counter() > deadline:
+                for actor in workers:
+                    try:
+                        stats, stacks = ray.get(
+                            [actor.stats.remote(), actor.stacks.remote()], timeout=30
+                        )
+                    except Exception as error:  # noqa: BLE001 - a diagnostic, never the failure
+                        stats, stacks = f"unavailable: {error!r}", ""
+                    progress(f"worker stats: {stats}\n{stacks}")
                 raise RuntimeError(f"group {group}: {state} with {n} members after the timeout")
             time.sleep(0.2)
     finally:
@@ -492,7 +501,9 @@ def run_end_to_end(cfg: Config, dataset: Dataset, broker_pid: int | None) -> End
             ray.get([a.__ray_call__.remote(hold_partitions) for a in workers])
         ray.get([a.__ray_call__.remote(install_phase_timers) for a in workers])
         if kafka:
-            wait_group_stable(cfg.kafka.bootstrap_servers, cfg.kafka.group_id, len(workers))
+            wait_group_stable(
+                cfg.kafka.bootstrap_servers, cfg.kafka.group_id, len(workers), workers
+            )
             stable = time.perf_counter() - started
             ray.get([a.__ray_call__.remote(release_partitions) for a in workers])
         groups = {
@@ -655,7 +666,7 @@ def measure_freshness(
     round_trips: list[float] = []
     written: dict[str, float] = {}  # checkpoint path -> when it was written (time.time())
     try:
-        wait_group_stable(bootstrap, cfg.kafka.group_id, WORKERS)
+        wait_group_stable(bootstrap, cfg.kafka.group_id, WORKERS, workers)
         first_assignments = [
             len(a) for a in ray.get([a.__ray_call__.remote(assignments) for a in workers])
         ]

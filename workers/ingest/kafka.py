@@ -35,9 +35,11 @@ END_OFFSETS_EVERY_S = 1.0
 # commit and position) give up after this and are tried again later.
 CLIENT_TIMEOUT_MS = 10_000  # how often an idle source asks the broker where partitions end
 # kafka-python can lose the group coordinator for good after a broker or group upheaval:
-# its polls keep looking the coordinator up and never join again. A consumer without one
-# for this long is replaced by a new consumer, which joins the group afresh (nothing is
-# lost: an assigned partition starts at the parameter server's position).
+# its polls keep looking the coordinator up (or failing to join through it) and never join
+# again. A consumer outside the group for this long (no coordinator, or no stable
+# membership) is replaced by a new consumer, which joins the group afresh (nothing is
+# lost: an assigned partition starts at the parameter server's position). A rebalance
+# takes about 3 s with the timeouts above.
 COORDINATOR_LOST_S = 30.0
 CLOSE_TIMEOUT_MS = 10_000
 
@@ -103,8 +105,8 @@ class KafkaSource:
             (counted from the last record or the last assignment, whichever is later).
         session_timeout_ms, heartbeat_interval_ms, max_poll_interval_ms: group timing.
         client_id: name shown by the broker.
-        coordinator_lost_s: a consumer that has known no group coordinator for this long
-            is replaced by a new one (kafka-python may not find it again by itself).
+        coordinator_lost_s: a consumer out of its group this long (no coordinator, or not
+            joined) is replaced by a new one (kafka-python may never join again by itself).
     """
 
     def __init__(
@@ -171,19 +173,23 @@ class KafkaSource:
         consumer.subscribe([self.topic], listener=self._listener)
         return consumer
 
-    def _coordinator_known(self) -> bool:
-        """Whether the consumer knows its group coordinator now.
+    def _in_group(self) -> bool:
+        """Whether the consumer is a member of its group now: it knows the coordinator
+        and has joined the current generation (its assignment may be empty).
 
-        kafka-python exposes this only on its coordinator object; where that is not
-        there to read (another version), the answer is yes and nothing is ever replaced.
+        kafka-python exposes this only on its coordinator object; what is not there to
+        read (another version) counts as yes, so nothing is replaced on its account.
         """
         coordinator = getattr(self.consumer, "_coordinator", None)
-        return getattr(coordinator, "coordinator_id", 0) is not None
+        if getattr(coordinator, "coordinator_id", 0) is None:
+            return False
+        stable = getattr(coordinator, "stable", None)
+        return bool(stable()) if callable(stable) else True
 
     def _watch_coordinator(self) -> None:
-        """Replace a consumer that has had no group coordinator for ``coordinator_lost_s``."""
+        """Replace a consumer that has been out of the group for ``coordinator_lost_s``."""
         now = time.monotonic()
-        if self._coordinator_known():
+        if self._in_group():
             self._coordinator_lost_at = None
             return
         if self._coordinator_lost_at is None:
@@ -200,7 +206,8 @@ class KafkaSource:
             return
         old_listener.source = None  # the old consumer's leaving is no news to this source
         log.warning(
-            "no group coordinator for %.0f s: the consumer is replaced and joins again",
+            "out of the group (no coordinator or no stable membership) for %.0f s: "
+            "the consumer is replaced and joins again",
             now - self._coordinator_lost_at,
         )
         old, self.consumer = self.consumer, fresh

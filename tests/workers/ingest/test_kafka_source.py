@@ -6,6 +6,7 @@ import time
 import numpy as np
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.structs import MemberState
 
 from workers.ingest.batcher import PowerOfTwoBatcher
 from workers.ingest.codec import Schema, encode_binary, encode_json
@@ -198,6 +199,30 @@ def test_idle_time_counts_from_the_assignment_not_from_the_start(bootstrap):
         source.close()
 
 
+def test_group_membership_is_read_from_the_consumer(bootstrap):
+    """What the replacement watches: a known coordinator and a joined generation."""
+    topic = "source-membership"
+    ensure_topic({"bootstrap_servers": [bootstrap]}, topic, 1)
+    send(bootstrap, topic, [encode_json([0.0, 1.0, 2.0], 1)])
+    source = source_for(bootstrap, topic, "membership")
+    try:
+        poll_rows(source, 1)
+        assert source._in_group()
+        coordinator = source.consumer._coordinator
+        state, coordinator_id = coordinator.state, coordinator.coordinator_id
+        try:  # kafka-python's own readings of a member stuck mid-rebalance, or lost
+            coordinator.state = MemberState.REBALANCING
+            assert not source._in_group()
+            coordinator.state = state
+            coordinator.coordinator_id = None
+            assert not source._in_group()
+        finally:
+            coordinator.state, coordinator.coordinator_id = state, coordinator_id
+        assert source._in_group()
+    finally:
+        source.close()
+
+
 def test_a_consumer_without_group_coordinator_is_replaced_and_joins_again(bootstrap):
     """kafka-python may never find a lost coordinator again: the source replaces it."""
     topic = "source-lost-coordinator"
@@ -211,8 +236,8 @@ def test_a_consumer_without_group_coordinator_is_replaced_and_joins_again(bootst
         poll_rows(source, 2)
         first = source.consumer
         assert source.assignment() == [(topic, 0)]
-        # The state kafka-python gets stuck in, as seen from the source: no coordinator.
-        source._coordinator_known = lambda: False
+        # The state kafka-python gets stuck in, as seen from the source: out of the group.
+        source._in_group = lambda: False
         after = []  # chunks read once the consumer is replaced
         deadline = time.monotonic() + DEADLINE_S
         while source.consumer is first:
@@ -220,7 +245,7 @@ def test_a_consumer_without_group_coordinator_is_replaced_and_joins_again(bootst
             after += source.poll(100, 0.2)
         assert source.consumer_replacements == 1
         assert revoked == [(topic, 0)]  # once, by the source: the old consumer is detached
-        del source._coordinator_known  # the new consumer finds its coordinator
+        del source._in_group  # the new consumer joins
         send(bootstrap, topic, [encode_json([0.0, 1.0, 2.0], 2)] * 3)
         while sum(len(c.offsets) for c in after) < 5:
             assert time.monotonic() < deadline, "the new consumer read too little"
