@@ -423,7 +423,8 @@ class ParameterServer:
             recomputed: the batch was refused before and is pushed again.
             report: the worker's own observations since its last push: ``accuracy``
                 (of this batch, before training on it), ``push_seconds`` (round trips),
-                ``lag`` (records behind per partition), ``rejected`` (records per reason).
+                ``lag`` (records behind per partition). Bad records are reported apart
+                (``claim_rejections``).
             seq: the worker's push number (0, 1, 2, ...). A threaded actor may start a
                 worker's pushes out of order; the server handles them in ``seq`` order
                 (waiting up to ``ORDER_WAIT_SECONDS`` for a missing one), so in-flight

@@ -25,6 +25,7 @@ from workers.nn import Network
 APPLIED, STALE, FENCED, NONFINITE, PAUSED = "applied", "stale", "fenced", "nonfinite", "paused"
 PAUSE_RETRY_SECONDS = 0.5  # while the server is paused, how often a worker asks again
 MAX_RECOMPUTE = 8  # stale refusals of one batch in a row before re-reading from the source
+POLL_BYTES = 8 << 20  # feature bytes one poll may gather (rows x input_dim x itemsize)
 
 
 def make_source(spec: Mapping[str, Any], on_assign=None, on_revoke=None, claim=None) -> Source:
@@ -70,7 +71,8 @@ class GradientWorker:
         source_spec: see ``make_source``.
         batching: ``PowerOfTwoBatcher`` arguments.
         max_inflight: pushes awaiting a reply at once (1 in sync mode).
-        poll_records: most records taken from the source per poll.
+        poll_records: most records taken from the source per poll (fewer when their
+            rows would exceed ``POLL_BYTES``).
         coalesce: batches computed on the same parameters and pushed in one call (the
             server still applies each as its own update): a Ray call costs about a
             millisecond, so small models push several batches per call.
@@ -107,7 +109,10 @@ class GradientWorker:
             raise ValueError(f"`coalesce` must be >= 1. Received: coalesce={coalesce}")
         self.coalesce = int(coalesce)
         self.max_inflight = int(max_inflight)
-        self.poll_records = int(poll_records)
+        # A wide model's rows are large: a poll of 4,096 rows of 12,288 floats would be
+        # 200 MB gathered at once (fresh pages, out of cache by the time they train).
+        row_bytes = self.net.input_dim * np.dtype(self.net.dtype).itemsize
+        self.poll_records = max(1, min(int(poll_records), POLL_BYTES // max(row_bytes, 1)))
         self._stop = threading.Event()
         self._version = -1
         self._params = None
