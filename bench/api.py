@@ -31,7 +31,7 @@ import ray  # noqa: E402
 from prometheus_client import CollectorRegistry  # noqa: E402
 
 from bench import machine  # noqa: E402
-from service.api import ModelCache, start_api, trainer_info  # noqa: E402
+from service.api import LATENCY_BUCKETS, ModelCache, start_api, trainer_info  # noqa: E402
 from service.app import Trainer, ensure_ray, resolve_dataset  # noqa: E402
 from service.config import Config, load_config  # noqa: E402
 
@@ -157,6 +157,32 @@ class GcPauses:
         )
 
 
+def handler_buckets(registry: CollectorRegistry) -> dict[float, float]:
+    """Cumulative /predict counts per upper bound of the API's own duration histogram
+    (ASGI middleware: from the app's call to the response start, in the service)."""
+    name = "streamtrain_api_request_duration_seconds_bucket"
+    counts = {}
+    for bound in (*LATENCY_BUCKETS, float("inf")):
+        le = "+Inf" if bound == float("inf") else repr(float(bound))
+        value = registry.get_sample_value(name, {"endpoint": "/predict", "le": le})
+        counts[bound] = value or 0.0
+    return counts
+
+
+def handler_summary(before: dict[float, float], after: dict[float, float]) -> str:
+    """How many requests of a phase took the handler over 5, 10 and 20 ms, and its p99 bound."""
+    total = after[float("inf")] - before[float("inf")]
+    if not total:
+        return "no requests recorded"
+    within = {b: after[b] - before[b] for b in after}
+    over = {ms: total - within[ms / 1e3] for ms in (5, 10, 20)}
+    p99 = next(b for b in sorted(within) if within[b] >= 0.99 * total)
+    return (
+        f"{total:.0f} requests; over 5 ms: {over[5]:.0f}, over 10 ms: {over[10]:.0f}, "
+        f"over 20 ms: {over[20]:.0f}; p99 <= {_ms(p99)} ms (bucket bound)"
+    )
+
+
 class Poller:
     """The service's loop: supervise the workers and fold stats() in, every 0.5 s."""
 
@@ -280,8 +306,10 @@ def run(args: argparse.Namespace) -> int:
 
             gc_pauses = GcPauses()
             t = time.perf_counter()
+            buckets = handler_buckets(registry)
             single = client.apply(paced_client, (api.url, singles, args.rate, args.seconds))
             single_rate = poller.rate(t, time.perf_counter())
+            single_handler = handler_summary(buckets, handler_buckets(registry))
             single_gc = gc_pauses.summary()
             gc_pauses.clear()
 
@@ -318,6 +346,7 @@ def run(args: argparse.Namespace) -> int:
         f"  client timer lateness ({len(single['lateness'])} sends not held up by the server): "
         f"p50 {_ms(l50)} ms  p99 {_ms(l99)} ms  max {_ms(lworst)} ms (excluded above)"
     )
+    print(f"  in the service (request to response start, its own histogram): {single_handler}")
     print(f"  service-process GC pauses meanwhile: {single_gc}")
     b50, b99, bworst = _quantiles(batch["latencies"])
     predictions = batch["requests"] * args.batch / batch["elapsed"]
