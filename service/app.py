@@ -68,7 +68,7 @@ def inflight_for(cfg: Config, n_params: int) -> int:
     workers and pushes that carry several batches (a small model), one: the others fill
     that time, and one push each leaves the staleness bound to more batches per push,
     hence fewer Ray calls (which bound a small model's throughput) and fewer stale
-    refusals (2 workers on 2 cores, input 30, batch 256: 170-182k examples/s against
+    refusals (2 workers on 2 cores, input 30, batch 256: 145-182k examples/s against
     118-144k with two in flight, bench/trainer.py). A large model's push carries one
     batch whatever the bound, and its workers keep two in flight.
     """

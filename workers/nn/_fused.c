@@ -38,7 +38,7 @@
             } else {                                                                       \
                 v2[i] = v[i];                                                              \
             }                                                                              \
-            if (d) d[i] = step;                                                              \
+            if (d) d[i] = step;                                                            \
             w2[i] = w[i] + step;                                                           \
         }                                                                                  \
     }                                                                                      \
@@ -49,7 +49,7 @@
             T Vi = V[i] * b1 + g[i] * c; /* V = b1 * V + (1 - b1) * g */                    \
             V2[i] = Vi;                                                                    \
             T step = Vi * neg_lr;                                                          \
-            if (d) d[i] = step;                                                              \
+            if (d) d[i] = step;                                                            \
             w2[i] = w[i] + step;                                                           \
         }                                                                                  \
     }                                                                                      \
@@ -61,7 +61,7 @@
             T Si = S[i] * rho + t * t; /* S = rho * S + (1 - rho) * g^2 */                  \
             S2[i] = Si;                                                                    \
             T step = (g[i] / SQRT(Si + eps)) * neg_lr_s;                                   \
-            if (d) d[i] = step;                                                              \
+            if (d) d[i] = step;                                                            \
             w2[i] = w[i] + step;                                                           \
         }                                                                                  \
     }                                                                                      \
@@ -76,7 +76,7 @@
             m2[i] = mi;                                                                    \
             v2[i] = vi;                                                                    \
             T step = (mi / (SQRT(vi) + eps)) * neg_lr_t;                                   \
-            if (d) d[i] = step;                                                              \
+            if (d) d[i] = step;                                                            \
             w2[i] = w[i] + step;                                                           \
         }                                                                                  \
     }
