@@ -18,8 +18,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import numpy as np
-
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -36,6 +34,7 @@ from workers.ingest.memory import (  # noqa: E402
     Dataset,
     MemoryStream,
     assign_partitions,
+    linear_dataset,
     load_dataset,
     make_drift,
 )
@@ -117,35 +116,6 @@ class Result(NamedTuple):
 # ---------------------------------------------------------------- data
 
 
-def wide_dataset(input_dim: int, n: int = WIDE_EXAMPLES, seed: int = 0) -> Dataset:
-    """A synthetic replayable data set: x ~ N(0, I) float32, labels of a random linear teacher.
-
-    Args:
-        input_dim: features per example.
-        n: training examples, replayed pass after pass by MemoryStream.
-        seed: seed of the features and the teacher.
-
-    Returns:
-        A Dataset with x_train (n, input_dim) float32, y_train (n,) float32 0/1, no test split.
-    """
-    rng = np.random.default_rng([seed, input_dim])
-    x = rng.standard_normal((n, input_dim), dtype=np.float32)  # (n, d)
-    w = rng.standard_normal(input_dim).astype(np.float32)  # (d,)
-    y = (x @ w > 0.0).astype(np.float32)  # (n,)
-    return Dataset(
-        x_train=x,
-        y_train=y,
-        x_test=x[:0],
-        y_test=y[:0],
-        output="sigmoid",
-        n_outputs=1,
-        n_features=input_dim,
-        name=f"synthetic{input_dim}",
-        mean=np.zeros(input_dim, np.float32),
-        std=np.ones(input_dim, np.float32),
-    )
-
-
 def row_dataset(input_dim: int, source30: str, cache: dict[int, Dataset]) -> Dataset:
     """The data set streamed for an input width (built once per width and run)."""
     if input_dim not in cache:
@@ -154,7 +124,7 @@ def row_dataset(input_dim: int, source30: str, cache: dict[int, Dataset]) -> Dat
         elif input_dim == 30 and source30 == "drift":
             cache[input_dim] = make_drift(n_features=30, length=DRIFT_LENGTH, test_fraction=1e-6)
         else:
-            cache[input_dim] = wide_dataset(input_dim)
+            cache[input_dim] = linear_dataset(input_dim, WIDE_EXAMPLES)
     return cache[input_dim]
 
 

@@ -138,6 +138,35 @@ def load_dataset(name: str, test_fraction: float = 0.2, seed: int = 0) -> Datase
     )
 
 
+def linear_dataset(input_dim: int, n: int, seed: int = 0) -> Dataset:
+    """A synthetic replayable data set: x ~ N(0, I) float32, labels of a random linear teacher.
+
+    Args:
+        input_dim: features per example.
+        n: training examples, replayed pass after pass by MemoryStream.
+        seed: seed of the features and the teacher.
+
+    Returns:
+        A Dataset with x_train (n, input_dim) float32, y_train (n,) float32 0/1, no test split.
+    """
+    rng = np.random.default_rng([seed, input_dim])
+    x = rng.standard_normal((n, input_dim), dtype=np.float32)  # (n, d)
+    w = rng.standard_normal(input_dim).astype(np.float32)  # (d,)
+    y = (x @ w > 0.0).astype(np.float32)  # (n,)
+    return Dataset(
+        x_train=x,
+        y_train=y,
+        x_test=x[:0],
+        y_test=y[:0],
+        output="sigmoid",
+        n_outputs=1,
+        n_features=input_dim,
+        name=f"synthetic{input_dim}",
+        mean=np.zeros(input_dim, np.float32),
+        std=np.ones(input_dim, np.float32),
+    )
+
+
 def make_drift(
     n_features: int = 20,
     n_classes: int = 2,
