@@ -61,6 +61,11 @@ INLINE_PUSH_BYTES = 100_000
 MAX_COALESCE = 8
 
 
+def _batches_per_message(n_params: int) -> int:
+    """Float32 gradients of ``n_params`` that fit one inline push message."""
+    return INLINE_PUSH_BYTES // (4 * n_params)
+
+
 def inflight_for(cfg: Config, n_params: int) -> int:
     """Pushes a worker keeps in flight: 1 in sync mode, else as set, or automatic.
 
@@ -76,7 +81,7 @@ def inflight_for(cfg: Config, n_params: int) -> int:
         return 1
     if cfg.trainer.max_inflight:
         return cfg.trainer.max_inflight
-    batches = cfg.trainer.coalesce or INLINE_PUSH_BYTES // (4 * n_params)
+    batches = cfg.trainer.coalesce or _batches_per_message(n_params)
     return 1 if cfg.trainer.workers > 1 and batches >= 2 else 2
 
 
@@ -92,7 +97,7 @@ def coalesce_for(cfg: Config, n_params: int) -> int:
     if cfg.trainer.coalesce:
         return cfg.trainer.coalesce
     in_flight = cfg.trainer.workers * inflight_for(cfg, n_params)
-    fits = INLINE_PUSH_BYTES // (4 * n_params)
+    fits = _batches_per_message(n_params)
     return max(1, min(MAX_COALESCE, fits, cfg.trainer.max_staleness // in_flight))
 
 
