@@ -133,6 +133,7 @@ class EndToEnd(NamedTuple):
     cpu: dict[str, float]  # process group -> cores used over the window
     phases: dict[str, tuple[int, float, float]]  # worker step -> (calls, wall s, cpu s), window
     coalesce: int  # batches per push
+    inflight: int  # pushes a worker keeps in flight
 
     @property
     def rate(self) -> float:
@@ -544,6 +545,7 @@ def run_end_to_end(cfg: Config, dataset: Dataset, broker_pid: int | None) -> End
     cpu = {k: (last[3][k] - first[3][k]) / window for k in first[3] if k != "machine"}
     cpu["other"] = max(0.0, (last[3]["machine"] - first[3]["machine"]) / window - sum(cpu.values()))
     counters = trainer.record.last["counters"]
+    n_params = Network(**network_spec(cfg, dataset)).n_params
     return EndToEnd(
         examples=final - first[1],
         seconds=window,
@@ -557,7 +559,8 @@ def run_end_to_end(cfg: Config, dataset: Dataset, broker_pid: int | None) -> End
         server_busy=sum(s for t, s in updates if first[0] < t <= last[0]) / window,
         cpu=cpu,
         phases=window_phases(bins, first[0], last[0]),
-        coalesce=coalesce_for(cfg, Network(**network_spec(cfg, dataset)).n_params),
+        coalesce=coalesce_for(cfg, n_params),
+        inflight=inflight_for(cfg, n_params),
     )
 
 
@@ -903,13 +906,14 @@ def freshness_line(fresh: Freshness, max_latency_ms: float) -> str:
     )
 
 
-def config_lines(cfg: Config, coalesce: int, overrides: dict[str, object]) -> list[str]:
+def config_lines(
+    cfg: Config, coalesce: int, inflight: int, overrides: dict[str, object]
+) -> list[str]:
     b, t, m, o = cfg.batching, cfg.trainer, cfg.model, cfg.optimizer
     c, k = cfg.checkpoint, cfg.kafka
     clip = [f"{n}={getattr(o, n)}" for n in ("clipnorm", "global_clipnorm", "clipvalue")]
     clip = [v for v in clip if not v.endswith("=0.0")] or ["no clipping"]
     shown = {key: value for key, value in overrides.items() if not key.startswith("kafka.")}
-    n_params = Network(input_dim=N_FEATURES, hidden=m.hidden, n_outputs=1).n_params
     return [
         "service config: the defaults of service/config.py, env ignored, with "
         + ", ".join(f"{key}={value}" for key, value in shown.items())
@@ -920,7 +924,7 @@ def config_lines(cfg: Config, coalesce: int, overrides: dict[str, object]) -> li
         f"  batching: batch_size={b.batch_size} min_batch={b.min_batch} "
         f"max_batch={b.max_batch} max_latency_ms={b.max_latency_ms:g} adaptive={b.adaptive}",
         f"  trainer: workers={t.workers} mode={t.mode} max_inflight={t.max_inflight} "
-        f"(resolved: {inflight_for(cfg, n_params)}) max_staleness={t.max_staleness} "
+        f"(resolved: {inflight}) max_staleness={t.max_staleness} "
         f"coalesce={t.coalesce} (resolved: {coalesce} batches per push); "
         f"worker poll_records={POLL_RECORDS}",
         f"  checkpoint: every_updates={c.every_updates} every_seconds={c.every_seconds:g}; "
@@ -1120,14 +1124,14 @@ def measure(args: argparse.Namespace, lines: list[str], bootstrap: str, broker_p
     overrides = service_overrides(
         bootstrap, "-", "-", "<new temp dir>", IDLE_EXIT_S, "kafka", extra=args.set
     )
-    coalesce = next(iter(e2e.values())).coalesce
+    resolved = next(iter(e2e.values()))  # the same trainer settings in every run
     lines += [
         f"ray: {ray.__version__}, local, {resources.get('CPU', 0):g} logical CPUs (server "
         f"num_cpus=0, each worker num_cpus=1); kafka-python {kafka_python.__version__}",
         f"data: {args.examples:,} synthetic examples per topic, x ~ N(0, I_{N_FEATURES}) float32, "
         f"y = (x @ w > 0), w ~ N(0, I) (seed 0); {TEST_EXAMPLES:,} more held out for accuracy; "
         f"topics of {PARTITIONS} partitions written by service.produce.produce (round-robin)",
-        *config_lines(memory_cfg, coalesce, overrides),
+        *config_lines(memory_cfg, resolved.coalesce, resolved.inflight, overrides),
         f"raw ceiling: the faster of {RAW_READS} whole reads by one KafkaConsumer in this "
         f"process, no group, all {PARTITIONS} partitions assigned from the beginning, "
         f"poll(max_records={POLL_RECORDS}), one Codec.decode_many per partition per poll, no "

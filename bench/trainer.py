@@ -203,17 +203,15 @@ def actor_blas_threads(actor) -> str:
 # ---------------------------------------------------------------- measurements
 
 
-def measure_step(row: Row, seconds: float, all_threads: bool = True) -> tuple[float, float]:
-    """Best seconds of one single-process step, BLAS at one thread and (unless not
-    ``all_threads``: nan) at its default."""
+def measure_step(row: Row, seconds: float, one_thread: bool) -> float:
+    """Best seconds of one single-process step, BLAS at one thread (as in an actor) or
+    at its default."""
     config = StepConfig(row.input_dim, row.batch)
     step = NumpyStep(config, "adam", Clipping(global_clipnorm=GLOBAL_CLIPNORM), inplace=True)
+    if not one_thread:
+        return machine.best_seconds_per_call(step.step, seconds=seconds)[0]
     with machine.limit_blas_threads(1):
-        one, _ = machine.best_seconds_per_call(step.step, seconds=seconds)
-    if not all_threads:
-        return one, float("nan")
-    default, _ = machine.best_seconds_per_call(step.step, seconds=seconds)
-    return one, default
+        return machine.best_seconds_per_call(step.step, seconds=seconds)[0]
 
 
 def measure_input(dataset: Dataset, row: Row, partitions: int, seconds: float) -> float:
@@ -318,7 +316,8 @@ class Pipeline:
 
 def run_row(row: Row, args: argparse.Namespace, dataset: Dataset, checkpoint_root: str) -> Result:
     """Measure the single-process step, the input path, then the pipeline, side by side."""
-    step_seconds, step_all_seconds = measure_step(row, args.step_seconds)
+    step_seconds = measure_step(row, args.step_seconds, one_thread=True)
+    step_all_seconds = measure_step(row, args.step_seconds, one_thread=False)
     with machine.limit_blas_threads(1):
         input_seconds = measure_input(dataset, row, args.partitions, args.step_seconds / 2)
     cfg = row_config(row, args, tempfile.mkdtemp(dir=checkpoint_root), passes_for(dataset))
@@ -327,7 +326,7 @@ def run_row(row: Row, args: argparse.Namespace, dataset: Dataset, checkpoint_roo
         first, last = pipeline.window(args.warmup, args.seconds)
     finally:
         pipeline.close()
-    step_after_seconds, _ = measure_step(row, args.step_seconds, all_threads=False)
+    step_after_seconds = measure_step(row, args.step_seconds, one_thread=True)
     seconds = last.time - first.time
     cpu = {label: (last.cpu[label] - first.cpu[label]) / seconds for label in last.cpu}
     stats = pipeline.last
