@@ -152,6 +152,20 @@ def host_cpu_seconds() -> float | None:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
+def steal_seconds() -> float | None:
+    """CPU seconds the hypervisor has kept this virtual machine's CPUs from running since
+    boot (/proc/stat "steal", summed over CPUs), or None off Linux.
+
+    While it grows, every process here stalls at once, however idle the guest is.
+    """
+    try:
+        with open("/proc/stat") as stat:
+            fields = stat.readline().split()
+    except OSError:
+        return None
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+
+
 def process_cpu_seconds(pid: int) -> float:
     """CPU seconds (user + system, all threads) that process `pid` has used; 0.0 once gone."""
     try:

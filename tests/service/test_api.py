@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Gauge
+from pydantic import ValidationError
 from schemathesis.checks import (
     content_type_conformance,
     not_a_server_error,
@@ -20,7 +22,7 @@ from schemathesis.checks import (
 )
 from schemathesis.generation.modes import GenerationMode
 
-from service.api import ModelCache, start_api, trainer_info
+from service.api import ModelCache, PredictRequest, _plain_x, start_api, trainer_info
 from service.checkpoint import Checkpoint, save_checkpoint
 from service.config import ApiConfig
 from workers.ingest.memory import load_dataset
@@ -186,6 +188,74 @@ def test_non_finite_parameters_answer_503(model, serve):
     reply = post_json(client, {"x": [0.0] * 64})
     assert reply.status_code == 503
     assert "non-finite parameters" in reply.json()["detail"]
+
+
+# ---------------------------------------------------------------- the fast path
+
+# JSON values with the shapes and oddities a /predict body may hold.
+json_numbers = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.booleans(),
+)
+json_values = st.recursive(
+    st.one_of(json_numbers, st.none(), st.text(max_size=3)),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=2), inner),
+    max_leaves=12,
+)
+bodies = st.one_of(
+    st.fixed_dictionaries({"x": json_values}),
+    st.fixed_dictionaries({"x": st.lists(json_numbers, max_size=4)}),
+    st.fixed_dictionaries({"x": st.lists(st.lists(json_numbers, max_size=3), max_size=3)}),
+    st.dictionaries(st.sampled_from(["x", "y"]), json_values, max_size=2),
+    json_values,
+)
+
+
+@given(body=bodies)
+@settings(max_examples=600, deadline=None)
+def test_fast_path_takes_only_bodies_the_request_model_accepts(body):
+    """Whatever ``_plain_x`` lets past FastAPI, ``PredictRequest`` accepts with the same x;
+    and a plain body of numbers is never sent the long way."""
+    text = json.dumps(body)  # NaN and Infinity as JSON's extensions, as a client may send
+    fast = _plain_x(json.loads(text))
+    try:
+        model = PredictRequest.model_validate_json(text)
+    except ValidationError:
+        model = None
+    if fast is not None:
+        assert model is not None, text
+        assert model.x == fast
+    elif model is not None:  # what the request model takes and the fast path leaves
+        rows = model.x if isinstance(model.x[0], list) else [model.x]
+        assert any(abs(v) > 2**53 for row in rows for v in row), text
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"x": [0.5, -1, 3]},
+        {"x": [[0.5, -1, 3], [0, 0, 1e30]]},
+        {"x": [0.1] * 4},  # wrong dimension: a 422 from predict_response
+        {"x": [[0.1] * 3] * 9},  # over max_batch
+        {"x": [1e300, 0, 0]},  # beyond float32
+    ],
+)
+def test_fast_path_answers_as_the_endpoint_does(body, serve):
+    """The same body sent as ``application/json`` (the fast path) and with a charset
+    parameter (FastAPI's routing and validation) gets the same status and bytes."""
+    net = Network(3, (4,), "softmax", 3)
+    params, moving = net.init(2)
+    model = {"version": 7, "params": params, "moving": moving, "network": net.spec()}
+    _, client = serve(ModelCache.from_model(model), max_batch=8)
+    text = json.dumps(body)
+    fast = client.post("/predict", content=text, headers={"content-type": "application/json"})
+    slow = client.post(
+        "/predict", content=text, headers={"content-type": "application/json; charset=utf-8"}
+    )
+    assert fast.status_code == slow.status_code
+    assert fast.content == slow.content
+    assert fast.headers["content-type"] == slow.headers["content-type"]
 
 
 # ---------------------------------------------------------------- 4xx
