@@ -79,6 +79,7 @@ class Snapshot(NamedTuple):
     updates: int  # applied, cumulative
     cpu: dict[str, float]  # process label -> user+system CPU seconds
     busy: float  # whole machine: non-idle CPU seconds over all cores
+    steal: float  # whole machine: CPU seconds the hypervisor kept from its CPUs
 
 
 class Result(NamedTuple):
@@ -98,6 +99,7 @@ class Result(NamedTuple):
     push_seconds: list[float]  # the workers' push -> reply round trips in the window
     cpu: dict[str, float]  # process label -> share of one core over the window
     machine_busy: float  # share of all cores busy over the window (any process)
+    machine_steal: float  # share of all cores' time the hypervisor took in the window
     staleness: dict[int, int]  # staleness -> applied pushes, whole run
     counters: dict[str, int]  # server counters, whole run
     events: list[str]  # divergence detector events (rising, diverged, ...), whole run
@@ -275,6 +277,7 @@ class Pipeline:
             int(stats["counters"]["applied"]),
             cpu,
             machine.host_cpu_seconds() or 0.0,
+            machine.steal_seconds() or 0.0,
         )
 
     def wait_first_update(self) -> None:
@@ -345,6 +348,7 @@ def run_row(row: Row, args: argparse.Namespace, dataset: Dataset, checkpoint_roo
         push_seconds=pipeline.push_seconds,
         cpu=cpu,
         machine_busy=(last.busy - first.busy) / seconds / machine.usable_cores(),
+        machine_steal=(last.steal - first.steal) / seconds / machine.usable_cores(),
         staleness={int(k): v for k, v in stats["staleness"].items()},
         counters=dict(stats["counters"]),
         events=list(pipeline.events),
@@ -400,13 +404,14 @@ PROFILE_HEADERS = [
     "cpu ray",
     "cpu driver",
     "cpu other jobs",
+    "hypervisor steal",
     "staleness mean",
     "refused stale/fenced",
     "detector events",
     "step before/after",
     "step ex/s all threads",
 ]
-PROFILE_RIGHT = [False] + [True] * 17
+PROFILE_RIGHT = [False] + [True] * 18
 
 
 def throughput_rows(results: dict[Row, Result]) -> list[list[str]]:
@@ -465,6 +470,7 @@ def profile_rows(results: dict[Row, Result]) -> list[list[str]]:
                 f"{100 * result.cpu['ray']:.0f}%",
                 f"{100 * result.cpu['driver']:.0f}%",
                 f"{100 * other:.0f}%",
+                f"{100 * result.machine_steal:.1f}%",
                 f"{staleness:.2f}",
                 f"{result.counters.get('stale', 0)}/{result.counters.get('fenced', 0)}",
                 ", ".join(f"{k} {v}" for k, v in Counter(result.events).items()) or "-",
@@ -633,7 +639,10 @@ def run(args: argparse.Namespace) -> int:
         "cutting per example, measured in the driver. cpu/ex = CPU time of the server, "
         "workers, driver and Ray per example (less sensitive to other jobs than examples/s). "
         "cpu = share of one core per process over the window; ray = raylet, GCS, agents and "
-        "idle Ray workers; other jobs = the rest of the machine. staleness, refusals and "
+        "idle Ray workers; other jobs = the rest of the machine; hypervisor steal = share of "
+        "all cores' time the host ran something else while this machine wanted to run (in "
+        "other jobs too): Ray's message passing sleeps and wakes CPUs, and each wake-up "
+        "waits for the host then. staleness, refusals and "
         "detector events (divergence.action=alert here) count the whole run. Targets are "
         "informational."
     )
