@@ -23,8 +23,12 @@ _SEED_TEST = 4
 DRIFT_BLOCK = 1024
 # Scale of the teacher's first layer: pre-activations of std ~1.5, well into tanh's bend.
 _TEACHER_GAIN = 1.5
-# Permutations kept per stream; a poll touches only a few consecutive passes.
+# Permutations (one per pass) kept per stream: at least 4, else as many as fit 8 MiB. On a
+# small data set one poll spans many passes of each of its partitions (768 records of one
+# of 4 partitions: 7 passes of breast cancer's 455 rows), and the partitions read them in
+# turn: 4 kept, each pass's permutation was drawn 4 times over.
 _PERMUTATION_CACHE = 4
+_PERMUTATION_CACHE_BYTES = 8 << 20
 
 
 class DriftSpec(NamedTuple):
@@ -510,7 +514,9 @@ class MemoryStream:
         if perm is None:
             n = len(self.dataset.x_train)
             perm = np.random.default_rng([self.seed, _SEED_PERMUTATION, r]).permutation(n)
-            if len(self._permutations) >= _PERMUTATION_CACHE:
+            if len(self._permutations) >= max(
+                _PERMUTATION_CACHE, _PERMUTATION_CACHE_BYTES // perm.nbytes
+            ):
                 self._permutations.pop(next(iter(self._permutations)))
             self._permutations[r] = perm
         return perm

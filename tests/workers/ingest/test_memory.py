@@ -182,6 +182,29 @@ def test_every_pass_delivers_each_training_example_once():
     assert not np.array_equal(x[:n], ds.x_train)
 
 
+def test_each_pass_is_shuffled_once_per_stream(monkeypatch):
+    """Polls of 1,536 records (a worker's push at batch 256) span many passes of a small
+    data set in each partition: every pass's permutation is drawn once, not once per
+    partition that reads it."""
+    drawn = []
+    real = np.random.default_rng
+
+    def counting_rng(seed=None):
+        drawn.append(seed)
+        return real(seed)
+
+    stream = MemoryStream("breast_cancer", partitions=4, assigned=[0, 2], passes=400, seed=5)
+    monkeypatch.setattr(np.random, "default_rng", counting_rng)
+    records = 0
+    for _ in range(20):
+        records += sum(len(c.offsets) for c in stream.poll(max_records=1536, timeout_s=0.0))
+    n = len(stream.dataset.x_train)
+    # The two partitions' records interleave with the other two's: 2 * records globally.
+    spanned = -(-2 * records // n) + 1
+    assert records == 20 * 1536
+    assert len(drawn) == len(set(map(tuple, drawn))) <= spanned
+
+
 def test_poll_shares_max_records_across_partitions():
     stream = MemoryStream("digits", partitions=4, seed=0)
     chunks = stream.poll(max_records=10, timeout_s=0.0)
