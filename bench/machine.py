@@ -140,15 +140,23 @@ def load_average() -> str:
         return "unknown"
 
 
-def host_cpu_seconds() -> float | None:
-    """CPU seconds every process on the host has used since boot (Linux /proc/stat), or None."""
+def _cpu_jiffies() -> list[int] | None:
+    """The machine-wide "cpu" line of /proc/stat (user nice system idle iowait irq softirq
+    steal ...), in clock ticks summed over CPUs, or None off Linux."""
     try:
         with open("/proc/stat") as stat:
-            fields = stat.readline().split()
+            return [int(v) for v in stat.readline().split()[1:]]
     except OSError:
         return None
-    # user nice system idle iowait irq softirq steal ...; guest time is already in user.
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
+
+
+def host_cpu_seconds() -> float | None:
+    """CPU seconds every process on the host has used since boot (Linux /proc/stat), or None."""
+    fields = _cpu_jiffies()
+    if fields is None:
+        return None
+    # Guest time is already in user.
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
@@ -158,12 +166,8 @@ def steal_seconds() -> float | None:
 
     While it grows, every process here stalls at once, however idle the guest is.
     """
-    try:
-        with open("/proc/stat") as stat:
-            fields = stat.readline().split()
-    except OSError:
-        return None
-    return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    fields = _cpu_jiffies()
+    return None if fields is None else fields[7] / os.sysconf("SC_CLK_TCK")
 
 
 def process_cpu_seconds(pid: int) -> float:
