@@ -47,7 +47,7 @@ from service.config import Config, load_config  # noqa: E402
 from service.produce import CHUNK_ROWS, Examples, produce  # noqa: E402
 from workers.ingest.codec import Codec, Schema  # noqa: E402
 from workers.ingest.kafka import check_topics, ensure_topic  # noqa: E402
-from workers.ingest.memory import Dataset  # noqa: E402
+from workers.ingest.memory import Dataset, synthetic_binary  # noqa: E402
 from workers.ingest.source import ROWS_PER_OFFSET  # noqa: E402
 from workers.nn import Network  # noqa: E402
 from workers.worker import GradientWorker  # noqa: E402
@@ -167,18 +167,7 @@ def synthetic_task(n: int, seed: int = 0) -> Dataset:
     w = rng.standard_normal(N_FEATURES).astype(np.float32)  # (d,)
     x = rng.standard_normal((n + TEST_EXAMPLES, N_FEATURES), dtype=np.float32)  # (n + t, d)
     y = (x @ w > 0.0).astype(np.float32)  # (n + t,)
-    return Dataset(
-        x_train=x[:n],
-        y_train=y[:n],
-        x_test=x[n:],
-        y_test=y[n:],
-        output="sigmoid",
-        n_outputs=1,
-        n_features=N_FEATURES,
-        name=f"synthetic{N_FEATURES}",
-        mean=np.zeros(N_FEATURES, np.float32),
-        std=np.ones(N_FEATURES, np.float32),
-    )
+    return synthetic_binary(x, y, n)
 
 
 def first_examples(dataset: Dataset, n: int) -> tuple[Dataset, Examples]:

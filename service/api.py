@@ -470,6 +470,21 @@ class _RequestMetrics:
             record(499)
 
 
+def _replay(body: bytes, receive):
+    """An ASGI ``receive`` that hands on ``body`` (already read whole) as one message, then
+    defers to ``receive`` (for the disconnect)."""
+    delivered = False
+
+    async def replay():
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
 class _BodyLimit:
     """Pure ASGI middleware: 413 for a request body over ``limit`` bytes.
 
@@ -505,16 +520,7 @@ class _BodyLimit:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        body, delivered = b"".join(chunks), False
-
-        async def replay():
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, _replay(b"".join(chunks), receive), send)
 
 
 # ---------------------------------------------------------------- the application
@@ -644,16 +650,7 @@ class _FastPredict:
         if x is not None:
             await predict_response(self.cache, self.max_batch, x)(scope, receive, send)
             return
-        delivered = False
-
-        async def replay():
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, _replay(body, receive), send)
 
 
 def create_app(

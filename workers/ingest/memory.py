@@ -157,17 +157,25 @@ def linear_dataset(input_dim: int, n: int, seed: int = 0) -> Dataset:
     x = rng.standard_normal((n, input_dim), dtype=np.float32)  # (n, d)
     w = rng.standard_normal(input_dim).astype(np.float32)  # (d,)
     y = (x @ w > 0.0).astype(np.float32)  # (n,)
+    return synthetic_binary(x, y, n)
+
+
+def synthetic_binary(x: np.ndarray, y: np.ndarray, n_train: int) -> Dataset:
+    """A binary Dataset of standard-normal features ``x`` (m, d) float32 and 0/1 labels
+    ``y`` (m,) float32: the first ``n_train`` rows train, the rest are held out; the
+    standardization is the identity (the features are standard by construction)."""
+    d = x.shape[1]
     return Dataset(
-        x_train=x,
-        y_train=y,
-        x_test=x[:0],
-        y_test=y[:0],
+        x_train=x[:n_train],
+        y_train=y[:n_train],
+        x_test=x[n_train:],
+        y_test=y[n_train:],
         output="sigmoid",
         n_outputs=1,
-        n_features=input_dim,
-        name=f"synthetic{input_dim}",
-        mean=np.zeros(input_dim, np.float32),
-        std=np.ones(input_dim, np.float32),
+        n_features=d,
+        name=f"synthetic{d}",
+        mean=np.zeros(d, np.float32),
+        std=np.ones(d, np.float32),
     )
 
 
