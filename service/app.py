@@ -55,6 +55,9 @@ def network_spec(cfg: Config, dataset: Dataset) -> dict[str, Any]:
     }
 
 
+SERVER_RESTART_SECONDS = 60.0  # how long the driver asks a restarting server again
+SERVER_RETRY_SECONDS = 0.2  # pause between those calls
+
 # Ray sends a call's arguments inline up to ~100 KB; past it they go through the object
 # store, which costs more than the call saves.
 INLINE_PUSH_BYTES = 100_000
@@ -220,9 +223,29 @@ class Trainer:
             return self.dataset.drift.length
         return len(self.dataset.x_train) * self.cfg.stream.passes
 
+    def _ask_server(self, method: str, *args: Any) -> Any:
+        """One call to the parameter server, waited for.
+
+        A server that died (killed, crashed, its node lost) is restarted by Ray from its
+        newest checkpoint; a call in flight then fails with "the actor was restarted" and
+        is asked again, for up to ``SERVER_RESTART_SECONDS``. Only ``ActorDiedError`` (no
+        restart will come) is raised at once.
+        """
+        deadline = time.monotonic() + SERVER_RESTART_SECONDS
+        while True:
+            try:
+                return ray.get(getattr(self.server, method).remote(*args))
+            except ray.exceptions.ActorDiedError:
+                raise
+            except ray.exceptions.RayActorError as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("parameter server unavailable (%s); asking again", exc)
+                time.sleep(SERVER_RETRY_SECONDS)
+
     def poll(self) -> dict[str, Any]:
         """Fold the server's newest stats into the record and the metrics."""
-        stats = ray.get(self.server.stats.remote())
+        stats = self._ask_server("stats")
         restarted = self._instance is not None and stats["instance"] != self._instance
         if restarted and not self.should_exit.is_set():
             # A restarted server resumed from a checkpoint that may predate the last
@@ -258,7 +281,7 @@ class Trainer:
                 log.warning(
                     "worker %s failed (%s); starting a replacement", wid, type(exc).__name__
                 )
-                ray.get(self.server.leave.remote(wid))
+                self._ask_server("leave", wid)
                 self._start_worker(index)
         return not self._runs
 
@@ -284,9 +307,9 @@ class Trainer:
 
     def finish(self) -> dict[str, Any]:
         """Final checkpoint, final stats, and the model evaluated on the held-out split."""
-        ray.get(self.server.checkpoint.remote())
+        self._ask_server("checkpoint")
         self.poll()
-        model = ray.get(self.server.model.remote())
+        model = self._ask_server("model")
         net = Network(**model["network"])
         result = {"version": model["version"], "examples": model["examples"]}
         if len(self.dataset.x_test) and self._evaluable(model["network"]):

@@ -96,7 +96,6 @@ def run_to_end(
     trainer: Trainer,
     timeout: float = 60.0,
     on_poll: Callable[[dict[str, Any]], None] | None = None,
-    survive_server_restart: bool = False,
 ) -> dict[str, Any]:
     """Supervise and poll until every worker is done, then ``finish()``."""
     deadline = time.monotonic() + timeout
@@ -111,12 +110,7 @@ def run_to_end(
                 f"last stats {trainer.record.last}; worker threads:\n{stacks}"
             )
         done = trainer.supervise(0.2)
-        try:
-            stats = trainer.poll()
-        except ray.exceptions.RayActorError:
-            if not survive_server_restart:
-                raise
-            continue  # the call was in flight when the server died; it restarts
+        stats = trainer.poll()  # waits out a restarting server (Trainer._ask_server)
         if on_poll is not None:
             on_poll(stats)
         done = done and trainer.done

@@ -120,7 +120,7 @@ def test_restarted_server_resumes_from_its_checkpoint(
         elif seen["killed_at"] is not None:
             seen["after"].append(stats)
 
-    result = run(trainer, timeout=90, on_poll=kill_server, survive_server_restart=True)
+    result = run(trainer, timeout=90, on_poll=kill_server)
     before = seen["killed_at"]
     assert before is not None, "the run ended before the server could be killed"
     assert seen["after"], "no stats after the restart"
