@@ -211,6 +211,7 @@ class Trainer:
             inflight,
             coalesce=coalesce,
             commit_every_s=cfg.kafka.commit_every_seconds,
+            shared_memory=cfg.trainer.shared_memory,
         )
         self.workers[wid] = (index, actor)
         self._runs[actor.run.remote()] = wid

@@ -233,6 +233,11 @@ class TrainerConfig(_Section):
         "versions between parameter publications in async mode"
         " (0 = 1 up to 512 KiB of parameters, else 4; sync mode publishes every version)",
     )
+    shared_memory: bool = _opt(
+        True,
+        "on the server's node, pass gradients of 256 KiB or more through shared memory"
+        " instead of Ray's object store",
+    )
     ray_address: str = _opt("", "Ray cluster address ('' = start a local Ray)")
     updates: int = _opt(0, "stop after this many updates (0 = until the stream ends)")
 

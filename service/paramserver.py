@@ -28,6 +28,7 @@ from workers.nn import (
     NonFiniteGradientError,
     get_optimizer,
 )
+from workers.shm import SharedGradientReader, SharedGradients
 
 ORDER_WAIT_SECONDS = 2.0  # longest a push waits for its worker's previous one
 
@@ -220,6 +221,7 @@ class ParameterServer:
         if self.ckpt_dir and latest_checkpoint(self.ckpt_dir) is None:
             self._checkpoint()  # the healthy state a rollback can always return to
         self._step_seconds: list[float] = []
+        self._shared = SharedGradientReader()  # workers' gradient rings on this node
 
     # -- state -------------------------------------------------------------------------
 
@@ -304,12 +306,24 @@ class ParameterServer:
             self._next_seq.setdefault(worker, 0)
             return self._next_offsets()
 
+    def map_gradients(self, worker: str, segment: str) -> bool:
+        """Map a worker's shared-memory gradient ring (``workers.shm``) and unlink its
+        name; False when there is no such segment here (another node): the worker then
+        pushes through the object store."""
+        with self._lock:
+            try:
+                self._shared.map(worker, segment)
+            except FileNotFoundError:
+                return False
+            return True
+
     def leave(self, worker: str) -> None:
         """Unregister a worker (finished or dead) so sync rounds stop waiting for it."""
         with self._lock:
             self._workers.discard(worker)
             self._maybe_apply_round()
             self._lock.notify_all()
+            self._shared.forget(worker)
 
     def positions(self) -> dict[TopicPartition, int]:
         """The offset each partition's next push must start at (what fencing expects)."""
@@ -415,7 +429,9 @@ class ParameterServer:
         Args:
             worker: the pusher's id.
             base_version: the version its gradient was computed on.
-            grads: (n_params,) flat gradient of the batch's mean loss.
+            grads: (n_params,) flat gradient of the batch's mean loss, or a
+                ``SharedGradients`` handle to it in the worker's shared-memory ring (one
+                row), read in place.
             n: examples in the batch (the weight of its gradient in sync mode).
             loss: the batch's mean loss.
             stats: (n_moving,) flat batch means and biased variances.
@@ -432,6 +448,8 @@ class ParameterServer:
         """
         spans = {(str(t), int(p)): (int(s), int(e)) for (t, p), (s, e) in spans.items()}
         with self._lock:
+            if isinstance(grads, SharedGradients):
+                grads = self._shared.read(worker, grads)[0]
             self._await_turn(worker, seq)
             self._counters["pushes"] += 1
             if recomputed:
@@ -490,9 +508,13 @@ class ParameterServer:
         handled). Sync mode takes one batch, which joins the round as ``push`` does.
 
         Args:
-            grads: (k, n_params) flat gradients; stats: (k, n_moving) batch statistics;
+            grads: (k, n_params) flat gradients, or a ``SharedGradients`` handle to them;
+                stats: (k, n_moving) batch statistics;
             ns, losses, spans: per batch. Other arguments as ``push``.
         """
+        if isinstance(grads, SharedGradients):
+            with self._lock:
+                grads = self._shared.read(worker, grads)
         if self.mode != "async":
             if len(ns) != 1:
                 raise ValueError("push_many takes one batch at a time in sync mode")
@@ -516,6 +538,12 @@ class ParameterServer:
                              np.asarray(stats[i]), batch_spans, int(base_version))  # fmt: skip
                 self._apply([item])
             return self._reply(APPLIED, base_version, len(ns))
+
+    def push_packed(self, args: tuple) -> PushReply:
+        """``push_many(*args)`` as one Ray argument: Ray serializes, stores and resolves
+        each argument of a call on its own, and ten of them cost the server ~0.3 ms of CPU
+        per push more than one tuple (and the worker ~0.4 ms), on a 2-core host."""
+        return self.push_many(*args)
 
     def _refusal(self, base_version: int, spans: Spans) -> PushReply | None:
         """The reply refusing a push, or None when it may be applied."""
@@ -761,6 +789,10 @@ class _RemoteParameterServer(ParameterServer):
 
     def __init__(self, net_spec, config, clock=time.monotonic):
         super().__init__(net_spec, config, publish=publish_params, clock=clock)
+
+    def node_id(self) -> str:
+        """The Ray node this server runs on: workers on it push through shared memory."""
+        return ray.get_runtime_context().get_node_id()
 
 
 ParameterServerActor = ray.remote(_RemoteParameterServer)

@@ -6,6 +6,7 @@ A plain class made a Ray actor once (``GradientWorkerActor``). It imports nothin
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import time
@@ -21,6 +22,9 @@ from workers.ingest.batcher import PowerOfTwoBatcher
 from workers.ingest.memory import MemoryStream
 from workers.ingest.source import Batch, Source
 from workers.nn import Network
+from workers.shm import SHARED_MIN_BYTES, GradientRing
+
+log = logging.getLogger(__name__)
 
 APPLIED, STALE, FENCED, NONFINITE, PAUSED = "applied", "stale", "fenced", "nonfinite", "paused"
 PAUSE_RETRY_SECONDS = 0.5  # while the server is paused, how often a worker asks again
@@ -59,6 +63,7 @@ class _InFlight(NamedTuple):
     ref: Any  # ObjectRef of a PushReply
     recomputed: bool
     sent: float  # time.perf_counter() at submission
+    slot: int | None = None  # the GradientRing slot holding its gradients
 
 
 class GradientWorker:
@@ -78,6 +83,9 @@ class GradientWorker:
             millisecond, so small models push several batches per call.
         commit_every_s: how often a source that commits (Kafka) is told the positions
             the newest durable checkpoint covers.
+        shared_memory: on the server's node, pass gradients of at least
+            ``SHARED_MIN_BYTES`` through a shared-memory ring (``workers.shm``) instead of
+            Ray's object store; elsewhere, or when /dev/shm lacks room, the object store.
     """
 
     def __init__(
@@ -91,6 +99,7 @@ class GradientWorker:
         poll_records: int = 4096,
         coalesce: int = 1,
         commit_every_s: float = 5.0,
+        shared_memory: bool = True,
     ):
         if max_inflight < 1:
             raise ValueError(f"`max_inflight` must be >= 1. Received: max_inflight={max_inflight}")
@@ -130,6 +139,9 @@ class GradientWorker:
         self._sizes: dict[int, int] = {}
         self._push_seconds: list[float] = []  # round trips measured since the last push
         self._seq = 0  # push number: the server handles this worker's pushes in this order
+        self.shared_memory = bool(shared_memory)
+        self._ring: GradientRing | None = None
+        self.transport = "inline"  # how gradients reach the server: see _open_ring
 
     # -- control -------------------------------------------------------------------
 
@@ -155,6 +167,7 @@ class GradientWorker:
             "counts": dict(self._counts),
             "batch_sizes": dict(self._sizes),
             "committed": dict(self._committed),
+            "transport": self.transport,
         }
         for key in ("assignments", "rejected", "dead_letters", "records", "consumer_replacements"):
             if hasattr(self.source, key):
@@ -166,6 +179,7 @@ class GradientWorker:
     def run(self) -> dict[str, Any]:
         """Consume until the source is exhausted or ``stop`` is called; returns ``stats``."""
         self._resync(ray.get(self.server.join.remote(self.worker_id)))
+        self._ring = self._open_ring()
         version, ref = ray.get(self.server.current.remote())
         self._set_params(version, ref)
         inflight: deque[_InFlight] = deque()
@@ -209,7 +223,43 @@ class GradientWorker:
                 ray.get(self.server.leave.remote(self.worker_id))
             finally:
                 self.source.close()
+                if self._ring is not None:
+                    self._ring.close()
         return self.stats()
+
+    def _open_ring(self) -> GradientRing | None:
+        """The shared-memory ring this worker's gradients travel through, or None.
+
+        Sets ``transport``: ``shared_memory``; ``inline`` for gradients small enough that
+        the Ray call carries them; ``object_store`` when the server is on another node,
+        shared memory is off, or /dev/shm cannot hold the ring.
+        """
+        nbytes = self.net.n_params * self.net.dtype.itemsize
+        if nbytes < SHARED_MIN_BYTES:
+            self.transport = "inline"
+            return None
+        self.transport = "object_store"
+        if not self.shared_memory:
+            return None
+        here = ray.get_runtime_context().get_node_id()
+        if ray.get(self.server.node_id.remote()) != here:
+            return None
+        try:
+            ring = GradientRing(self.max_inflight, self.coalesce, self.net.n_params, self.net.dtype)
+        except OSError as exc:
+            log.warning("%s: gradients go through Ray's object store: %s", self.worker_id, exc)
+            return None
+        try:  # the server maps the segment and unlinks its name: nothing can leak after
+            mapped = ray.get(self.server.map_gradients.remote(self.worker_id, ring.name))
+        except BaseException:
+            ring.close()
+            raise
+        if not mapped:
+            ring.close()
+            return None
+        ring.handed_over()
+        self.transport = "shared_memory"
+        return ring
 
     # -- positions and commits -------------------------------------------------------
 
@@ -290,10 +340,13 @@ class GradientWorker:
         report = {"accuracy": correct / sum(ns), "lag": self._lag()}
         if self._push_seconds:
             report["push_seconds"], self._push_seconds = self._push_seconds, []
-        ref = self.server.push_many.remote(
+        slot, payload = None, None
+        if self._ring is not None and (taken := self._ring.put(grads)) is not None:
+            slot, payload = taken
+        args = (  # push_many's, as one Ray argument
             self.worker_id,
             self._version,
-            _rows(grads),  # (k, n_params): one array, one message
+            _rows(grads) if payload is None else payload,  # (k, n_params): one array
             ns,
             losses,
             _rows(stats),  # (k, n_moving)
@@ -302,8 +355,9 @@ class GradientWorker:
             report,
             self._seq,
         )
+        ref = self.server.push_packed.remote(args)
         self._seq += 1
-        return _InFlight(batches, ref, recomputed, time.perf_counter())
+        return _InFlight(batches, ref, recomputed, time.perf_counter(), slot)
 
     def _lag(self) -> dict:
         """Records behind per partition: what the source holds beyond the batches made."""
@@ -317,7 +371,11 @@ class GradientWorker:
         return {tp: max(0, highwater(tp) - cursors.get(tp, 0)) for tp in self.source.assignment()}
 
     def _reply(self, item: _InFlight):
-        reply = ray.get(item.ref)
+        try:
+            reply = ray.get(item.ref)
+        finally:  # answered, or the server is gone: it holds no view of the slot
+            if item.slot is not None:
+                self._ring.release(item.slot)
         self._push_seconds.append(time.perf_counter() - item.sent)
         self._count(reply)
         if reply.params is not None:

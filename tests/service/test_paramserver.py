@@ -30,6 +30,7 @@ from workers.nn import (
     Network,
     RMSprop,
 )
+from workers.shm import GradientRing
 
 TOPIC = "memory"
 SMALL_NET = {"input_dim": 6, "hidden": (5, 4), "output": "softmax", "n_outputs": 3}
@@ -639,3 +640,39 @@ def test_a_workers_pushes_are_handled_in_seq_order_even_when_they_arrive_reverse
     late.join(5)
     assert replies[0].status == APPLIED and replies[1].status == APPLIED
     assert server.stats()["counters"]["fenced"] == 0 and server.version == 2
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_gradients_in_shared_memory_are_applied_as_the_arrays_are(mode):
+    by_value = make_server(**{"trainer.mode": mode})
+    by_handle = make_server(**{"trainer.mode": mode})
+    batches = Batches(seed=3)
+    net = batches.net
+    rows = 2 if mode == "async" else 1  # sync mode takes one batch per push
+    ring = GradientRing(slots=1, rows=rows, n_params=net.n_params, dtype=net.dtype)
+    tp = (TOPIC, 0)
+    try:
+        assert by_handle.map_gradients("w", ring.name)
+        ring.handed_over()
+        assert not by_handle.map_gradients("w", "psm_on_another_node")
+        for step in range(5):
+            version, flat = by_value.current()
+            pushes = [batches.push_args(flat) for _ in range(rows)]
+            grads = np.stack([g for g, _, _, _ in pushes])
+            ns, losses = [n for _, n, _, _ in pushes], [loss for _, _, loss, _ in pushes]
+            stats = np.stack([s for _, _, _, s in pushes])
+            spans = [{tp: (8 * (rows * step + i), 8 * (rows * step + i + 1))} for i in range(rows)]
+            r1 = by_value.push_many("w", version, grads, ns, losses, stats, spans)
+            slot, handle = ring.put(list(grads))
+            r2 = by_handle.push_packed(("w", version, handle, ns, losses, stats, spans))
+            ring.release(slot)
+            assert r1.status == r2.status == APPLIED and r1.version == r2.version
+        a, b = by_value.model(), by_handle.model()
+        assert a["version"] == b["version"] == 5 * (rows if mode == "async" else 1)
+        for part in ("params", "moving"):
+            for key in a[part]:
+                np.testing.assert_array_equal(a[part][key], b[part][key])
+        assert by_value.positions() == by_handle.positions() == {tp: 8 * rows * 5}
+    finally:
+        by_handle.leave("w")
+        ring.close()

@@ -1,5 +1,7 @@
 """The trainer on a real local Ray: accuracy, exactly-once offsets through failures, batching."""
 
+import os
+
 import numpy as np
 import pytest
 import ray
@@ -10,6 +12,7 @@ from service.checkpoint import latest_checkpoint, load_checkpoint
 from service.config import redacted
 from service.paramserver import APPLIED, FENCED, NONFINITE, ParameterServerActor
 from workers.nn import Network
+from workers.shm import SHARED_MIN_BYTES, SHM_DIR
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("local_ray")]
 
@@ -70,11 +73,15 @@ def test_batches_stay_powers_of_two_under_adaptive_batching(
     exact_tiling(trainer, cfg, trainer.dataset)
 
 
-@pytest.mark.parametrize("mode", ["async", "sync"])
+@pytest.mark.parametrize(
+    ("mode", "hidden"),
+    [("async", [64, 64]), ("sync", [64, 64]), ("async", [1024])],  # [1024]: shared memory
+)
 def test_killed_worker_is_replaced_and_every_example_trains_once(
-    mode, tmp_path, make_trainer, run, config, exact_tiling
+    mode, hidden, tmp_path, make_trainer, run, config, exact_tiling
 ):
-    cfg = config(tmp_path, **{"trainer.mode": mode, "stream.passes": 10})
+    cfg = config(tmp_path, **{"trainer.mode": mode, "stream.passes": 10, "model.hidden": hidden})
+    segments = set(os.listdir(SHM_DIR))
     trainer = make_trainer(cfg)
     killed = []
 
@@ -89,19 +96,27 @@ def test_killed_worker_is_replaced_and_every_example_trains_once(
     assert trainer.record.worker_restarts == 1
     assert len(trainer.record.worker_stats) == 2  # the survivor and the replacement
     assert all(s["counts"]["examples"] > 0 for s in trainer.record.worker_stats)
+    wide = Network(**trainer.net_spec).n_params * 4 >= SHARED_MIN_BYTES
+    transport = "shared_memory" if wide else "inline"
+    assert {s["transport"] for s in trainer.record.worker_stats} == {transport}
+    assert set(os.listdir(SHM_DIR)) <= segments  # the killed worker's ring left nothing
     exact_tiling(trainer, cfg, trainer.dataset)
     assert result["examples"] == len(trainer.dataset.x_train) * cfg.stream.passes
     assert result["accuracy"] >= 0.9
 
 
-@pytest.mark.parametrize("mode", ["async", "sync"])
+@pytest.mark.parametrize(
+    ("mode", "hidden"),
+    [("async", [64, 64]), ("sync", [64, 64]), ("async", [1024])],  # [1024]: shared memory
+)
 def test_restarted_server_resumes_from_its_checkpoint(
-    mode, tmp_path, make_trainer, run, config, exact_tiling
+    mode, hidden, tmp_path, make_trainer, run, config, exact_tiling
 ):
     every = 25
     cfg = config(
         tmp_path,
         **{
+            "model.hidden": hidden,
             "trainer.mode": mode,
             "stream.passes": 12,
             "checkpoint.every_updates": every,
@@ -263,3 +278,36 @@ def test_stop_drains_in_flight_pushes_and_keeps_offsets_exact(tmp_path, make_tra
         assert rows[0, 1] == 0 and np.array_equal(rows[1:, 1], rows[:-1, 2])
         assert rows[-1, 2] == positions[tp]
     assert int((history[:, 2] - history[:, 1]).sum()) == result["examples"]
+
+
+def test_shared_memory_pushes_train_the_model_the_object_store_trains(
+    tmp_path, make_trainer, run, config, exact_tiling
+):
+    # 78k parameters (311 KB of float32 gradient): above SHARED_MIN_BYTES, so a worker on
+    # the server's node pushes through its shared-memory ring. One sync worker makes the
+    # run deterministic: both transports must give the very same model.
+    models, transports = [], []
+    for shared in (True, False):
+        cfg = config(
+            tmp_path / str(shared),
+            **{
+                "model.hidden": [1024],
+                "trainer.mode": "sync",
+                "trainer.workers": 1,
+                "trainer.shared_memory": shared,
+                "stream.passes": 2,
+            },
+        )
+        assert Network(**network_spec(cfg, resolve_dataset(cfg))).n_params * 4 >= SHARED_MIN_BYTES
+        trainer = make_trainer(cfg)
+        result = run(trainer, timeout=90)
+        exact_tiling(trainer, cfg, trainer.dataset)
+        assert result["examples"] == len(trainer.dataset.x_train) * cfg.stream.passes
+        transports.append({s["transport"] for s in trainer.record.worker_stats})
+        models.append(ray.get(trainer.server.model.remote()))
+    assert transports == [{"shared_memory"}, {"object_store"}]
+    shared, stored = models
+    assert shared["version"] == stored["version"] > 0
+    for part in ("params", "moving"):
+        for key in shared[part]:
+            np.testing.assert_array_equal(shared[part][key], stored[part][key])
