@@ -235,8 +235,8 @@ class TrainerConfig(_Section):
     )
     shared_memory: bool = _opt(
         True,
-        "on the server's node, pass gradients of 256 KiB or more through shared memory"
-        " instead of Ray's object store",
+        "on the server's node, pass pushes of 64 KiB of gradients or more through shared"
+        " memory instead of the Ray call",
     )
     ray_address: str = _opt("", "Ray cluster address ('' = start a local Ray)")
     updates: int = _opt(0, "stop after this many updates (0 = until the stream ends)")

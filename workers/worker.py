@@ -83,9 +83,10 @@ class GradientWorker:
             millisecond, so small models push several batches per call.
         commit_every_s: how often a source that commits (Kafka) is told the positions
             the newest durable checkpoint covers.
-        shared_memory: on the server's node, pass gradients of at least
-            ``SHARED_MIN_BYTES`` through a shared-memory ring (``workers.shm``) instead of
-            Ray's object store; elsewhere, or when /dev/shm lacks room, the object store.
+        shared_memory: on the server's node, pass pushes of at least ``SHARED_MIN_BYTES``
+            of gradients through a shared-memory ring (``workers.shm``) instead of the Ray
+            call; elsewhere, or when /dev/shm lacks room, in the call (Ray's object store
+            past 100 KB).
     """
 
     def __init__(
@@ -230,11 +231,11 @@ class GradientWorker:
     def _open_ring(self) -> GradientRing | None:
         """The shared-memory ring this worker's gradients travel through, or None.
 
-        Sets ``transport``: ``shared_memory``; ``inline`` for gradients small enough that
+        Sets ``transport``: ``shared_memory``; ``inline`` for pushes small enough that
         the Ray call carries them; ``object_store`` when the server is on another node,
         shared memory is off, or /dev/shm cannot hold the ring.
         """
-        nbytes = self.net.n_params * self.net.dtype.itemsize
+        nbytes = self.coalesce * self.net.n_params * self.net.dtype.itemsize
         if nbytes < SHARED_MIN_BYTES:
             self.transport = "inline"
             return None

@@ -7,7 +7,7 @@ import pytest
 import ray
 from prometheus_client import CollectorRegistry
 
-from service.app import network_spec, resolve_dataset, run_demo
+from service.app import coalesce_for, network_spec, resolve_dataset, run_demo
 from service.checkpoint import latest_checkpoint, load_checkpoint
 from service.config import redacted
 from service.paramserver import APPLIED, FENCED, NONFINITE, ParameterServerActor
@@ -75,7 +75,7 @@ def test_batches_stay_powers_of_two_under_adaptive_batching(
 
 @pytest.mark.parametrize(
     ("mode", "hidden"),
-    [("async", [64, 64]), ("sync", [64, 64]), ("async", [1024])],  # [1024]: shared memory
+    [("async", [64, 64]), ("sync", [64, 64]), ("async", [1024])],  # one or more batches
 )
 def test_killed_worker_is_replaced_and_every_example_trains_once(
     mode, hidden, tmp_path, make_trainer, run, config, exact_tiling
@@ -96,8 +96,9 @@ def test_killed_worker_is_replaced_and_every_example_trains_once(
     assert trainer.record.worker_restarts == 1
     assert len(trainer.record.worker_stats) == 2  # the survivor and the replacement
     assert all(s["counts"]["examples"] > 0 for s in trainer.record.worker_stats)
-    wide = Network(**trainer.net_spec).n_params * 4 >= SHARED_MIN_BYTES
-    transport = "shared_memory" if wide else "inline"
+    n_params = Network(**trainer.net_spec).n_params
+    shared = coalesce_for(cfg, n_params) * n_params * 4 >= SHARED_MIN_BYTES
+    transport = "shared_memory" if shared else "inline"  # sync mode: one 37 KB batch
     assert {s["transport"] for s in trainer.record.worker_stats} == {transport}
     assert set(os.listdir(SHM_DIR)) <= segments  # the killed worker's ring left nothing
     exact_tiling(trainer, cfg, trainer.dataset)
@@ -107,7 +108,7 @@ def test_killed_worker_is_replaced_and_every_example_trains_once(
 
 @pytest.mark.parametrize(
     ("mode", "hidden"),
-    [("async", [64, 64]), ("sync", [64, 64]), ("async", [1024])],  # [1024]: shared memory
+    [("async", [64, 64]), ("sync", [64, 64]), ("async", [1024])],  # one or more batches
 )
 def test_restarted_server_resumes_from_its_checkpoint(
     mode, hidden, tmp_path, make_trainer, run, config, exact_tiling
