@@ -31,6 +31,10 @@ from workers.nn import (
 from workers.shm import SharedGradientReader, SharedGradients
 
 ORDER_WAIT_SECONDS = 2.0  # longest a push waits for its worker's previous one
+# The update and parameter norms (the update-ratio gauge, the detector's parameter norm)
+# are computed on one update per interval, not on each: they cost ~40% on top of a large
+# model's update (Optimizer.apply_gradients), and nobody reads them more often.
+NORMS_EVERY_SECONDS = 0.05
 
 _DETECTOR_KEYS = (
     "trend_window",
@@ -222,6 +226,8 @@ class ParameterServer:
             self._checkpoint()  # the healthy state a rollback can always return to
         self._step_seconds: list[float] = []
         self._shared = SharedGradientReader()  # workers' gradient rings on this node
+        self._norms_at = -math.inf  # clock() of the last update whose norms were computed
+        self._param_norm = math.nan  # of the parameters then
 
     # -- state -------------------------------------------------------------------------
 
@@ -630,9 +636,16 @@ class ParameterServer:
         try:
             if not math.isfinite(loss):
                 raise NonFiniteGradientError(f"the batch cost is {loss}")
+            now = self._clock()
+            norms = now - self._norms_at >= NORMS_EVERY_SECONDS
             _, self.state, info = self.opt.apply_gradients(
-                self.params, grads_views, self.state, inplace=True
+                self.params, grads_views, self.state, inplace=True, norms=norms
             )
+            if norms:
+                self._norms_at, self._param_norm = now, info.param_norm
+                self._last["update_ratio"] = (
+                    info.update_norm / info.param_norm if info.param_norm else 0.0
+                )
         except NonFiniteGradientError as exc:
             status = NONFINITE
             self._counters["nonfinite"] += 1
@@ -672,10 +685,9 @@ class ParameterServer:
             grad_norm=info.grad_norm,
             clipped_norm=info.clipped_norm,
             learning_rate=info.learning_rate,
-            update_ratio=info.update_norm / info.param_norm if info.param_norm else 0.0,
         )
         self._step_seconds.append(time.perf_counter() - t0)
-        if not self._watch(loss, info.grad_norm, info.param_norm):
+        if not self._watch(loss, info.grad_norm, self._param_norm):
             self._maybe_checkpoint()
         return APPLIED
 

@@ -15,6 +15,7 @@ from service.paramserver import (
     FENCED,
     INLINE_PARAMS_BYTES,
     NONFINITE,
+    NORMS_EVERY_SECONDS,
     STALE,
     ParameterServer,
     build_optimizer,
@@ -676,3 +677,30 @@ def test_gradients_in_shared_memory_are_applied_as_the_arrays_are(mode):
     finally:
         by_handle.leave("w")
         ring.close()
+
+
+def test_update_and_parameter_norms_are_sampled_once_per_interval():
+    now = [100.0]
+    server, batches = make_server(clock=lambda: now[0]), Batches(seed=5)
+    tp = (TOPIC, 0)
+
+    def push_and_ratio(start: int) -> tuple[float, float]:
+        """Push one batch; the update ratio reported and the one computed by hand."""
+        before = server.current()[1].copy()
+        assert push(server, batches, "w", {tp: (start, start + 8)}).status == APPLIED
+        after = server.current()[1]
+        expected = np.linalg.norm((after - before).astype(np.float64)) / np.linalg.norm(
+            after.astype(np.float64)
+        )
+        return server.stats()["last"]["update_ratio"], expected
+
+    first, expected = push_and_ratio(0)
+    assert first == pytest.approx(expected, rel=1e-5)
+    # Within the interval the norms are not computed again: the gauge keeps its value.
+    now[0] += NORMS_EVERY_SECONDS / 2
+    second, expected_second = push_and_ratio(8)
+    assert second == first and expected_second != pytest.approx(first, rel=1e-9)
+    now[0] += NORMS_EVERY_SECONDS
+    third, expected = push_and_ratio(16)
+    assert third == pytest.approx(expected, rel=1e-5) and third != first
+    assert server.stats()["counters"]["applied"] == 3

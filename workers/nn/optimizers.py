@@ -386,11 +386,26 @@ class Optimizer:
         new_params, new_state, _ = self._apply(params, grads, state, False, inplace)
         return new_params, new_state
 
-    def apply_gradients(self, params: Params, grads: Params, state, inplace: bool = False):
-        """As ``update``, and also returns an ``UpdateInfo``."""
-        return self._apply(params, grads, state, True, inplace)
+    def apply_gradients(
+        self, params: Params, grads: Params, state, inplace: bool = False, norms: bool = True
+    ):
+        """As ``update``, and also returns an ``UpdateInfo``.
 
-    def _apply(self, params: Params, grads: Params, state, with_info: bool, inplace: bool):
+        ``norms=False`` leaves its ``update_norm`` and ``param_norm`` NaN: computing them
+        costs about 40% on top of a large model's update (0.38 of 1.36 ms at 790k float32
+        parameters), which a caller sampling them now and then need not pay every time.
+        """
+        return self._apply(params, grads, state, True, inplace, norms)
+
+    def _apply(
+        self,
+        params: Params,
+        grads: Params,
+        state,
+        with_info: bool,
+        inplace: bool,
+        norms: bool = True,
+    ):
         layout = _layout_of(params)
         w = layout.flatten(params)
         g = layout.flatten(grads)
@@ -430,6 +445,8 @@ class Optimizer:
             addresses = [_address(a) for a in (w, g, *slots, new_w, *new_slots)]
             scalars = self._fused_args(lr, scale, k + 1)
 
+        keep_change = with_info and norms
+
         def run(part: list[slice]) -> list[float]:
             """Update the chunks of ``part``; the squared norm of each chunk's change."""
             tmp = np.empty(min(CHUNK, w.size), w.dtype)
@@ -440,10 +457,10 @@ class Optimizer:
                     self._kernel(sl, w, g, slots, new_w, new_slots, t, lr, scale, k + 1)
                 else:
                     item = w.dtype.itemsize
-                    change = _address(t) if with_info else None  # NULL: not kept
+                    change = _address(t) if keep_change else None  # NULL: not kept
                     at = [a + sl.start * item for a in addresses] + [change]
                     fused(sl.stop - sl.start, *at, *scalars)
-                if with_info:
+                if keep_change:
                     sq.append(float(np.dot(t, t)))
             return sq
 
@@ -464,8 +481,8 @@ class Optimizer:
                 clipped_norm=clipped_norm,
                 clipped=bool(clipped),
                 learning_rate=lr,
-                update_norm=math.sqrt(step_sq),
-                param_norm=math.sqrt(float(np.dot(new_w, new_w))),
+                update_norm=math.sqrt(step_sq) if norms else math.nan,
+                param_norm=math.sqrt(float(np.dot(new_w, new_w))) if norms else math.nan,
             )
         if inplace:
             slot_dicts = [getattr(state, n) for n in self.slots]

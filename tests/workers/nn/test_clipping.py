@@ -184,3 +184,28 @@ def test_apply_gradients_reports_norms(grads, c, name):
     assert info.clipped_norm == pytest.approx(min(n_in, c), rel=1e-12, abs=1e-300)
     assert info.clipped is (n_in > c)
     assert state.iterations == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(grads=GRADS, c=THRESHOLD, name=st.sampled_from(sorted(OPTIMIZERS)))
+def test_skipping_the_norms_changes_nothing_but_the_norms(grads, c, name):
+    opt = get_optimizer(name, global_clipnorm=c)
+    params = {k: np.full_like(g, 0.5) for k, g in grads.items()}
+    with_norms = opt.apply_gradients(params, grads, opt.init(params))
+    without = opt.apply_gradients(params, grads, opt.init(params), norms=False)
+    for k in params:
+        np.testing.assert_array_equal(with_norms[0][k], without[0][k])
+    for a, b in zip(with_norms[1], without[1], strict=True):
+        if isinstance(a, dict):
+            for k in a:
+                np.testing.assert_array_equal(a[k], b[k])
+        else:
+            assert a == b
+    info, skipped = with_norms[2], without[2]
+    assert skipped._replace(update_norm=0.0, param_norm=0.0) == info._replace(
+        update_norm=0.0, param_norm=0.0
+    )
+    assert math.isnan(skipped.update_norm) and math.isnan(skipped.param_norm)
+    step = concat({k: with_norms[0][k] - params[k] for k in params})
+    assert info.update_norm == pytest.approx(norm(step), rel=1e-5, abs=1e-30)
+    assert info.param_norm == pytest.approx(norm(concat(with_norms[0])), rel=1e-5, abs=1e-30)
