@@ -12,6 +12,7 @@ from service.checkpoint import list_checkpoints
 from service.config import load_config, redacted
 from service.paramserver import (
     APPLIED,
+    AVERAGE_CHUNK,
     FENCED,
     INLINE_PARAMS_BYTES,
     NONFINITE,
@@ -704,3 +705,21 @@ def test_update_and_parameter_norms_are_sampled_once_per_interval():
     third, expected = push_and_ratio(16)
     assert third == pytest.approx(expected, rel=1e-5) and third != first
     assert server.stats()["counters"]["applied"] == 3
+
+
+def test_a_rounds_average_is_the_weighted_sum_chunk_by_chunk():
+    server = make_server()
+    rng = np.random.default_rng(7)
+    size = 2 * AVERAGE_CHUNK + 1234  # a last chunk shorter than the others
+    grads = [rng.standard_normal(size).astype(np.float32) for _ in range(3)]
+    counts = [8, 32, 24]
+    weights = [n / sum(counts) for n in counts]
+    whole = np.zeros(size, np.float32)
+    for g, w in zip(grads, weights, strict=True):
+        whole += g * np.float32(w)
+    got = server._average(grads, weights)
+    np.testing.assert_array_equal(got, whole)  # the same float operations, element by element
+    exact = sum(g.astype(np.float64) * w for g, w in zip(grads, weights, strict=True))
+    np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-6)
+    again = server._average(grads[:2], [0.5, 0.5])  # the buffer is reused, not stale
+    np.testing.assert_array_equal(again, grads[0] * np.float32(0.5) + grads[1] * np.float32(0.5))
