@@ -201,6 +201,8 @@ class GradientWorker:
                     batches = self.batcher.flush_all()
                 for i in range(0, len(batches), self.coalesce):
                     inflight.append(self._submit(batches[i : i + self.coalesce]))
+                    if len(inflight) >= self.max_inflight and not done:
+                        self._prefetch()
                     while len(inflight) >= self.max_inflight:
                         self._settle(inflight)
                 if done and not batches and self.batcher.pending() == 0:
@@ -261,6 +263,20 @@ class GradientWorker:
         ring.handed_over()
         self.transport = "shared_memory"
         return ring
+
+    def _prefetch(self) -> None:
+        """Gather the next push's records while this one travels (a poll that waits for
+        nothing): the source's work overlaps the round trip instead of following it.
+
+        Only for sources that say such a poll is cheap (the embedded stream: 2 workers at
+        input 30, batch 256 made 219k and 230k examples/s against 194-209k; one sync
+        worker at input 12288, batch 64, 5.7-5.8k against 4.7-5.0k). A zero-timeout
+        kafka-python poll costs about 1 ms whether or not it finds records.
+        """
+        if not getattr(self.source, "prefetch", False):
+            return
+        if self.batcher.pending() < self.batcher.target * self.coalesce:
+            self.batcher.add(self.source.poll(self.poll_records, 0.0))
 
     # -- positions and commits -------------------------------------------------------
 

@@ -25,3 +25,27 @@ def test_a_poll_gathers_at_most_poll_bytes_of_features(n_features, expected):
 
 def test_a_smaller_poll_records_is_kept():
     assert worker_for(12288, poll_records=16).poll_records == 16
+
+
+class _NoPrefetch:
+    """A source whose zero-timeout polls are not cheap (as Kafka's): never prefetched."""
+
+    def __init__(self, source):
+        self.source, self.polls = source, 0
+
+    def poll(self, max_records, timeout_s):
+        self.polls += 1
+        return self.source.poll(max_records, timeout_s)
+
+
+def test_records_of_the_next_push_are_gathered_while_one_travels():
+    worker = worker_for(30, poll_records=100)
+    assert worker.batcher.pending() == 0
+    worker._prefetch()
+    assert worker.batcher.pending() == 100  # one poll, waiting for nothing
+    worker._prefetch()  # 100 >= 64 x coalesce 1 already buffered: nothing polled
+    assert worker.batcher.pending() == 100
+    worker.source = _NoPrefetch(worker.source)
+    worker.batcher.next_batch()
+    worker._prefetch()
+    assert worker.source.polls == 0 and worker.batcher.pending() == 36

@@ -312,6 +312,8 @@ class MemoryStream:
         start: clock time at which offset 0 became visible.
     """
 
+    prefetch = True  # a poll that waits for nothing costs nothing more (see Source)
+
     def __init__(
         self,
         dataset_or_name: Dataset | str,

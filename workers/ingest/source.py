@@ -68,7 +68,11 @@ class Batch(NamedTuple):
 
 @runtime_checkable
 class Source(Protocol):
-    """A consumer of a partitioned stream (the embedded stream now, Kafka later)."""
+    """A consumer of a partitioned stream (the embedded stream now, Kafka later).
+
+    A source may also set ``prefetch = True``: a poll that waits for nothing is cheap, so
+    a worker polls while its push travels (``GradientWorker._prefetch``).
+    """
 
     def assignment(self) -> list[TopicPartition]:
         """The partitions this source reads."""
