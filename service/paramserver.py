@@ -438,9 +438,7 @@ class ParameterServer:
         Args:
             worker: the pusher's id.
             base_version: the version its gradient was computed on.
-            grads: (n_params,) flat gradient of the batch's mean loss, or a
-                ``SharedGradients`` handle to it in the worker's shared-memory ring (one
-                row), read in place.
+            grads: (n_params,) flat gradient of the batch's mean loss.
             n: examples in the batch (the weight of its gradient in sync mode).
             loss: the batch's mean loss.
             stats: (n_moving,) flat batch means and biased variances.
@@ -457,8 +455,6 @@ class ParameterServer:
         """
         spans = {(str(t), int(p)): (int(s), int(e)) for (t, p), (s, e) in spans.items()}
         with self._lock:
-            if isinstance(grads, SharedGradients):
-                grads = self._shared.read(worker, grads)[0]
             self._await_turn(worker, seq)
             self._counters["pushes"] += 1
             if recomputed:
@@ -521,7 +517,7 @@ class ParameterServer:
                 stats: (k, n_moving) batch statistics;
             ns, losses, spans: per batch. Other arguments as ``push``.
         """
-        if isinstance(grads, SharedGradients):
+        if isinstance(grads, SharedGradients):  # the one place a handle is read
             with self._lock:
                 grads = self._shared.read(worker, grads)
         if self.mode != "async":
@@ -824,10 +820,6 @@ class _RemoteParameterServer(ParameterServer):
 
     def __init__(self, net_spec, config, clock=time.monotonic):
         super().__init__(net_spec, config, publish=publish_params, clock=clock)
-
-    def node_id(self) -> str:
-        """The Ray node this server runs on: workers on it push through shared memory."""
-        return ray.get_runtime_context().get_node_id()
 
 
 ParameterServerActor = ray.remote(_RemoteParameterServer)

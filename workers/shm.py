@@ -3,9 +3,9 @@
 A Ray call whose argument holds a large array writes it into the object store: the
 worker serializes it and creates, fills and seals a plasma object through the raylet,
 the server resolves and maps it, and the raylet frees it afterwards. For a 790k-float32
-gradient (3.2 MB) that is 4.9 ms of CPU per push on a 2-core host (worker 2.4, server
-1.2, raylet 1.3; Ray 2.60); writing it into a shared-memory slot the server already maps
-and sending only the slot's name is 1.6 ms (worker 0.9 with the copy, server 0.7).
+gradient (3.2 MB) that is 4.7-5.2 ms of CPU per push on a 2-core host (pusher 2.3-2.4,
+receiver 1.2-1.3, raylet 1.3-1.5; Ray 2.60); writing it into a shared-memory slot the
+receiver already maps and sending only the slot's name is 1.9-2.1 ms (`bench/push.py`).
 
 A worker owns a ``GradientRing``: one POSIX shared-memory segment of ``slots`` regions,
 each room for one push (up to ``rows`` flat gradients). A slot is taken for a push and
@@ -14,24 +14,23 @@ then and holds no view of them.
 
 Nothing is left in /dev/shm whatever dies: right after creating its ring the worker asks
 the server to map it (``SharedGradientReader.map``), and the server unlinks the name at
-once. The memory then lives exactly as long as one of the two mappings, and the kernel
-frees it when both processes are gone, killed or not (Ray kills a worker's whole process
-group, so multiprocessing's resource tracker cannot be relied on). A restarted server
+once. That handshake also tells whether they share a node: elsewhere the name is not
+found and the worker pushes through the Ray call. The memory then lives exactly as long
+as one of the two mappings, and the kernel frees it when both processes are gone,
+killed or not (Ray kills a worker's whole process group, so multiprocessing's resource
+tracker cannot be relied on). A restarted server
 cannot map an unlinked segment again: the worker's next push fails and the trainer
 replaces it, as it does when a push is in flight during the restart.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from multiprocessing import resource_tracker, shared_memory
 from typing import NamedTuple
 
 import numpy as np
-
-log = logging.getLogger(__name__)
 
 SHM_DIR = "/dev/shm"
 # Pushes (all their gradients) of fewer bytes go inline in the Ray call. From about here

@@ -244,15 +244,13 @@ class GradientWorker:
         self.transport = "object_store"
         if not self.shared_memory:
             return None
-        here = ray.get_runtime_context().get_node_id()
-        if ray.get(self.server.node_id.remote()) != here:
-            return None
         try:
             ring = GradientRing(self.max_inflight, self.coalesce, self.net.n_params, self.net.dtype)
         except OSError as exc:
             log.warning("%s: gradients go through Ray's object store: %s", self.worker_id, exc)
             return None
-        try:  # the server maps the segment and unlinks its name: nothing can leak after
+        try:  # the server maps the segment and unlinks its name: nothing can leak after;
+            # on another node it finds no such segment
             mapped = ray.get(self.server.map_gradients.remote(self.worker_id, ring.name))
         except BaseException:
             ring.close()
