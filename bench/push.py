@@ -4,10 +4,12 @@ Run `.venv/bin/python bench/push.py [--params N ...] [--pushes P]`. A pusher act
 P pushes of N float32 values to a receiver actor (two in flight, as a worker keeps them)
 as the Ray call's argument (`ray_call`: inline under 100 KB, through Ray's object store
 past it) and through a shared-memory ring (`shared_memory`, `workers.shm`: the array
-copied into a slot, the slot's name as the argument); the
-receiver reads a strided sample of every push. It prints, per push, the wall time and the
-CPU of the pusher, the receiver and Ray's raylet (which runs the object store), each
-transport measured in the same run.
+copied into a slot, the slot's name as the argument), and through that ring with the
+call itself replaced by a frame on the node-local Unix socket (`local_channel`,
+`workers.channel`: what a worker on the server's node does); the receiver reads a
+strided sample of every push. It prints, per push, the wall time and the CPU of the
+pusher, the receiver and Ray's raylet (which runs the object store), each transport
+measured in the same run.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ import numpy as np  # noqa: E402
 import ray  # noqa: E402
 
 from bench import machine  # noqa: E402
+from workers.channel import PushConnection, PushServer  # noqa: E402
 from workers.shm import GradientRing, SharedGradientReader, SharedGradients  # noqa: E402
 
-TRANSPORTS = ("ray_call", "shared_memory")
+TRANSPORTS = ("ray_call", "shared_memory", "local_channel")
 INFLIGHT = 2
 
 
@@ -38,6 +41,10 @@ class Receiver:
     def __init__(self) -> None:
         self.reader = SharedGradientReader()
         self.total = 0.0
+        self.channel = PushServer(lambda args: self.push(*args), "local")
+
+    def endpoint(self):
+        return self.channel.endpoint
 
     def map(self, worker: str, segment: str) -> None:
         self.reader.map(worker, segment)
@@ -55,28 +62,36 @@ class Pusher:
 
     def run(self, receiver, transport: str, n_params: int, pushes: int) -> float:
         grads = np.random.default_rng(0).standard_normal(n_params, dtype=np.float32)
-        ring = None
-        if transport == "shared_memory":
+        ring = conn = None
+        if transport != "ray_call":
             ring = GradientRing(INFLIGHT, 1, n_params, np.float32)
             ray.get(receiver.map.remote("pusher", ring.name))
             ring.handed_over()
+        if transport == "local_channel":
+            conn = PushConnection(ray.get(receiver.endpoint.remote()))
         inflight: list[tuple[object, int | None]] = []
         start = time.perf_counter()
         try:
             for _ in range(pushes):
                 if len(inflight) == INFLIGHT:
                     ref, slot = inflight.pop(0)
-                    ray.get(ref)
+                    conn.receive() if ref is None else ray.get(ref)
                     if slot is not None:
                         ring.release(slot)
                 if ring is None:
                     inflight.append((receiver.push.remote("pusher", grads), None))
-                else:
+                elif conn is None:
                     slot, handle = ring.put([grads])
                     inflight.append((receiver.push.remote("pusher", handle), slot))
+                else:
+                    slot, handle = ring.put([grads])
+                    conn.send(("pusher", handle))
+                    inflight.append((None, slot))
             for ref, _ in inflight:
-                ray.get(ref)
+                conn.receive() if ref is None else ray.get(ref)
         finally:
+            if conn is not None:
+                conn.close()
             if ring is not None:
                 ring.close()
         return time.perf_counter() - start

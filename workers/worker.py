@@ -18,11 +18,12 @@ from typing import Any, NamedTuple
 import numpy as np
 import ray
 
+from workers.channel import PushConnection
 from workers.ingest.batcher import PowerOfTwoBatcher
 from workers.ingest.memory import MemoryStream
 from workers.ingest.source import Batch, Source
 from workers.nn import Network
-from workers.shm import SHARED_MIN_BYTES, GradientRing
+from workers.shm import BOARD, SHARED_MIN_BYTES, BoardReader, GradientRing
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def make_source(spec: Mapping[str, Any], on_assign=None, on_revoke=None, claim=N
 
 class _InFlight(NamedTuple):
     batches: list[Batch]
-    ref: Any  # ObjectRef of a PushReply
+    ref: Any  # ObjectRef of a PushReply; None when sent on the local channel
     recomputed: bool
     sent: float  # time.perf_counter() at submission
     slot: int | None = None  # the GradientRing slot holding its gradients
@@ -83,10 +84,11 @@ class GradientWorker:
             millisecond, so small models push several batches per call.
         commit_every_s: how often a source that commits (Kafka) is told the positions
             the newest durable checkpoint covers.
-        shared_memory: on the server's node, pass pushes of at least ``SHARED_MIN_BYTES``
-            of gradients through a shared-memory ring (``workers.shm``) instead of the Ray
-            call; elsewhere, or when /dev/shm lacks room, in the call (Ray's object store
-            past 100 KB).
+        shared_memory: on the server's node, push through a Unix socket instead of a Ray
+            call (``workers.channel``), pass pushes of at least ``SHARED_MIN_BYTES`` of
+            gradients through a shared-memory ring and read a large model's new
+            parameters from the server's board (``workers.shm``); elsewhere, or when
+            /dev/shm lacks room, in the Ray call (Ray's object store past 100 KB).
     """
 
     def __init__(
@@ -143,6 +145,10 @@ class GradientWorker:
         self.shared_memory = bool(shared_memory)
         self._ring: GradientRing | None = None
         self.transport = "inline"  # how gradients reach the server: see _open_ring
+        self.channel = "ray"  # how pushes reach it: "ray" calls or the "local" socket
+        self._conn: PushConnection | None = None
+        self._board: BoardReader | None = None
+        self._board_buf: np.ndarray | None = None  # the parameters read from the board
 
     # -- control -------------------------------------------------------------------
 
@@ -169,6 +175,7 @@ class GradientWorker:
             "batch_sizes": dict(self._sizes),
             "committed": dict(self._committed),
             "transport": self.transport,
+            "channel": self.channel,
         }
         for key in ("assignments", "rejected", "dead_letters", "records", "consumer_replacements"):
             if hasattr(self.source, key):
@@ -181,6 +188,7 @@ class GradientWorker:
         """Consume until the source is exhausted or ``stop`` is called; returns ``stats``."""
         self._resync(ray.get(self.server.join.remote(self.worker_id)))
         self._ring = self._open_ring()
+        self._open_channel()
         version, ref = ray.get(self.server.current.remote())
         self._set_params(version, ref)
         inflight: deque[_InFlight] = deque()
@@ -226,6 +234,11 @@ class GradientWorker:
                 ray.get(self.server.leave.remote(self.worker_id))
             finally:
                 self.source.close()
+                if self._conn is not None:
+                    self._conn.close()
+                if self._board is not None:
+                    self._board_buf = self._params = None
+                    self._board.close()
                 if self._ring is not None:
                     self._ring.close()
         return self.stats()
@@ -261,6 +274,39 @@ class GradientWorker:
         ring.handed_over()
         self.transport = "shared_memory"
         return ring
+
+    def _open_channel(self) -> None:
+        """On the server's node, push through its local channel from now on.
+
+        Needs ``shared_memory`` and, for a large model, the server's parameter board
+        mapped here; otherwise pushes stay Ray calls (``channel`` tells which).
+        """
+        if not self.shared_memory:
+            return
+        offer = ray.get(self.server.local_endpoint.remote())
+        if offer is None:
+            return
+        endpoint, board_info = offer
+        if endpoint.node_id != ray.get_runtime_context().get_node_id():
+            return
+        try:
+            board = BoardReader(board_info) if board_info is not None else None
+        except OSError as exc:
+            log.warning("%s: pushes stay Ray calls: %s", self.worker_id, exc)
+            return
+        try:
+            self._conn = PushConnection(endpoint)
+        except OSError as exc:
+            if board is not None:
+                board.close()
+            log.warning("%s: pushes stay Ray calls: %s", self.worker_id, exc)
+            return
+        if board is not None:
+            self._board = board
+            self._board_buf = np.empty(board.n_params, board.dtype)
+        self.channel = "local"
+        if self._ring is None and self.transport == "object_store":
+            self.transport = "socket"  # the gradients travel in the channel's frames
 
     def _prefetch(self) -> None:
         """Gather the next push's records while this one travels (a poll that waits for
@@ -331,6 +377,11 @@ class GradientWorker:
         return min(0.05, max(0.0, deadline - time.monotonic()))
 
     def _set_params(self, version: int, ref) -> None:
+        if isinstance(ref, str) and ref == BOARD:  # the newest version on the board
+            self._params = None  # its views of the buffer about to be rewritten
+            self._version = self._board.read(self._board_buf)
+            self._params = self.net.layout.views(self._board_buf)
+            return
         flat = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
         self._params = self.net.layout.views(np.asarray(flat))  # read-only, zero-copy
         self._version = int(version)
@@ -370,7 +421,11 @@ class GradientWorker:
             report,
             self._seq,
         )
-        ref = self.server.push_packed.remote(args)
+        if self._conn is not None:
+            self._conn.send(args)
+            ref = None
+        else:
+            ref = self.server.push_packed.remote(args)
         self._seq += 1
         return _InFlight(batches, ref, recomputed, time.perf_counter(), slot)
 
@@ -387,7 +442,7 @@ class GradientWorker:
 
     def _reply(self, item: _InFlight):
         try:
-            reply = ray.get(item.ref)
+            reply = self._conn.receive() if item.ref is None else ray.get(item.ref)
         finally:  # answered, or the server is gone: it holds no view of the slot
             if item.slot is not None:
                 self._ring.release(item.slot)

@@ -22,6 +22,7 @@ from service.paramserver import (
     build_optimizer,
     pooled_statistics,
 )
+from workers.channel import PushConnection
 from workers.ingest.memory import MemoryStream, load_dataset
 from workers.nn import (
     SGD,
@@ -32,7 +33,7 @@ from workers.nn import (
     Network,
     RMSprop,
 )
-from workers.shm import GradientRing
+from workers.shm import BOARD, BoardReader, GradientRing
 
 TOPIC = "memory"
 SMALL_NET = {"input_dim": 6, "hidden": (5, 4), "output": "softmax", "n_outputs": 3}
@@ -723,3 +724,80 @@ def test_a_rounds_average_is_the_weighted_sum_chunk_by_chunk():
     np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-6)
     again = server._average(grads[:2], [0.5, 0.5])  # the buffer is reused, not stale
     np.testing.assert_array_equal(again, grads[0] * np.float32(0.5) + grads[1] * np.float32(0.5))
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_local_channel_pushes_train_as_calls_and_read_parameters_from_the_board(mode):
+    # Too large to travel inline: replies on the local channel point at the board, on the
+    # same schedule a Ray reply carries an object reference, and the board holds exactly
+    # those parameters; both servers end with the very same model.
+    big = {"input_dim": 2048, "hidden": (64, 64), "output": "sigmoid", "n_outputs": 1}
+    net = Network(**big)
+    assert net.n_params * 4 > INLINE_PARAMS_BYTES
+    cfg = server_config(**{"trainer.mode": mode, "trainer.max_staleness": 4})
+    by_call, local = ParameterServer(big, cfg), ParameterServer(big, cfg)
+    endpoint, info = local.local_endpoint()
+    assert info is not None and local.local_endpoint()[0] == endpoint  # made once
+    conn, board = PushConnection(endpoint), BoardReader(info)
+    buf = np.empty(net.n_params, net.dtype)
+    assert board.read(buf) == 0
+    version, flat = by_call.current()
+    np.testing.assert_array_equal(buf, flat)
+    rng = np.random.default_rng(0)
+    boards = 0
+    try:
+        for step in range(9):
+            x = rng.standard_normal((16, 2048)).astype(np.float32)
+            y = rng.integers(0, 2, 16)
+            loss, grads, stats = net.loss_and_grads(net.layout.views(np.asarray(flat)), x, y)
+            span = {(TOPIC, 0): (16 * step, 16 * step + 16)}
+            st = net.moving_layout.flatten(stats)[None]
+            args = ("w0", version, grads.flat[None], [16], [loss], st, [span])
+            by_value = by_call.push_many(*args)
+            conn.send(args)
+            by_channel = conn.receive()
+            assert by_value.status == by_channel.status == APPLIED
+            assert by_value.version == by_channel.version == step + 1
+            assert (by_value.params is None) == (by_channel.params is None)
+            if by_value.params is not None:
+                assert by_channel.params == BOARD
+                assert board.read(buf) == by_channel.params_version == by_value.params_version
+                np.testing.assert_array_equal(buf, by_value.params)
+                version, flat = by_value.params_version, np.asarray(by_value.params)
+                boards += 1
+        assert boards == (9 if mode == "sync" else 9 // by_call.publish_every)
+        a, b = by_call.model(), local.model()
+        for part in ("params", "moving"):
+            for key in a[part]:
+                np.testing.assert_array_equal(a[part][key], b[part][key])
+        # A stale push is refused with the newest parameters, on the board.
+        conn.send(("w0", 0, grads.flat[None], [16], [loss], args[5], [{(TOPIC, 0): (144, 160)}]))
+        refused = conn.receive()
+        assert refused.status == STALE and refused.params == BOARD
+        assert board.read(buf) == refused.params_version == local.version == 9
+        np.testing.assert_array_equal(buf, local.current()[1])
+        # What the server raises reaches the worker as the same exception.
+        conn.send(("w0", 9, grads.flat[None], [16, 16], [loss], args[5], []))
+        with pytest.raises(ValueError):
+            conn.receive()
+    finally:
+        conn.close()
+        board.close()
+        local.close()
+
+
+def test_a_small_model_travels_inline_on_the_local_channel():
+    server, batches = make_server(), Batches(seed=1)
+    endpoint, info = server.local_endpoint()
+    assert info is None  # no board: a reply carries the parameters themselves
+    conn = PushConnection(endpoint)
+    try:
+        version, flat = server.current()
+        grads, n, loss, stats = batches.push_args(flat)
+        conn.send(("w", version, grads[None], [n], [loss], stats[None], [{(TOPIC, 0): (0, 8)}]))
+        reply = conn.receive()
+        assert reply.status == APPLIED and reply.params_version == 1
+        np.testing.assert_array_equal(reply.params, server.current()[1])
+    finally:
+        conn.close()
+        server.close()

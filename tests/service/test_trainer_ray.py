@@ -10,7 +10,13 @@ from prometheus_client import CollectorRegistry
 from service.app import coalesce_for, network_spec, resolve_dataset, run_demo
 from service.checkpoint import latest_checkpoint, load_checkpoint
 from service.config import redacted
-from service.paramserver import APPLIED, FENCED, NONFINITE, ParameterServerActor
+from service.paramserver import (
+    APPLIED,
+    FENCED,
+    INLINE_PARAMS_BYTES,
+    NONFINITE,
+    ParameterServerActor,
+)
 from workers.nn import Network
 from workers.shm import SHARED_MIN_BYTES, SHM_DIR
 
@@ -102,6 +108,7 @@ def test_killed_worker_is_replaced_and_every_example_trains_once(
     shared = coalesce_for(cfg, n_params) * n_params * 4 >= SHARED_MIN_BYTES
     transport = "shared_memory" if shared else "inline"  # sync mode: one 37 KB batch
     assert {s["transport"] for s in trainer.record.worker_stats} == {transport}
+    assert {s["channel"] for s in trainer.record.worker_stats} == {"local"}
     assert set(os.listdir(SHM_DIR)) <= segments  # the killed worker's ring left nothing
     exact_tiling(trainer, cfg, trainer.dataset)
     assert result["examples"] == len(trainer.dataset.x_train) * cfg.stream.passes
@@ -283,32 +290,37 @@ def test_stop_drains_in_flight_pushes_and_keeps_offsets_exact(tmp_path, make_tra
     assert int((history[:, 2] - history[:, 1]).sum()) == result["examples"]
 
 
-def test_shared_memory_pushes_train_the_model_the_object_store_trains(
-    tmp_path, make_trainer, run, config, exact_tiling
+@pytest.mark.parametrize("hidden", [[1024], [2048]])
+def test_node_local_pushes_train_the_model_ray_calls_train(
+    hidden, tmp_path, make_trainer, run, config, exact_tiling
 ):
-    # 78k parameters (311 KB of float32 gradient): above SHARED_MIN_BYTES, so a worker on
-    # the server's node pushes through its shared-memory ring. One sync worker makes the
-    # run deterministic: both transports must give the very same model.
+    # [1024]: 78k parameters (311 KB of float32 gradient), above SHARED_MIN_BYTES: a
+    # worker on the server's node pushes on the local channel with its gradients in its
+    # shared-memory ring, and new parameters come inline. [2048]: 155k parameters (621 KB),
+    # above INLINE_PARAMS_BYTES: new parameters come on the server's board. One sync
+    # worker makes the run deterministic: both ways must give the very same model.
     models, transports = [], []
     for shared in (True, False):
         cfg = config(
             tmp_path / str(shared),
             **{
-                "model.hidden": [1024],
+                "model.hidden": hidden,
                 "trainer.mode": "sync",
                 "trainer.workers": 1,
                 "trainer.shared_memory": shared,
                 "stream.passes": 2,
             },
         )
-        assert Network(**network_spec(cfg, resolve_dataset(cfg))).n_params * 4 >= SHARED_MIN_BYTES
+        n_params = Network(**network_spec(cfg, resolve_dataset(cfg))).n_params
+        assert n_params * 4 >= SHARED_MIN_BYTES
+        assert (n_params * 4 > INLINE_PARAMS_BYTES) == (hidden == [2048])
         trainer = make_trainer(cfg)
         result = run(trainer, timeout=90)
         exact_tiling(trainer, cfg, trainer.dataset)
         assert result["examples"] == len(trainer.dataset.x_train) * cfg.stream.passes
-        transports.append({s["transport"] for s in trainer.record.worker_stats})
+        transports.append({(s["transport"], s["channel"]) for s in trainer.record.worker_stats})
         models.append(ray.get(trainer.server.model.remote()))
-    assert transports == [{"shared_memory"}, {"object_store"}]
+    assert transports == [{("shared_memory", "local")}, {("object_store", "ray")}]
     shared, stored = models
     assert shared["version"] == stored["version"] > 0
     for part in ("params", "moving"):
