@@ -235,8 +235,9 @@ class TrainerConfig(_Section):
     )
     shared_memory: bool = _opt(
         True,
-        "on the server's node, pass pushes of 64 KiB of gradients or more through shared"
-        " memory instead of the Ray call",
+        "on the server's node, pass pushes through its local socket instead of Ray calls,"
+        " their gradients (64 KiB or more) through shared memory and a model over 512 KiB"
+        " through its parameter board",
     )
     ray_address: str = _opt("", "Ray cluster address ('' = start a local Ray)")
     updates: int = _opt(0, "stop after this many updates (0 = until the stream ends)")

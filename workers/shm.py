@@ -3,9 +3,11 @@
 A Ray call whose argument holds a large array writes it into the object store: the
 worker serializes it and creates, fills and seals a plasma object through the raylet,
 the server resolves and maps it, and the raylet frees it afterwards. For a 790k-float32
-gradient (3.2 MB) that is 4.7-5.2 ms of CPU per push on a 2-core host (pusher 2.3-2.4,
-receiver 1.2-1.3, raylet 1.3-1.5; Ray 2.60); writing it into a shared-memory slot the
-receiver already maps and sending only the slot's name is 1.9-2.1 ms (`bench/push.py`).
+gradient (3.2 MB) that is 4.7-6.8 ms of CPU per push on a 2-core host (pusher 2.3-3.3,
+receiver 1.2-1.7, raylet 1.3-1.8; Ray 2.60); writing it into a shared-memory slot the
+receiver already maps and sending only the slot's name is 1.9-2.1 ms, and 0.3-0.4 ms when
+the name travels on the node-local socket of ``workers.channel`` instead of a Ray call
+(`bench/push.py`).
 
 A worker owns a ``GradientRing``: one POSIX shared-memory segment of ``slots`` regions,
 each room for one push (up to ``rows`` flat gradients). A slot is taken for a push and
@@ -21,6 +23,11 @@ killed or not (Ray kills a worker's whole process group, so multiprocessing's re
 tracker cannot be relied on). A restarted server
 cannot map an unlinked segment again: the worker's next push fails and the trainer
 replaces it, as it does when a push is in flight during the restart.
+
+The other way, the server writes a large model on a ``ParamBoard`` (a two-slot seqlock in
+a nameless ``memfd``) that the workers of its node map read-only and copy when the
+version they are told of is newer than theirs, instead of one ``ray.put`` per published
+version and a fetch by every worker.
 """
 
 from __future__ import annotations
