@@ -22,9 +22,11 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import select
 import socket
 import struct
 import threading
+from collections import deque
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 _LEN = struct.Struct("<Q")
 MAX_FRAME_BYTES = 1 << 30  # a frame claiming more is a corrupt stream
 _TOKEN_BYTES = 16
+_READ_BYTES = 1 << 20  # most bytes a worker reads at once
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
 
 
@@ -86,7 +89,6 @@ class PushServer:
         self._sock.bind(self.address)
         self._sock.listen(64)
         self.endpoint = PushEndpoint(node_id, self.address, self.token)
-        self.connections = 0  # accepted so far
         self._closed = False
         self._thread = threading.Thread(target=self._accept, name="push-channel", daemon=True)
         self._thread.start()
@@ -122,7 +124,6 @@ class PushServer:
         with conn:
             if not self._authorized(conn):
                 return
-            self.connections += 1
             while True:
                 try:
                     payload = _recv(conn)
@@ -139,6 +140,16 @@ class PushServer:
                     _send(conn, reply)
                 except OSError:
                     return
+                except Exception as exc:  # a reply pickle cannot carry: say so, not hang
+                    log.warning("push channel: a reply could not be sent: %s", exc)
+                    what = repr(reply[1]) if not reply[0] else type(reply[1]).__name__
+                    error = RuntimeError(
+                        f"the parameter server's reply ({what}) cannot be sent: {exc}"
+                    )
+                    try:
+                        _send(conn, (False, error))
+                    except OSError:
+                        return
 
     def close(self) -> None:
         self._closed = True
@@ -151,6 +162,10 @@ class PushServer:
 
 class PushConnection:
     """A worker's end: ``send`` a push, later ``receive`` its reply (in the order sent).
+
+    A send that cannot go on at once (the server is busy answering earlier pushes and the
+    socket is full) reads the replies that have come meanwhile, so the two ends never
+    wait on each other's sends however large frames and replies are.
 
     Raises:
         OSError: the endpoint cannot be reached from here.
@@ -167,20 +182,58 @@ class PushConnection:
             self._sock.close()
             raise
         self.pending = 0  # pushes sent and not yet answered
+        self._inbox: deque[Any] = deque()  # replies read, not yet received
+        self._rbuf = bytearray()  # bytes of replies not yet whole
+        self._chunk = bytearray(_READ_BYTES)  # what one read brings
 
     def send(self, payload: Any) -> None:
-        _send(self._sock, payload)
+        body = pickle.dumps(payload, protocol=5)
+        data = memoryview(_LEN.pack(len(body)) + body)
+        while data:
+            try:
+                data = data[self._sock.send(data, socket.MSG_DONTWAIT) :]
+                continue
+            except BlockingIOError:
+                pass
+            readable, _, _ = select.select([self._sock], [self._sock], [])
+            if readable:
+                self._read(socket.MSG_DONTWAIT)
         self.pending += 1
 
     def receive(self) -> Any:
         """The reply to the oldest unanswered push (raises what the server raised)."""
         if not self.pending:
             raise RuntimeError("no push awaits a reply on this channel")
-        ok, value = _recv(self._sock)
+        while not self._inbox:
+            self._read(0)
+        ok, value = self._inbox.popleft()
         self.pending -= 1
         if not ok:
             raise value
         return value
+
+    def _read(self, flags: int) -> None:
+        """Read what has come (waiting for something unless ``flags`` say not to) and
+        keep the whole replies it completes."""
+        try:
+            k = self._sock.recv_into(self._chunk, _READ_BYTES, flags)
+        except BlockingIOError:
+            return
+        if not k:
+            raise ConnectionError("the parameter server's channel closed")
+        buf = self._rbuf
+        with memoryview(self._chunk) as chunk:
+            buf += chunk[:k]
+        while len(buf) >= _LEN.size:
+            (n,) = _LEN.unpack_from(buf)
+            if n > MAX_FRAME_BYTES:
+                raise ConnectionError(f"a frame of {n} bytes on the push channel: corrupt")
+            end = _LEN.size + n
+            if len(buf) < end:
+                break
+            with memoryview(buf) as view, view[_LEN.size : end] as body:
+                self._inbox.append(pickle.loads(body))
+            del buf[:end]
 
     def close(self) -> None:
         self._sock.close()

@@ -51,6 +51,36 @@ def test_a_servers_exception_is_raised_in_the_worker_and_the_channel_goes_on(ech
     conn.close()
 
 
+@pytest.mark.timeout(30)
+def test_a_reply_pickle_cannot_carry_is_an_error_in_the_worker_not_a_hang():
+    class Unsendable(Exception):
+        def __init__(self):
+            super().__init__("holds a lock")
+            self.lock = threading.Lock()
+
+    def handler(payload):
+        if payload == "raise":
+            raise Unsendable()
+        if payload == "return":
+            return threading.Lock()
+        return payload
+
+    server = PushServer(handler, "node-a")
+    conn = PushConnection(server.endpoint)
+    try:
+        conn.send("raise")
+        with pytest.raises(RuntimeError, match="holds a lock.*cannot be sent"):
+            conn.receive()
+        conn.send("return")
+        with pytest.raises(RuntimeError, match=r"reply \(lock\) cannot be sent"):
+            conn.receive()
+        conn.send("fine")
+        assert conn.receive() == "fine"
+    finally:
+        conn.close()
+        server.close()
+
+
 def test_a_connection_without_the_token_is_closed_unanswered(echo):
     server, calls = echo
     conn = PushConnection(server.endpoint._replace(token=bytes(16)))
@@ -106,3 +136,28 @@ def test_pushes_of_several_workers_wait_for_each_other_inside_the_handler():
     a.close()
     b.close()
     server.close()
+
+
+@pytest.mark.timeout(60)
+def test_large_frames_and_large_replies_in_flight_do_not_deadlock():
+    # Frames and replies several times a socket buffer, four pushes in flight: the worker
+    # is still sending while the server is answering the first ones.
+    big = np.arange(1 << 20, dtype=np.float32)  # 4 MiB
+
+    def handler(payload):
+        i, grads = payload
+        return i, grads[::-1].copy()
+
+    server = PushServer(handler, "node-a")
+    conn = PushConnection(server.endpoint)
+    try:
+        for i in range(4):
+            conn.send((i, big + i))
+        for i in range(4):
+            j, back = conn.receive()
+            assert j == i
+            np.testing.assert_array_equal(back, (big + i)[::-1])
+        assert conn.pending == 0
+    finally:
+        conn.close()
+        server.close()
