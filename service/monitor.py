@@ -20,6 +20,7 @@ STALENESS_BUCKETS = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0, 32.0)
 STEP_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 1.0)
 REFUSALS = ("stale", "fenced", "nonfinite", "paused")
 PUSH_BUCKETS = (2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 1.0, 5.0)
+CHANNELS = ("local", "ray")  # how a push reached the server: node-local socket, Ray call
 REJECT_REASONS = ("nonfinite_gradient",)  # codecs add theirs when the Kafka source reports
 
 
@@ -55,6 +56,13 @@ class TrainingMetrics:
         )
         self.clipped = Counter(
             p + "clipped_updates_total", "Updates whose gradient was clipped", registry=registry
+        )
+        self.pushes = Counter(
+            p + "pushes_total",
+            "Batches pushed to the parameter server, by channel: the node-local socket"
+            " (local) or a Ray call (ray)",
+            ["channel"],
+            registry=registry,
         )
         self.recomputed = Counter(
             p + "recomputed_pushes_total",
@@ -160,6 +168,8 @@ class TrainingMetrics:
         self.accuracy.set(float("nan"))
         for reason in REFUSALS:  # every series present from start-up
             self.refused.labels(reason=reason)
+        for channel in CHANNELS:
+            self.pushes.labels(channel=channel)
         self._seen: dict[str, Any] = {"counters": {}, "staleness": {}, "batch_sizes": {}}
         self.events: list[dict[str, Any]] = []  # every divergence event seen, for logs and plots
 
@@ -181,6 +191,11 @@ class TrainingMetrics:
         self.updates.inc(_delta(seen, "applied", counters["applied"]))
         self.clipped.inc(_delta(seen, "clipped", counters["clipped"]))
         self.recomputed.inc(_delta(seen, "recomputed", counters["recomputed"]))
+        local = counters.get("local_pushes", 0)
+        self.pushes.labels(channel="local").inc(_delta(seen, "local_pushes", local))
+        # Ray calls: the pushes that did not come through the socket.
+        ray_pushes = counters.get("pushes", 0) - local
+        self.pushes.labels(channel="ray").inc(_delta(seen, "ray_pushes", ray_pushes))
         for reason in REFUSALS:
             self.refused.labels(reason=reason).inc(_delta(seen, reason, counters.get(reason, 0)))
         # From the instance's own count: a restored model's examples were counted already.
@@ -189,7 +204,7 @@ class TrainingMetrics:
         self.rejected.labels(reason="nonfinite_gradient").inc(
             _delta(seen, "examples_refused", counters.get("examples_refused", 0))
         )
-        self._seen["counters"] = dict(counters)
+        self._seen["counters"] = dict(counters, ray_pushes=ray_pushes)
         for name, hist in (("staleness", self.staleness), ("batch_sizes", self.batch_size)):
             old = self._seen[name]
             for value, count in stats[name].items():

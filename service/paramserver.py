@@ -222,6 +222,7 @@ class ParameterServer:
         self.instance = uuid.uuid4().hex
         self._counters = {
             "pushes": 0,
+            "local_pushes": 0,  # of them, through the node-local channel
             "paused": 0,
             "consumed": 0,
             "applied": 0,
@@ -523,6 +524,8 @@ class ParameterServer:
         with self._lock:
             self._await_turn(worker, seq)
             self._counters["pushes"] += 1
+            if local:
+                self._counters["local_pushes"] += 1
             if recomputed:
                 self._counters["recomputed"] += 1
             if report:
@@ -601,6 +604,8 @@ class ParameterServer:
                     (str(t), int(p)): (int(a), int(b)) for (t, p), (a, b) in batch_spans.items()
                 }
                 self._counters["pushes"] += 1
+                if local:
+                    self._counters["local_pushes"] += 1
                 if recomputed:
                     self._counters["recomputed"] += 1
                 refusal = self._refusal(base_version, batch_spans, local)

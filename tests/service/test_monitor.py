@@ -45,6 +45,8 @@ def test_series_are_present_from_the_start_at_zero(registry):
     TrainingMetrics(registry)
     for reason in REFUSALS:
         assert value(registry, "streamtrain_pushes_refused_total", reason=reason) == 0.0
+    for channel in ("local", "ray"):
+        assert value(registry, "streamtrain_pushes_total", channel=channel) == 0.0
     for name in (
         "streamtrain_updates_total",
         "streamtrain_examples_trained_total",
@@ -65,6 +67,8 @@ def test_record_moves_counters_by_deltas(registry):
             version=3,
             examples=192,
             counters={
+                "pushes": 6,
+                "local_pushes": 4,
                 "applied": 3,
                 "examples": 192,
                 "stale": 2,
@@ -84,6 +88,8 @@ def test_record_moves_counters_by_deltas(registry):
             version=5,
             examples=256,
             counters={
+                "pushes": 15,
+                "local_pushes": 5,
                 "applied": 5,
                 "examples": 256,
                 "stale": 2,
@@ -105,6 +111,8 @@ def test_record_moves_counters_by_deltas(registry):
     assert value(registry, "streamtrain_pushes_refused_total", reason="nonfinite") == 0
     assert value(registry, "streamtrain_clipped_updates_total") == 1
     assert value(registry, "streamtrain_recomputed_pushes_total") == 3
+    assert value(registry, "streamtrain_pushes_total", channel="local") == 5
+    assert value(registry, "streamtrain_pushes_total", channel="ray") == 10
     assert value(registry, "streamtrain_batch_size_count") == 5
     assert value(registry, "streamtrain_batch_size_bucket", le="32.0") == 2
     assert value(registry, "streamtrain_batch_size_sum") == 3 * 64 + 2 * 32

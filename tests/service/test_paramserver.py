@@ -776,6 +776,9 @@ def test_local_channel_pushes_train_as_calls_and_read_parameters_from_the_board(
         assert refused.status == STALE and refused.params == BOARD
         assert board.read(buf) == refused.params_version == local.version == 9
         np.testing.assert_array_equal(buf, local.current()[1])
+        counters = local.stats()["counters"]  # what streamtrain_pushes_total{channel} shows
+        assert counters["local_pushes"] == counters["pushes"] == 10
+        assert by_call.stats()["counters"]["local_pushes"] == 0
         # What the server raises reaches the worker as the same exception.
         conn.send(("w0", 9, grads.flat[None], [16, 16], [loss], args[5], []))
         with pytest.raises(ValueError):

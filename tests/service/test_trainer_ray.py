@@ -314,11 +314,18 @@ def test_node_local_pushes_train_the_model_ray_calls_train(
         n_params = Network(**network_spec(cfg, resolve_dataset(cfg))).n_params
         assert n_params * 4 >= SHARED_MIN_BYTES
         assert (n_params * 4 > INLINE_PARAMS_BYTES) == (hidden == [2048])
-        trainer = make_trainer(cfg)
+        registry = CollectorRegistry()
+        trainer = make_trainer(cfg, registry=registry)
         result = run(trainer, timeout=90)
         exact_tiling(trainer, cfg, trainer.dataset)
         assert result["examples"] == len(trainer.dataset.x_train) * cfg.stream.passes
         transports.append({(s["transport"], s["channel"]) for s in trainer.record.worker_stats})
+        pushes = {
+            channel: registry.get_sample_value("streamtrain_pushes_total", {"channel": channel})
+            for channel in ("local", "ray")
+        }
+        assert pushes == ({"local": result["version"], "ray": 0} if shared else
+                          {"local": 0, "ray": result["version"]})  # fmt: skip
         models.append(ray.get(trainer.server.model.remote()))
     assert transports == [{("shared_memory", "local")}, {("object_store", "ray")}]
     shared, stored = models
