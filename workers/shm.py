@@ -3,9 +3,9 @@
 A Ray call whose argument holds a large array writes it into the object store: the
 worker serializes it and creates, fills and seals a plasma object through the raylet,
 the server resolves and maps it, and the raylet frees it afterwards. For a 790k-float32
-gradient (3.2 MB) that is 4.7-6.8 ms of CPU per push on a 2-core host (pusher 2.3-3.3,
-receiver 1.2-1.7, raylet 1.3-1.8; Ray 2.60); writing it into a shared-memory slot the
-receiver already maps and sending only the slot's name is 1.9-2.1 ms, and 0.3-0.4 ms when
+gradient (3.2 MB) that is 4.7-7.2 ms of CPU per push on a 2-core host (pusher 2.3-3.5,
+receiver 1.2-1.9, raylet 1.3-1.9; Ray 2.60); writing it into a shared-memory slot the
+receiver already maps and sending only the slot's name is 1.9-2.3 ms, and 0.3-0.4 ms when
 the name travels on the node-local socket of ``workers.channel`` instead of a Ray call
 (`bench/push.py`).
 
