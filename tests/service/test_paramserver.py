@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from service import paramserver
 from service.app import network_spec
 from service.checkpoint import list_checkpoints
 from service.config import load_config, redacted
@@ -804,3 +805,19 @@ def test_a_small_model_travels_inline_on_the_local_channel():
     finally:
         conn.close()
         server.close()
+
+
+def test_without_the_board_a_large_models_workers_stay_on_ray_calls(monkeypatch):
+    # Off x86-64 the board's lock-free reads are not safe: a model too large to travel
+    # inline gets no local endpoint at all (its replies would need the board); a small
+    # one still gets the channel, its parameters inline.
+    monkeypatch.setattr(paramserver, "board_supported", lambda: False)
+    big = {"input_dim": 2048, "hidden": (64, 64), "output": "sigmoid", "n_outputs": 1}
+    large = ParameterServer(big, server_config())
+    assert large.local_endpoint() is None
+    small = make_server()
+    try:
+        endpoint, info = small.local_endpoint()
+        assert info is None and endpoint.address.startswith("\0")
+    finally:
+        small.close()
