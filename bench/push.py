@@ -80,11 +80,11 @@ class Pusher:
                         ring.release(slot)
                 if ring is None:
                     inflight.append((receiver.push.remote("pusher", grads), None))
-                elif conn is None:
-                    slot, handle = ring.put([grads])
+                    continue
+                slot, handle = ring.put([grads])
+                if conn is None:
                     inflight.append((receiver.push.remote("pusher", handle), slot))
                 else:
-                    slot, handle = ring.put([grads])
                     conn.send(("pusher", handle))
                     inflight.append((None, slot))
             for ref, _ in inflight:

@@ -170,9 +170,10 @@ class ParameterServer:
         self.ckpt_keep = int(ck.get("keep", 3))
         self.history_limit = int(ck.get("history", 1_000_000))
         self._publish = publish or np.copy
-        self.publish_every = int(trainer.get("publish_every", 0)) or (
-            1 if self.net.n_params * self.net.dtype.itemsize <= INLINE_PARAMS_BYTES else 4
-        )
+        # Parameters too large to travel inline in a reply: published every few versions,
+        # and on the board for workers on this node.
+        self._large = self.net.n_params * self.net.dtype.itemsize > INLINE_PARAMS_BYTES
+        self.publish_every = int(trainer.get("publish_every", 0)) or (4 if self._large else 1)
         self._clock = clock
         self._lock = threading.Condition()
 
@@ -353,11 +354,10 @@ class ParameterServer:
         """
         with self._lock:
             if self._channel is None:
-                large = self.net.n_params * self.net.dtype.itemsize > INLINE_PARAMS_BYTES
-                if large and not board_supported():
+                if self._large and not board_supported():
                     return None
                 try:
-                    board = ParamBoard(self.net.n_params, self.net.dtype) if large else None
+                    board = ParamBoard(self.net.n_params, self.net.dtype) if self._large else None
                 except OSError as exc:
                     log.warning("no parameter board for local workers: %s", exc)
                     return None
@@ -453,18 +453,20 @@ class ParameterServer:
         a ``ray.put`` of it more than 1 ms and the raylet's work besides)."""
         board = self._board if local else None
         if board is not None:
-            if board.version != self.version and (
-                board.version < 0 or fresh or self.version - board.version >= self.publish_every
-            ):
+            if self._republish(board.version if board.version >= 0 else None, fresh):
                 board.write(self.version, self.params.flat)
             return board.version, BOARD
         published = self._published
-        if published is None or (
-            published[0] != self.version
-            and (fresh or self.version - published[0] >= self.publish_every)
-        ):
+        if self._republish(published[0] if published is not None else None, fresh):
             self._published = published = (self.version, self._publish(self.params.flat))
         return published
+
+    def _republish(self, published: int | None, fresh: bool) -> bool:
+        """Whether parameters published at version ``published`` (None: never) are due
+        to be replaced by the current ones."""
+        return published is None or (
+            published != self.version and (fresh or self.version - published >= self.publish_every)
+        )
 
     def model(self) -> dict[str, Any]:
         """Copies of parameters and moving statistics, with version and network spec."""

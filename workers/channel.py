@@ -47,9 +47,21 @@ class PushEndpoint(NamedTuple):
     token: bytes
 
 
-def _send(sock: socket.socket, obj: Any) -> None:
+def _frame(obj: Any) -> bytes:
     body = pickle.dumps(obj, protocol=5)
-    sock.sendall(_LEN.pack(len(body)) + body)
+    return _LEN.pack(len(body)) + body
+
+
+def _body_length(header) -> int:
+    """The length a frame's header announces (ConnectionError past ``MAX_FRAME_BYTES``)."""
+    (n,) = _LEN.unpack_from(header)
+    if n > MAX_FRAME_BYTES:
+        raise ConnectionError(f"a frame of {n} bytes on the push channel: the stream is corrupt")
+    return n
+
+
+def _send(sock: socket.socket, obj: Any) -> None:
+    sock.sendall(_frame(obj))
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -65,10 +77,7 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 
 def _recv(sock: socket.socket) -> Any:
-    (n,) = _LEN.unpack(_recv_exact(sock, _LEN.size))
-    if n > MAX_FRAME_BYTES:
-        raise ConnectionError(f"a frame of {n} bytes on the push channel: the stream is corrupt")
-    return pickle.loads(_recv_exact(sock, n))
+    return pickle.loads(_recv_exact(sock, _body_length(_recv_exact(sock, _LEN.size))))
 
 
 class PushServer:
@@ -187,8 +196,7 @@ class PushConnection:
         self._chunk = bytearray(_READ_BYTES)  # what one read brings
 
     def send(self, payload: Any) -> None:
-        body = pickle.dumps(payload, protocol=5)
-        data = memoryview(_LEN.pack(len(body)) + body)
+        data = memoryview(_frame(payload))
         while data:
             try:
                 data = data[self._sock.send(data, socket.MSG_DONTWAIT) :]
@@ -225,10 +233,7 @@ class PushConnection:
         with memoryview(self._chunk) as chunk:
             buf += chunk[:k]
         while len(buf) >= _LEN.size:
-            (n,) = _LEN.unpack_from(buf)
-            if n > MAX_FRAME_BYTES:
-                raise ConnectionError(f"a frame of {n} bytes on the push channel: corrupt")
-            end = _LEN.size + n
+            end = _LEN.size + _body_length(buf)
             if len(buf) < end:
                 break
             with memoryview(buf) as view, view[_LEN.size : end] as body:

@@ -257,6 +257,15 @@ _HEADER = 64  # token (16 bytes), latest slot, then per slot its sequence and ve
 _TOKEN_BYTES = 16
 
 
+def _board_views(buf: mmap.mmap, n_params: int, dtype: np.dtype):
+    """The header (latest slot, then sequence and version per slot) and the two slots of
+    a board mapped at ``buf``: one layout for its writer and its readers."""
+    header = np.frombuffer(buf, np.int64, 5, _TOKEN_BYTES)
+    slot_bytes = n_params * dtype.itemsize
+    slots = [np.frombuffer(buf, dtype, n_params, _HEADER + i * slot_bytes) for i in range(2)]
+    return header, slots
+
+
 class ParamBoard:
     """Two slots of flat parameters in an anonymous shared-memory file (``memfd``).
 
@@ -290,12 +299,8 @@ class ParamBoard:
             os.close(self.fd)
             raise
         self._map[:_TOKEN_BYTES] = self.token
-        self._header = np.frombuffer(self._map, np.int64, 5, _TOKEN_BYTES)  # latest, seq/ver x2
-        self._header[:] = (0, 0, -1, 0, -1)
-        self._slots = [
-            np.frombuffer(self._map, self.dtype, self.n_params, _HEADER + i * slot_bytes)
-            for i in range(2)
-        ]
+        self._header, self._slots = _board_views(self._map, self.n_params, self.dtype)
+        self._header[:] = (0, 0, -1, 0, -1)  # slot 0 latest, neither written yet
         self.version = -1  # the newest version written
 
     def info(self) -> BoardInfo:
@@ -348,12 +353,7 @@ class BoardReader:
             raise OSError(f"/proc/{info.pid}/fd/{info.fd} is not the parameter board")
         self.dtype = np.dtype(info.dtype)
         self.n_params = int(info.n_params)
-        slot_bytes = self.n_params * self.dtype.itemsize
-        self._header = np.frombuffer(self._map, np.int64, 5, _TOKEN_BYTES)
-        self._slots = [
-            np.frombuffer(self._map, self.dtype, self.n_params, _HEADER + i * slot_bytes)
-            for i in range(2)
-        ]
+        self._header, self._slots = _board_views(self._map, self.n_params, self.dtype)
         self.retries = 0  # reads started over because a write overlapped them
 
     def read(self, out: np.ndarray) -> int:

@@ -289,12 +289,10 @@ class GradientWorker:
         endpoint, board_info = offer
         if endpoint.node_id != ray.get_runtime_context().get_node_id():
             return
+        board = None
         try:
-            board = BoardReader(board_info) if board_info is not None else None
-        except OSError as exc:
-            log.warning("%s: pushes stay Ray calls: %s", self.worker_id, exc)
-            return
-        try:
+            if board_info is not None:
+                board = BoardReader(board_info)
             self._conn = PushConnection(endpoint)
         except OSError as exc:
             if board is not None:

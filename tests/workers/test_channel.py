@@ -1,12 +1,13 @@
 """The node-local push channel: frames answered in order, errors raised where they belong."""
 
 import socket
+import struct
 import threading
 
 import numpy as np
 import pytest
 
-from workers.channel import PushConnection, PushServer
+from workers.channel import MAX_FRAME_BYTES, PushConnection, PushServer
 
 
 @pytest.fixture
@@ -89,6 +90,21 @@ def test_a_connection_without_the_token_is_closed_unanswered(echo):
         conn.receive()
     assert calls == []
     conn.close()
+
+
+def test_a_frame_announcing_more_than_the_bound_closes_the_connection_unread(echo):
+    server, calls = echo
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    raw.settimeout(10)
+    raw.connect(server.endpoint.address)
+    raw.sendall(server.endpoint.token + struct.pack("<Q", MAX_FRAME_BYTES + 1))
+    assert raw.recv(1) == b""  # closed, nothing answered
+    raw.close()
+    conn = PushConnection(server.endpoint)  # the server goes on for others
+    conn.send("fine")
+    assert conn.receive() == ("reply", "fine")
+    conn.close()
+    assert calls == ["fine"]
 
 
 def test_a_closed_server_answers_what_it_accepted_and_accepts_no_more():
