@@ -143,8 +143,12 @@ class Trainer:
         self._runs: dict[Any, str] = {}
         self._finished: set[int] = set()  # indices of workers whose run() returned
         self._instance: str | None = None  # the server instance last polled
-        for i in range(k):
-            self._start_worker(i)
+        # Every worker's run waits until all of them are built: their processes start
+        # seconds apart, and the first would otherwise train alone until the others join.
+        made = [self._make_worker(i) for i in range(k)]
+        started = [actor.ping.remote() for _, actor in made]
+        for wid, actor in made:
+            self._runs[actor.run.remote(*started)] = wid
 
     def _worker_id(self, index: int) -> str:
         return f"worker-{index}.{self._generation}"
@@ -189,6 +193,12 @@ class Trainer:
         }
 
     def _start_worker(self, index: int) -> None:
+        """Start a worker for partition share ``index`` (a replacement: at once)."""
+        wid, actor = self._make_worker(index)
+        self._runs[actor.run.remote()] = wid
+
+    def _make_worker(self, index: int) -> tuple[str, Any]:
+        """A new worker actor for partition share ``index``, registered but not running."""
         cfg = self.cfg
         batching = {
             "batch_size": cfg.batching.batch_size,
@@ -214,7 +224,7 @@ class Trainer:
             shared_memory=cfg.trainer.shared_memory,
         )
         self.workers[wid] = (index, actor)
-        self._runs[actor.run.remote()] = wid
+        return wid, actor
 
     def total_examples(self) -> int | None:
         """Examples the stream holds (None on Kafka: it has no end)."""

@@ -184,8 +184,13 @@ class GradientWorker:
 
     # -- the loop ------------------------------------------------------------------
 
-    def run(self) -> dict[str, Any]:
-        """Consume until the source is exhausted or ``stop`` is called; returns ``stats``."""
+    def run(self, *started: str) -> dict[str, Any]:
+        """Consume until the source is exhausted or ``stop`` is called; returns ``stats``.
+
+        ``started``: references to other workers' ``ping()``, which Ray resolves before
+        this begins, so the workers of a run start together (a sync round waits only for
+        the workers that have joined: one started early would train alone meanwhile).
+        """
         self._resync(ray.get(self.server.join.remote(self.worker_id)))
         self._ring = self._open_ring()
         self._open_channel()
