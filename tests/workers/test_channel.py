@@ -108,15 +108,19 @@ def test_a_frame_announcing_more_than_the_bound_closes_the_connection_unread(ech
 
 
 def test_a_closed_server_answers_what_it_accepted_and_accepts_no_more():
-    release = threading.Event()
+    entered, release = threading.Event(), threading.Event()
 
     def handler(payload):
+        entered.set()
         release.wait(10)
         return payload
 
     server = PushServer(handler, "n")
     conn = PushConnection(server.endpoint)
     conn.send("x")
+    # Accepted and being handled; a connection still in the listen backlog would be
+    # reset by the close instead.
+    assert entered.wait(10)
     server.close()
     release.set()
     assert conn.receive() == "x"  # an accepted connection is answered to its end
