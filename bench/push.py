@@ -3,10 +3,10 @@
 Run `.venv/bin/python bench/push.py [--params N ...] [--pushes P]`. A pusher actor sends
 P pushes of N float32 values to a receiver actor (two in flight, as a worker keeps them)
 as the Ray call's argument (`ray_call`: inline under 100 KB, through Ray's object store
-past it) and through a shared-memory ring (`shared_memory`, `workers.shm`: the array
+past it) and through a shared-memory ring (`shared_memory`, `workers.transport`: the array
 copied into a slot, the slot's name as the argument), and through that ring with the
 call itself replaced by a frame on the node-local Unix socket (`local_channel`,
-`workers.channel`: what a worker on the server's node does); the receiver reads a
+`workers.transport.channel`: what a worker on the server's node does); the receiver reads a
 strided sample of every push. It prints, per push, the wall time and the CPU of the
 pusher, the receiver and Ray's raylet (which runs the object store), each transport
 measured in the same run.
@@ -27,8 +27,8 @@ import numpy as np  # noqa: E402
 import ray  # noqa: E402
 
 from bench import machine  # noqa: E402
-from workers.channel import PushConnection, PushServer  # noqa: E402
-from workers.shm import GradientRing, SharedGradientReader, SharedGradients  # noqa: E402
+from workers.transport.channel import PushConnection, PushServer  # noqa: E402
+from workers.transport.ring import GradientRing, SharedGradientReader, SharedGradients  # noqa: E402
 
 TRANSPORTS = ("ray_call", "shared_memory", "local_channel")
 INFLIGHT = 2

@@ -22,7 +22,6 @@ import ray
 from service.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from service.config import OptimizerConfig
 from service.divergence import DIVERGED, HEALTHY, DivergenceDetector
-from workers.channel import PushEndpoint, PushServer
 from workers.nn import (
     ExponentialDecay,
     InverseTimeDecay,
@@ -30,14 +29,9 @@ from workers.nn import (
     NonFiniteGradientError,
     get_optimizer,
 )
-from workers.shm import (
-    BOARD,
-    BoardInfo,
-    ParamBoard,
-    SharedGradientReader,
-    SharedGradients,
-    board_supported,
-)
+from workers.transport.board import BOARD, BoardInfo, ParamBoard, board_supported
+from workers.transport.channel import PushEndpoint, PushServer
+from workers.transport.ring import SharedGradientReader, SharedGradients
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +242,7 @@ class ParameterServer:
         self._avg_tmp: np.ndarray | None = None
         self._norms_at = -math.inf  # clock() of the last update whose norms were computed
         self._param_norm = math.nan  # of the parameters then
-        self._channel: PushServer | None = None  # node-local pushes (workers.channel)
+        self._channel: PushServer | None = None  # node-local pushes (workers.transport.channel)
         self._board: ParamBoard | None = None  # parameters for node-local workers
 
     # -- state -------------------------------------------------------------------------
@@ -335,7 +329,7 @@ class ParameterServer:
             return self._next_offsets()
 
     def map_gradients(self, worker: str, segment: str) -> bool:
-        """Map a worker's shared-memory gradient ring (``workers.shm``) and unlink its
+        """Map a worker's shared-memory gradient ring (``workers.transport``) and unlink its
         name; False when there is no such segment here (another node): the worker then
         pushes through the object store."""
         with self._lock:
@@ -348,9 +342,9 @@ class ParameterServer:
     def local_endpoint(self) -> tuple[PushEndpoint, BoardInfo | None] | None:
         """Where workers on this node push without a Ray call, and read the parameters.
 
-        Returns the channel's endpoint (``workers.channel``) and, for a model too large
+        Returns the channel's endpoint (``workers.transport.channel``) and, for a model too large
         to travel inline in a reply, the parameter board a worker must map to use it
-        (``workers.shm.ParamBoard``); None when this host cannot offer them.
+        (``workers.transport.board.ParamBoard``); None when this host cannot offer them.
         """
         with self._lock:
             if self._channel is None:

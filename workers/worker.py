@@ -18,12 +18,13 @@ from typing import Any, NamedTuple
 import numpy as np
 import ray
 
-from workers.channel import PushConnection
 from workers.ingest.batcher import PowerOfTwoBatcher
 from workers.ingest.memory import MemoryStream
 from workers.ingest.source import Batch, Source
 from workers.nn import Network
-from workers.shm import BOARD, SHARED_MIN_BYTES, BoardReader, GradientRing
+from workers.transport.board import BOARD, BoardReader
+from workers.transport.channel import PushConnection
+from workers.transport.ring import SHARED_MIN_BYTES, GradientRing
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +86,9 @@ class GradientWorker:
         commit_every_s: how often a source that commits (Kafka) is told the positions
             the newest durable checkpoint covers.
         shared_memory: on the server's node, push through a Unix socket instead of a Ray
-            call (``workers.channel``), pass pushes of at least ``SHARED_MIN_BYTES`` of
+            call (``workers.transport.channel``), pass pushes of at least ``SHARED_MIN_BYTES`` of
             gradients through a shared-memory ring and read a large model's new
-            parameters from the server's board (``workers.shm``); elsewhere, or when
+            parameters from the server's board (``workers.transport``); elsewhere, or when
             /dev/shm lacks room, in the Ray call (Ray's object store past 100 KB).
     """
 

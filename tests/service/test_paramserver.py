@@ -23,7 +23,6 @@ from service.paramserver import (
     build_optimizer,
     pooled_statistics,
 )
-from workers.channel import PushConnection
 from workers.ingest.memory import MemoryStream, load_dataset
 from workers.nn import (
     SGD,
@@ -34,7 +33,9 @@ from workers.nn import (
     Network,
     RMSprop,
 )
-from workers.shm import BOARD, BoardReader, GradientRing
+from workers.transport.board import BOARD, BoardReader
+from workers.transport.channel import PushConnection
+from workers.transport.ring import GradientRing
 
 TOPIC = "memory"
 SMALL_NET = {"input_dim": 6, "hidden": (5, 4), "output": "softmax", "n_outputs": 3}

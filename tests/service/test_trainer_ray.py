@@ -18,7 +18,7 @@ from service.paramserver import (
     ParameterServerActor,
 )
 from workers.nn import Network
-from workers.shm import SHARED_MIN_BYTES, SHM_DIR
+from workers.transport.ring import SHARED_MIN_BYTES, SHM_DIR
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("local_ray")]
 

@@ -3,7 +3,7 @@
 A Ray actor call costs both ends about a millisecond of CPU on a 2-core host (submit,
 serialize, schedule through the raylet, execute, return): as much as the server's whole
 Adam update of a 790k-parameter model. A worker on the server's node sends its push's
-arguments (its gradients lie in shared memory: ``workers.shm``) as one pickled frame over
+arguments (its gradients lie in shared memory: ``workers.transport``) as one pickled frame over
 a Unix socket instead, and reads the reply from it; one server thread per connection
 hands each push to the server exactly as the Ray call would, in the order sent.
 

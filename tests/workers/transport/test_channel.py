@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from workers.channel import MAX_FRAME_BYTES, PushConnection, PushServer
+from workers.transport.channel import MAX_FRAME_BYTES, PushConnection, PushServer
 
 
 @pytest.fixture

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from workers.shm import BoardReader, ParamBoard
+from workers.transport.board import BoardReader, ParamBoard
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 N = 50_000
 
 
@@ -57,7 +57,7 @@ def test_another_process_reads_the_board_through_proc(board):
     board.write(5, np.arange(N, dtype=np.float32))
     info = board.info()
     code = (
-        "import numpy as np; from workers.shm import BoardInfo, BoardReader; "
+        "import numpy as np; from workers.transport.board import BoardInfo, BoardReader; "
         f"r = BoardReader(BoardInfo(*{tuple(info)!r})); out = np.empty({N}, np.float32); "
         "v = r.read(out); print(v, float(out.sum()))"
     )

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from workers import shm
-from workers.shm import GradientRing, SharedGradientReader, SharedGradients
+from workers.transport import ring as shm
+from workers.transport.ring import GradientRing, SharedGradientReader, SharedGradients
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def segment_path(name: str) -> Path:
@@ -151,7 +151,7 @@ def test_a_killed_workers_ring_leaves_nothing_in_dev_shm():
     its ring leaves no segment behind, and the server still reads what it wrote."""
     code = (
         "import time, numpy as np\n"
-        "from workers.shm import GradientRing\n"
+        "from workers.transport.ring import GradientRing\n"
         "ring = GradientRing(2, 1, 100_000, np.float32)\n"
         "print(ring.name, flush=True)\n"
         "input()\n"
