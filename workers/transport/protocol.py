@@ -1,0 +1,237 @@
+"""The contract between a worker, the parameter server, the monitor and the API.
+
+One module both sides import: what a push carries (``Push``), what the server answers
+(``PushReply``, ``Status``), and the typed stats records the server and the workers
+report (``ServerStats``, ``WorkerStats``). Plain data only: NamedTuples travel cheaply
+through pickle (a push is one pickled frame on the node-local socket, one Ray argument
+otherwise); records read by the service are frozen dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, NamedTuple
+
+import numpy as np
+
+TopicPartition = tuple[str, int]
+Spans = Mapping[TopicPartition, tuple[int, int]]  # per partition, a half-open offset range
+
+
+class Status(StrEnum):
+    """What the server did with a push (a ``str``: ``Status.APPLIED == "applied"``).
+
+    APPLIED: applied (or, for a non-finite gradient, refused with its offsets passed).
+    STALE: based on too old a version: recompute on the parameters the reply carries.
+    FENCED: its first offset is not the partition's next: seek to ``expected``.
+    NONFINITE: the gradient or cost was not finite: refused, its offsets passed, its
+        examples counted as refused.
+    PAUSED: training is paused after a divergence: retry later from ``expected``.
+    """
+
+    APPLIED = "applied"
+    STALE = "stale"
+    FENCED = "fenced"
+    NONFINITE = "nonfinite"
+    PAUSED = "paused"
+
+
+REFUSALS = (Status.STALE, Status.FENCED, Status.NONFINITE, Status.PAUSED)
+
+BOARD = "board"  # a reply's ``params`` when the new parameters wait on the parameter board
+
+
+class WorkerReport(NamedTuple):
+    """A worker's own observations since its previous push, carried by the next one."""
+
+    accuracy: float = math.nan  # of the pushed batches, measured before training on them
+    push_seconds: tuple[float, ...] = ()  # round trips of the pushes settled since
+    lag: Mapping[TopicPartition, int] = {}  # records behind per partition
+
+
+class Push(NamedTuple):
+    """k batches computed on the same parameters, offered in one message.
+
+    grads: (k, n_params) flat gradients of each batch's mean loss, or a
+        ``workers.transport.ring.SharedGradients`` handle to them.
+    ns, losses, spans: per batch, its examples, mean loss and source positions.
+    stats: (k, n_moving) each batch's flat BN means and biased variances.
+    seq: the worker's push number (0, 1, 2, ...): the server handles a worker's pushes
+        in this order, so in-flight pushes are not fenced for arriving out of order.
+    """
+
+    worker: str
+    base_version: int
+    grads: Any  # np.ndarray | SharedGradients
+    ns: Sequence[int]
+    losses: Sequence[float]
+    stats: np.ndarray
+    spans: Sequence[Spans]
+    recomputed: bool = False
+    report: WorkerReport | None = None
+    seq: int | None = None
+
+
+class PushReply(NamedTuple):
+    """The answer to a push.
+
+    version: the model version after handling the push.
+    params: the current flat parameters (an object reference under Ray, ``BOARD`` when
+        they wait on the parameter board), or None when the pusher's base is current.
+    expected: for fenced and paused pushes, the next expected offset of each partition.
+    handled: how many of the push's batches were handled (applied, or refused as
+        non-finite) before ``status`` refused the next one.
+    params_version: the version ``params`` are of (None: ``version``).
+    """
+
+    status: Status
+    version: int
+    params: Any
+    expected: dict[TopicPartition, int] | None
+    handled: int = 1
+    params_version: int | None = None
+
+
+class Progress(NamedTuple):
+    """How far the model's history reaches in each partition."""
+
+    positions: dict[TopicPartition, int]  # the offset each partition's next push starts at
+    rejected: dict[TopicPartition, int]  # past the newest bad record reported
+
+
+@dataclass(frozen=True)
+class ServerCounters:
+    """Monotonic counts of one server instance (a restarted server counts from zero)."""
+
+    pushes: int = 0  # batches offered
+    local_pushes: int = 0  # of them, through the node-local channel
+    paused: int = 0
+    consumed: int = 0  # examples whose offsets the model passed (trained or refused)
+    applied: int = 0  # updates
+    examples: int = 0  # examples trained
+    stale: int = 0
+    fenced: int = 0
+    nonfinite: int = 0
+    clipped: int = 0
+    examples_refused: int = 0  # in non-finite pushes
+    recomputed: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+class CostPoint(NamedTuple):
+    """One handled update: the version after it, its batch cost, its examples, and the
+    guard's bias-corrected cost EMA after it (the one EMA of the run)."""
+
+    version: int
+    cost: float
+    examples: int
+    ema: float = math.nan
+
+
+class GuardEvent(NamedTuple):
+    """A change of the divergence guard's state or an action it took."""
+
+    version: int
+    time: float  # wall clock, seconds since the epoch
+    event: str  # healthy | rising | diverged | paused | resumed | rollback
+    reason: str
+    ema: float  # the guard's cost EMA once the event happened
+    drift: bool = False
+    restored: str | None = None  # rollback: the checkpoint restored
+    lr_factor: float | None = None  # rollback: the learning-rate factor from now on
+
+
+@dataclass(frozen=True)
+class GuardState:
+    """The divergence guard's view: the detector's verdict and what it did about it."""
+
+    state: str = "healthy"  # healthy | rising | diverged
+    ema: float = math.nan  # bias-corrected cost EMA: THE cost EMA the monitor exports
+    trend: float = 0.0
+    drift: bool = False
+    reason: str = ""
+    best: float = math.inf
+    paused: bool = False
+    rollbacks: int = 0
+    lr_factor: float = 1.0
+
+
+@dataclass(frozen=True)
+class LastUpdate:
+    """Figures of the newest applied update (NaN before the first)."""
+
+    cost: float = math.nan
+    grad_norm: float = math.nan
+    clipped_norm: float = math.nan
+    learning_rate: float = math.nan
+    update_ratio: float = math.nan
+    nonfinite_reason: str = ""
+
+
+@dataclass(frozen=True)
+class ServerStats:
+    """The parameter server's stats record; lists hold what happened since the last one."""
+
+    instance: str  # tells a restarted server apart
+    version: int
+    examples: int  # trained into the model, restored history included
+    workers: int
+    counters: ServerCounters
+    guard: GuardState
+    learning_rate: float
+    checkpoint_age_seconds: float
+    checkpoint_path: str | None
+    offsets: dict[TopicPartition, int]
+    last: LastUpdate = field(default_factory=LastUpdate)
+    costs: list[CostPoint] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
+    events: list[GuardEvent] = field(default_factory=list)
+    accuracies: list[float] = field(default_factory=list)
+    push_seconds: list[float] = field(default_factory=list)
+    staleness: dict[int, int] = field(default_factory=dict)  # cumulative histogram
+    batch_sizes: dict[int, int] = field(default_factory=dict)  # cumulative histogram
+    lag: dict[TopicPartition, int] = field(default_factory=dict)
+    rejected: dict[str, int] = field(default_factory=dict)  # bad records by reason
+
+
+@dataclass(frozen=True)
+class WorkerCounts:
+    """A worker's counts of its batches and of the server's answers to them."""
+
+    batches: int = 0
+    examples: int = 0
+    applied: int = 0
+    stale: int = 0
+    fenced: int = 0
+    nonfinite: int = 0
+    paused: int = 0
+    recomputed: int = 0
+    resyncs: int = 0
+    end_resyncs: int = 0
+    assigned: int = 0
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    """What a worker's ``run`` returns.
+
+    transport: how its gradients reached the server: ``shared_memory`` (its ring),
+        ``inline`` (small enough for the call), ``socket`` (in the local channel's frames)
+        or ``object_store`` (Ray's, past ~100 KB).
+    channel: how its pushes reached the server: ``local`` socket or ``ray`` calls.
+    source: the source's own report (``Source.report``: assignments, rejected, ...).
+    """
+
+    worker_id: str
+    counts: WorkerCounts
+    batch_sizes: dict[int, int]
+    committed: dict[TopicPartition, int]
+    transport: str
+    channel: str
+    source: Mapping[str, Any] = field(default_factory=dict)
