@@ -256,7 +256,7 @@ class Poller:
         while not self._stop.is_set():
             self.trainer.supervise(POLL_SECONDS)
             stats = self.trainer.poll()
-            self.samples.append((time.perf_counter(), int(stats["examples"])))
+            self.samples.append((time.perf_counter(), int(stats.examples)))
 
     def rate(self, start: float, end: float) -> float:
         """Examples trained per second between the polls nearest ``start`` and ``end``."""

@@ -513,8 +513,8 @@ def run_end_to_end(cfg: Config, dataset: Dataset, broker_pid: int | None) -> End
             before = time.perf_counter()
             stats = trainer.poll()
             now = (before + time.perf_counter()) / 2
-            samples.append((now, int(stats["examples"]), int(stats["version"]), cpu_sample(groups)))
-            updates.extend((now, s) for s in stats["step_seconds"])
+            samples.append((now, int(stats.examples), int(stats.version), cpu_sample(groups)))
+            updates.extend((now, s) for s in stats.step_seconds)
             done = done and trainer.done
         ended = time.perf_counter()
         bins = ray.get([a.__ray_call__.remote(phase_bins) for a in workers])
@@ -533,7 +533,7 @@ def run_end_to_end(cfg: Config, dataset: Dataset, broker_pid: int | None) -> End
         raise RuntimeError("every update landed between two polls; use more --examples")
     cpu = {k: (last[3][k] - first[3][k]) / window for k in first[3] if k != "machine"}
     cpu["other"] = max(0.0, (last[3]["machine"] - first[3]["machine"]) / window - sum(cpu.values()))
-    counters = trainer.record.last["counters"]
+    counters = trainer.record.last.counters
     n_params = Network(**network_spec(cfg, dataset)).n_params
     return EndToEnd(
         examples=final - first[1],
@@ -691,8 +691,8 @@ def measure_freshness(
             if len(round_trips) % CHECKPOINT_POLL_EVERY == 0:
                 # Stalls show up as latency; a checkpoint or a rebalance may explain one.
                 stats = ray.get(trainer.server.stats.remote())
-                path = stats["checkpoint_path"]
-                written.setdefault(path, time.time() - stats["checkpoint_age_seconds"])
+                path = stats.checkpoint_path
+                written.setdefault(path, time.time() - stats.checkpoint_age_seconds)
             time.sleep(POSITIONS_POLL_S)
         # Every member of the group receives an assignment at each rebalance.
         after = [len(a) for a in ray.get([a.__ray_call__.remote(assignments) for a in workers])]

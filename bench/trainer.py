@@ -28,7 +28,7 @@ from bench.step import Clipping, NumpyStep  # noqa: E402
 from bench.step import Config as StepConfig  # noqa: E402
 from service.app import Trainer, ensure_ray, inflight_for  # noqa: E402
 from service.config import SECTIONS, Config, TrainerConfig, load_config  # noqa: E402
-from service.paramserver import INLINE_PARAMS_BYTES  # noqa: E402
+from service.ps.publish import INLINE_PARAMS_BYTES  # noqa: E402
 from workers.ingest.batcher import PowerOfTwoBatcher  # noqa: E402
 from workers.ingest.memory import (  # noqa: E402
     Dataset,
@@ -237,7 +237,7 @@ def measure_input(dataset: Dataset, row: Row, partitions: int, seconds: float) -
 def applied_examples(stats: dict[str, Any]) -> int:
     """Examples in every update applied so far: from the batch-size histogram, which only
     grows (the `examples` counter goes back when a rollback restores a checkpoint)."""
-    return sum(int(size) * count for size, count in stats["batch_sizes"].items())
+    return sum(int(size) * count for size, count in stats.batch_sizes.items())
 
 
 class Pipeline:
@@ -263,7 +263,7 @@ class Pipeline:
         stats = ray.get(self.trainer.server.stats.remote())
         after = time.perf_counter()
         if keep_steps:
-            self.apply_seconds.extend(stats["step_seconds"])
+            self.apply_seconds.extend(stats.step_seconds)
             self.push_seconds.extend(stats.get("push_seconds", ()))
         self.last = stats
         cpu = {
@@ -274,7 +274,7 @@ class Pipeline:
         return Snapshot(
             (before + after) / 2,
             applied_examples(stats),
-            int(stats["counters"]["applied"]),
+            int(stats.counters.applied),
             cpu,
             machine.host_cpu_seconds() or 0.0,
             machine.steal_seconds() or 0.0,
@@ -349,8 +349,8 @@ def run_row(row: Row, args: argparse.Namespace, dataset: Dataset, checkpoint_roo
         cpu=cpu,
         machine_busy=(last.busy - first.busy) / seconds / machine.usable_cores(),
         machine_steal=(last.steal - first.steal) / seconds / machine.usable_cores(),
-        staleness={int(k): v for k, v in stats["staleness"].items()},
-        counters=dict(stats["counters"]),
+        staleness={int(k): v for k, v in stats.staleness.items()},
+        counters=stats.counters.as_dict(),
         events=list(pipeline.events),
     )
 

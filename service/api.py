@@ -900,15 +900,14 @@ def trainer_info(trainer: Any) -> Callable[[], dict[str, Any]]:
 
     def info() -> dict[str, Any]:
         last = trainer.record.last
-        connected = bool(last) and (last.get("workers", 0) > 0 or trainer.done)
+        connected = last is not None and (last.workers > 0 or trainer.done)
         reason = "no worker is reading the stream" if last else "training has not reported yet"
-        lr = last.get("learning_rate")
+        lr = last.learning_rate if last is not None else math.nan
         return {
             "source_connected": connected,
             "source_reason": None if connected else reason,
-            "optimizer": optimizer
-            | ({"current_learning_rate": lr} if lr is not None and math.isfinite(lr) else {}),
-            "checkpoint": last.get("checkpoint_path"),
+            "optimizer": optimizer | ({"current_learning_rate": lr} if math.isfinite(lr) else {}),
+            "checkpoint": last.checkpoint_path if last is not None else None,
         }
 
     return info

@@ -21,12 +21,13 @@ from typing import Any
 import ray
 from prometheus_client import CollectorRegistry, start_http_server
 
-from service.config import Config, config_to_dict, redacted
+from service.config import Config, config_to_dict
 from service.monitor import TrainingMetrics
-from service.paramserver import ParameterServerActor
 from service.plot import LOG_NAME, RunLog, plot_costs
+from service.ps import ParameterServerActor, ServerConfig
 from workers.ingest.memory import Dataset, assign_partitions, load_dataset
 from workers.nn import Network
+from workers.transport.protocol import CostPoint, GuardEvent, ServerStats, WorkerStats
 from workers.worker import GradientWorkerActor
 
 log = logging.getLogger("streamtrain")
@@ -108,10 +109,10 @@ def coalesce_for(cfg: Config, n_params: int) -> int:
 class RunRecord:
     """What the service saw of a run: per-update costs and the last stats record."""
 
-    costs: list[tuple[int, float, int]] = field(default_factory=list)
-    last: dict[str, Any] = field(default_factory=dict)
+    costs: list[CostPoint] = field(default_factory=list)
+    last: ServerStats | None = None
     worker_restarts: int = 0
-    worker_stats: list[dict[str, Any]] = field(default_factory=list)
+    worker_stats: list[WorkerStats] = field(default_factory=list)
 
 
 class Trainer:
@@ -135,7 +136,7 @@ class Trainer:
         k = cfg.trainer.workers
         self.server = ParameterServerActor.options(
             max_concurrency=k + 8, max_restarts=-1, num_cpus=0
-        ).remote(self.net_spec, redacted(cfg))
+        ).remote(self.net_spec, ServerConfig.from_config(cfg))
         self._dataset_ref = ray.put(dataset) if cfg.stream.source == "memory" else None
         self._start = time.time()
         self._generation = 0
@@ -254,10 +255,10 @@ class Trainer:
                 log.warning("parameter server unavailable (%s); asking again", exc)
                 time.sleep(SERVER_RETRY_SECONDS)
 
-    def poll(self) -> dict[str, Any]:
+    def poll(self) -> ServerStats:
         """Fold the server's newest stats into the record and the metrics."""
-        stats = self._ask_server("stats")
-        restarted = self._instance is not None and stats["instance"] != self._instance
+        stats: ServerStats = self._ask_server("stats")
+        restarted = self._instance is not None and stats.instance != self._instance
         if restarted and not self.should_exit.is_set():
             # A restarted server resumed from a checkpoint that may predate the last
             # pushes of workers that have finished: they read their partitions again
@@ -265,8 +266,8 @@ class Trainer:
             for index in sorted(self._finished):
                 self._start_worker(index)
             self._finished.clear()
-        self._instance = stats["instance"]
-        self.record.costs.extend(stats["costs"])
+        self._instance = stats.instance
+        self.record.costs.extend(stats.costs)
         self.record.last = stats
         if self.metrics is not None:
             self.metrics.record(stats)
@@ -345,10 +346,10 @@ def ensure_ray(address: str, num_cpus: int) -> bool:
     return True
 
 
-def _report_events(events: list[dict[str, Any]], bar: Any = None) -> None:
+def _report_events(events: list[GuardEvent], bar: Any = None) -> None:
     """One warning per divergence event, also above the progress bar when there is one."""
     for event in events:
-        line = f"[version {event['version']}] {event['event']}: {event['reason']}"
+        line = f"[version {event.version}] {event.event}: {event.reason}"
         log.warning("%s", line)
         if bar is not None:
             bar.write(line)
@@ -402,125 +403,196 @@ def _describe(cfg: Config, port: int) -> str:
     )
 
 
+class Service:
+    """``streamtrain demo`` and ``serve``: startup, main loop, shutdown, as uvicorn's Server.
+
+    SIGTERM/SIGINT set ``should_exit``: the workers stop polling, in-flight pushes are
+    applied or refused, the server checkpoints and the workers commit the checkpoint's
+    offsets; then everything this service started is stopped, Ray last.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        out_dir: str | Path,
+        progress: bool = True,
+        echo: Callable[[str], None] = print,
+    ):
+        self.cfg = cfg
+        self.out_dir = Path(out_dir)
+        self.progress = progress
+        self.echo = echo
+        self.trainer: Trainer | None = None
+        self._started_ray = False
+        self._http: Any = None
+        self._api: Any = None
+        self._cache: Any = None
+        self._run_log: RunLog | None = None
+        self._bar: Any = None
+        self._previous: dict[int, Any] = {}
+
+    def run(self) -> dict[str, Any]:
+        """Train until the stream ends or a signal stops it; returns the summary."""
+        try:
+            self.startup()
+            seconds = self.main_loop()
+            result = self.finish()
+        finally:
+            self.shutdown()
+        return self.summarize(result, seconds)
+
+    def startup(self) -> None:
+        cfg = self.cfg
+        dataset = resolve_dataset(cfg)
+        self._started_ray = ensure_ray(cfg.trainer.ray_address, cfg.trainer.workers + 1)
+        registry = CollectorRegistry()
+        self._http, _ = start_http_server(
+            cfg.metrics.port, addr=cfg.metrics.host, registry=registry
+        )
+        self.echo(_describe(cfg, self._http.server_port))
+        self.trainer = trainer = Trainer(cfg, dataset, registry)
+        if cfg.api.enabled:
+            from service.api import ModelCache, start_api, trainer_info
+
+            # Predictions from the newest parameters, fetched by a thread of their own.
+            self._cache = ModelCache(trainer.server, cfg.api.refresh_seconds).start()
+            self._api = start_api(self._cache, cfg.api, trainer_info(trainer), registry)
+            self.echo(f"predictions on {self._api.url}/predict (health {self._api.url}/healthz)")
+        # Costs and events as JSON lines, written as they come: `streamtrain plot` reads them.
+        self._run_log = RunLog(self.out_dir / LOG_NAME)
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._previous[s] = signal.getsignal(s)
+                signal.signal(s, self._on_signal)
+        if self.progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=trainer.total_examples(), unit="ex", unit_scale=True, smoothing=0.1
+            )
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.echo(f"signal {signum}: draining in-flight work")
+        self.should_exit()
+
+    def should_exit(self) -> None:
+        """Stop polling; what is in flight is settled and checkpointed."""
+        if self.trainer is not None:
+            self.trainer.stop()
+
+    def main_loop(self) -> float:
+        """Supervise and report until every worker is done; returns the seconds it took."""
+        trainer, bar = self.trainer, self._bar
+        if trainer is None or self._run_log is None:
+            raise RuntimeError("Service.startup() must run first")
+        t0 = time.perf_counter()
+        done = False
+        while not done:
+            done = trainer.supervise(0.5)
+            stats = trainer.poll()
+            self._run_log.write(stats.costs, stats.events)
+            _report_events(stats.events, bar)
+            if bar is not None:
+                bar.n = min(stats.examples, bar.total or stats.examples)
+                bar.set_postfix(
+                    cost=f"{stats.last.cost:.4f}",
+                    ema=f"{stats.guard.ema:.4f}",
+                    version=stats.version,
+                    refresh=False,
+                )
+                bar.refresh()
+            if self.cfg.trainer.updates and stats.version >= self.cfg.trainer.updates:
+                trainer.stop()
+            done = done and trainer.done
+        return time.perf_counter() - t0
+
+    def finish(self) -> dict[str, Any]:
+        """The final checkpoint and stats; the model evaluated on the held-out split."""
+        trainer = self.trainer
+        if trainer is None or self._run_log is None:
+            raise RuntimeError("Service.startup() must run first")
+        result = trainer.finish()
+        final = trainer.record.last  # the stats of finish()'s own poll
+        if final is not None:
+            self._run_log.write(final.costs, final.events)
+            _report_events(final.events, self._bar)
+        return result
+
+    def shutdown(self) -> None:
+        """Stop what startup started, in reverse order; Ray last, whatever failed."""
+        try:
+            if self._run_log is not None:
+                self._run_log.close()
+            if self._bar is not None:
+                self._bar.close()
+            for s, handler in self._previous.items():
+                signal.signal(s, handler)
+            self._previous.clear()
+            if self._api is not None:
+                self._api.stop()
+                self._cache.stop()
+            if self._http is not None:
+                self._http.shutdown()
+        finally:
+            if self._started_ray:
+                ray.shutdown()
+                self._started_ray = False
+
+    def summarize(self, result: dict[str, Any], seconds: float) -> dict[str, Any]:
+        """The run's summary, echoed and returned; the cost plot written."""
+        trainer = self.trainer
+        stats = trainer.record.last if trainer is not None else None
+        if trainer is None or stats is None or self._run_log is None:
+            raise RuntimeError("the run has not finished")
+        cfg = self.cfg
+        counters = stats.counters
+        hist = stats.staleness
+        n_pushes = sum(hist.values()) or 1
+        mean_staleness = sum(int(s) * c for s, c in hist.items()) / n_pushes
+        plot = plot_costs(
+            trainer.record.costs,
+            cfg.metrics.ema_beta,
+            self.out_dir / "cost.png",
+            [e._asdict() for e in trainer.metrics.events] if trainer.metrics else [],
+        )
+        summary = {
+            "examples": result["examples"],
+            "seconds": seconds,
+            "examples_per_second": result["examples"] / seconds if seconds else 0.0,
+            "accuracy": result.get("accuracy", math.nan),
+            "loss": result.get("loss", math.nan),
+            "updates": result["version"],
+            "mean_staleness": mean_staleness,
+            "max_staleness": max((int(s) for s in hist), default=0),
+            "refused": {r: getattr(counters, r) for r in ("stale", "fenced", "nonfinite")},
+            "worker_restarts": trainer.record.worker_restarts,
+            "rollbacks": stats.guard.rollbacks,
+            "divergence_state": stats.guard.state,
+            "batch_sizes": dict(sorted(stats.batch_sizes.items())),
+            "checkpoint": stats.checkpoint_path,
+            "plot": str(plot),
+            "metrics_log": str(self._run_log.path),
+        }
+        self.echo(
+            f"examples {summary['examples']:,}  in {seconds:.1f} s  "
+            f"({summary['examples_per_second']:,.0f} examples/s)\n"
+            f"held-out accuracy {summary['accuracy']:.4f}  loss {summary['loss']:.4f}\n"
+            f"updates {summary['updates']:,}  staleness mean {mean_staleness:.2f} "
+            f"max {summary['max_staleness']}  refused {summary['refused']}  "
+            f"worker restarts {summary['worker_restarts']}\n"
+            f"divergence state {summary['divergence_state']}  rollbacks {summary['rollbacks']}\n"
+            f"batch sizes {summary['batch_sizes']}\n"
+            f"checkpoint {summary['checkpoint']}\ncost plot {plot}  "
+            f"metrics log {self._run_log.path}"
+        )
+        return summary
+
+
 def run_service(
     cfg: Config,
     out_dir: str | Path,
     progress: bool = True,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run the trainer on the configured stream until it ends or a signal stops it.
-
-    SIGTERM/SIGINT stop the polling; in-flight pushes are applied or refused, the server
-    checkpoints and the workers commit the checkpoint's offsets before this returns.
-    """
-    dataset = resolve_dataset(cfg)
-    started = ensure_ray(cfg.trainer.ray_address, cfg.trainer.workers + 1)
-    registry = CollectorRegistry()
-    http, _ = start_http_server(cfg.metrics.port, addr=cfg.metrics.host, registry=registry)
-    port = http.server_port
-    echo(_describe(cfg, port))
-    trainer = Trainer(cfg, dataset, registry)
-    api = cache = None
-    if cfg.api.enabled:
-        from service.api import ModelCache, start_api, trainer_info
-
-        # Predictions from the newest parameters, fetched by a thread of their own.
-        cache = ModelCache(trainer.server, cfg.api.refresh_seconds).start()
-        api = start_api(cache, cfg.api, trainer_info(trainer), registry)
-        echo(f"predictions on {api.url}/predict (health {api.url}/healthz)")
-    # Costs and events as JSON lines, written as they come: `streamtrain plot` reads them.
-    run_log = RunLog(Path(out_dir) / LOG_NAME)
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def on_signal(signum, frame):
-        echo(f"signal {signum}: draining in-flight work")
-        trainer.stop()
-
-    if threading.current_thread() is threading.main_thread():
-        for s in previous:
-            signal.signal(s, on_signal)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=trainer.total_examples(), unit="ex", unit_scale=True, smoothing=0.1)
-    t0 = time.perf_counter()
-    try:
-        done = False
-        while not done:
-            done = trainer.supervise(0.5)
-            stats = trainer.poll()
-            run_log.write(stats["costs"], stats["events"])
-            _report_events(stats["events"], bar)
-            if bar is not None:
-                bar.n = min(stats["examples"], bar.total or stats["examples"])
-                ema = trainer.metrics.filter.value
-                bar.set_postfix(
-                    cost=f"{stats['last'].get('cost', math.nan):.4f}",
-                    ema=f"{ema:.4f}",
-                    version=stats["version"],
-                    refresh=False,
-                )
-                bar.refresh()
-            if cfg.trainer.updates and stats["version"] >= cfg.trainer.updates:
-                trainer.stop()
-            done = done and trainer.done
-        seconds = time.perf_counter() - t0
-        result = trainer.finish()
-        final = trainer.record.last  # the stats of finish()'s own poll
-        run_log.write(final["costs"], final["events"])
-        _report_events(final["events"], bar)
-    finally:
-        run_log.close()
-        if bar is not None:
-            bar.close()
-        if threading.current_thread() is threading.main_thread():
-            for s, h in previous.items():
-                signal.signal(s, h)
-        if api is not None:
-            api.stop()
-            cache.stop()
-        http.shutdown()
-    stats = trainer.record.last
-    counters = stats["counters"]
-    hist = stats["staleness"]
-    n_pushes = sum(hist.values()) or 1
-    mean_staleness = sum(int(s) * c for s, c in hist.items()) / n_pushes
-    plot = plot_costs(
-        trainer.record.costs,
-        cfg.metrics.ema_beta,
-        Path(out_dir) / "cost.png",
-        trainer.metrics.events,
-    )
-    summary = {
-        "examples": result["examples"],
-        "seconds": seconds,
-        "examples_per_second": result["examples"] / seconds if seconds else 0.0,
-        "accuracy": result.get("accuracy", math.nan),
-        "loss": result.get("loss", math.nan),
-        "updates": result["version"],
-        "mean_staleness": mean_staleness,
-        "max_staleness": max((int(s) for s in hist), default=0),
-        "refused": {r: counters[r] for r in ("stale", "fenced", "nonfinite")},
-        "worker_restarts": trainer.record.worker_restarts,
-        "rollbacks": stats["rollbacks"],
-        "divergence_state": stats["divergence"]["state"],
-        "batch_sizes": dict(sorted(stats["batch_sizes"].items())),
-        "checkpoint": stats["checkpoint_path"],
-        "plot": str(plot),
-        "metrics_log": str(run_log.path),
-    }
-    echo(
-        f"examples {summary['examples']:,}  in {seconds:.1f} s  "
-        f"({summary['examples_per_second']:,.0f} examples/s)\n"
-        f"held-out accuracy {summary['accuracy']:.4f}  loss {summary['loss']:.4f}\n"
-        f"updates {summary['updates']:,}  staleness mean {mean_staleness:.2f} "
-        f"max {summary['max_staleness']}  refused {summary['refused']}  "
-        f"worker restarts {summary['worker_restarts']}\n"
-        f"divergence state {summary['divergence_state']}  rollbacks {summary['rollbacks']}\n"
-        f"batch sizes {summary['batch_sizes']}\n"
-        f"checkpoint {summary['checkpoint']}\ncost plot {plot}  metrics log {run_log.path}"
-    )
-    if started:
-        ray.shutdown()
-    return summary
+    """Run the trainer on the configured stream until it ends or a signal stops it."""
+    return Service(cfg, out_dir, progress, echo).run()

@@ -239,12 +239,16 @@ class TrainerConfig(_Section):
         " their gradients (64 KiB or more) through shared memory and a model over 512 KiB"
         " through its parameter board",
     )
+    sync_timeout_seconds: float = _opt(
+        30.0, "longest a sync round waits for a worker before it is applied without it"
+    )
     ray_address: str = _opt("", "Ray cluster address ('' = start a local Ray)")
     updates: int = _opt(0, "stop after this many updates (0 = until the stream ends)")
 
     def _validate(self) -> None:
         self._positive("workers")
         self._non_negative("max_staleness", "updates", "coalesce", "publish_every", "max_inflight")
+        self._positive("sync_timeout_seconds")
 
 
 @dataclass(frozen=True)
@@ -276,11 +280,14 @@ class CheckpointConfig(_Section):
     every_seconds: float = _opt(30.0, "checkpoint at least this often (0 = off)")
     keep: int = _opt(3, "newest checkpoints kept (plus the newest healthy one)")
     resume: bool = _opt(True, "resume from the newest checkpoint in dir")
+    history: int = _opt(
+        1_000_000, "applied spans kept in the model's history (the oldest are dropped first)"
+    )
 
     def _validate(self) -> None:
         self._require(self.dir != "", "dir", "be a non-empty path")
         self._non_negative("every_updates", "every_seconds")
-        self._positive("keep")
+        self._positive("keep", "history")
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 HEALTHY, RISING, DIVERGED = "healthy", "rising", "diverged"
 STATES = (HEALTHY, RISING, DIVERGED)
@@ -111,6 +112,33 @@ class DivergenceDetector:
         self._updates = 0
         self._rising = 0
         self.verdict = Verdict(HEALTHY, math.nan, 0.0, False, "")
+
+    def snapshot(self) -> dict[str, Any]:
+        """The detector's whole state as JSON-able values (a checkpoint keeps it)."""
+        return {
+            "ema": [self.filter._ema, self.filter.t],
+            "grad_ema": [self.grad_filter._ema, self.grad_filter.t],
+            "emas": list(self._emas),
+            "updates": self._updates,
+            "rising": self._rising,
+            "verdict": list(self.verdict),
+            "best": self.best,
+            "param_norm_at_best": self.param_norm_at_best,
+            "initial": self.initial,
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Continue from a ``snapshot``: the EMA, trend window and best it held."""
+        self.filter._ema, self.filter.t = float(state["ema"][0]), int(state["ema"][1])
+        self.grad_filter._ema = float(state["grad_ema"][0])
+        self.grad_filter.t = int(state["grad_ema"][1])
+        self._emas = deque((float(v) for v in state["emas"]), maxlen=self.trend_window + 1)
+        self._updates, self._rising = int(state["updates"]), int(state["rising"])
+        state_, ema, trend, drift, reason = state["verdict"]
+        self.verdict = Verdict(str(state_), float(ema), float(trend), bool(drift), str(reason))
+        self.best = float(state["best"])
+        self.param_norm_at_best = float(state["param_norm_at_best"])
+        self.initial = float(state["initial"])
 
     def observe(self, cost: float, grad_norm: float, param_norm: float = math.nan) -> Verdict:
         """Fold in one update's cost, pre-clipping gradient norm and new parameter norm."""

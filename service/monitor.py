@@ -1,8 +1,9 @@
 """Prometheus metrics of a training run, recorded in the service process from stats records.
 
-Metrics live in an injected registry; actors return small ``stats()`` records and only
-this module turns them into series. Names follow the Prometheus naming guide: prefix
-``streamtrain_``, base units, ``_total`` on counters.
+Metrics live in an injected registry; actors return typed stats records
+(``workers.transport.protocol.ServerStats``) and only this module turns them into series.
+It keeps no EMA of the cost of its own: the divergence guard's is exported. Names follow
+the Prometheus naming guide: prefix ``streamtrain_``, base units, ``_total`` on counters.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from service.divergence import STATES, CostFilter
+from workers.transport.protocol import REFUSALS as PROTOCOL_REFUSALS
+from workers.transport.protocol import GuardEvent, ServerStats
 
 BATCH_BUCKETS = tuple(float(2**i) for i in range(0, 11))  # 1 ... 1024
 STALENESS_BUCKETS = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0, 32.0)
 STEP_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 1.0)
-REFUSALS = ("stale", "fenced", "nonfinite", "paused")
+REFUSALS = tuple(str(status) for status in PROTOCOL_REFUSALS)
 PUSH_BUCKETS = (2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 1.0, 5.0)
 CHANNELS = ("local", "ray")  # how a push reached the server: node-local socket, Ray call
 REJECT_REASONS = ("nonfinite_gradient",)  # codecs add theirs when the Kafka source reports
@@ -28,8 +31,8 @@ class TrainingMetrics:
     """The run's series, created against ``registry`` so tests use a fresh one."""
 
     def __init__(self, registry: CollectorRegistry, ema_beta: float = 0.98):
+        """``ema_beta`` smooths the prequential accuracy (the cost's EMA is the guard's)."""
         self.registry = registry
-        self.filter = CostFilter(ema_beta)
         p = "streamtrain_"
         self.cost = Gauge(p + "cost", "Mean cost of the last applied mini-batch", registry=registry)
         self.cost_hist = Histogram(
@@ -170,82 +173,85 @@ class TrainingMetrics:
             self.refused.labels(reason=reason)
         for channel in CHANNELS:
             self.pushes.labels(channel=channel)
-        self._seen: dict[str, Any] = {"counters": {}, "staleness": {}, "batch_sizes": {}}
-        self.events: list[dict[str, Any]] = []  # every divergence event seen, for logs and plots
+        self._instance: str | None = None
+        self._seen: dict[str, dict[Any, int]] = {
+            "counters": {}, "staleness": {}, "batch_sizes": {}, "rejected": {}
+        }  # fmt: skip
+        self.events: list[GuardEvent] = []  # every divergence event seen, for logs and plots
 
-    def record(self, stats: Mapping[str, Any]) -> None:
+    def record(self, stats: ServerStats) -> None:
         """Fold one ``ParameterServer.stats()`` record into the series."""
-        for version, cost, n in stats["costs"]:
-            del version, n
-            if math.isfinite(cost):
-                self.cost.set(cost)
-                self.cost_hist.observe(cost)
-            self.cost_ema.set(self.filter.update(cost))
-        if stats.get("instance") != self._seen.get("instance"):
+        for point in stats.costs:
+            if math.isfinite(point.cost):
+                self.cost.set(point.cost)
+                self.cost_hist.observe(point.cost)
+        # The guard's EMA, the one that decides divergence and that its events quote.
+        self.cost_ema.set(stats.guard.ema)
+        if stats.instance != self._instance:
             # A restarted server counts from zero again, even past the old instance's counts.
-            self._seen = {"counters": {}, "staleness": {}, "batch_sizes": {}}
-            self._seen["instance"] = stats.get("instance")
+            self._instance = stats.instance
+            self._seen = {"counters": {}, "staleness": {}, "batch_sizes": {}, "rejected": {}}
         self._record_watch(stats)
-        counters = stats["counters"]
+        counters = stats.counters.as_dict()
         seen = self._seen["counters"]
         self.updates.inc(_delta(seen, "applied", counters["applied"]))
         self.clipped.inc(_delta(seen, "clipped", counters["clipped"]))
         self.recomputed.inc(_delta(seen, "recomputed", counters["recomputed"]))
-        local = counters.get("local_pushes", 0)
+        local = counters["local_pushes"]
         self.pushes.labels(channel="local").inc(_delta(seen, "local_pushes", local))
         # Ray calls: the pushes that did not come through the socket.
-        ray_pushes = counters.get("pushes", 0) - local
+        ray_pushes = counters["pushes"] - local
         self.pushes.labels(channel="ray").inc(_delta(seen, "ray_pushes", ray_pushes))
         for reason in REFUSALS:
-            self.refused.labels(reason=reason).inc(_delta(seen, reason, counters.get(reason, 0)))
+            self.refused.labels(reason=reason).inc(_delta(seen, reason, counters[reason]))
         # From the instance's own count: a restored model's examples were counted already.
         self.examples.inc(_delta(seen, "examples", counters["examples"]))
-        self.consumed.inc(_delta(seen, "consumed", counters.get("consumed", 0)))
+        self.consumed.inc(_delta(seen, "consumed", counters["consumed"]))
         self.rejected.labels(reason="nonfinite_gradient").inc(
-            _delta(seen, "examples_refused", counters.get("examples_refused", 0))
+            _delta(seen, "examples_refused", counters["examples_refused"])
         )
         self._seen["counters"] = dict(counters, ray_pushes=ray_pushes)
         for name, hist in (("staleness", self.staleness), ("batch_sizes", self.batch_size)):
             old = self._seen[name]
-            for value, count in stats[name].items():
+            now = getattr(stats, name)
+            for value, count in now.items():
                 for _ in range(_delta(old, value, count)):
                     hist.observe(float(value))
-            self._seen[name] = dict(stats[name])
-        for seconds in stats["step_seconds"]:
+            self._seen[name] = dict(now)
+        for seconds in stats.step_seconds:
             self.step_seconds.observe(seconds)
-        last = stats["last"]
-        if "grad_norm" in last:
-            self.grad_norm.set(last["grad_norm"])
-            self.clipped_norm.set(last["clipped_norm"])
-            self.update_ratio.set(last["update_ratio"])
-        self.learning_rate.set(stats["learning_rate"])
-        self.version.set(stats["version"])
-        self.checkpoint_age.set(stats["checkpoint_age_seconds"])
-        self.workers.set(stats["workers"])
+        last = stats.last
+        if math.isfinite(last.grad_norm):
+            self.grad_norm.set(last.grad_norm)
+            self.clipped_norm.set(last.clipped_norm)
+            self.update_ratio.set(last.update_ratio)
+        self.learning_rate.set(stats.learning_rate)
+        self.version.set(stats.version)
+        self.checkpoint_age.set(stats.checkpoint_age_seconds)
+        self.workers.set(stats.workers)
 
-    def _record_watch(self, stats: Mapping[str, Any]) -> None:
+    def _record_watch(self, stats: ServerStats) -> None:
         """Divergence state, trend, drift, accuracy, push latency and lag."""
-        div = stats.get("divergence")
-        if div is not None:
-            for state in STATES:
-                self.state.labels(state=state).set(1.0 if div["state"] == state else 0.0)
-            self.cost_trend.set(div["trend"])
-            self.drift.set(1.0 if div["drift"] else 0.0)
-        self.paused.set(1.0 if stats.get("paused") else 0.0)
-        for event in stats.get("events", ()):
+        guard = stats.guard
+        for state in STATES:
+            self.state.labels(state=state).set(1.0 if guard.state == state else 0.0)
+        self.cost_trend.set(guard.trend)
+        self.drift.set(1.0 if guard.drift else 0.0)
+        self.paused.set(1.0 if guard.paused else 0.0)
+        for event in stats.events:
             self.events.append(event)
-            if event["event"] == "rollback":
+            if event.event == "rollback":
                 self.rollbacks.inc()
-            elif event["event"] == "diverged":
+            elif event.event == "diverged":
                 self.divergences.inc()
-        for accuracy in stats.get("accuracies", ()):
+        for accuracy in stats.accuracies:
             self.accuracy.set(self.accuracy_filter.update(accuracy))
-        for seconds in stats.get("push_seconds", ()):
+        for seconds in stats.push_seconds:
             self.push_seconds.observe(seconds)
-        for (topic, partition), lag in stats.get("lag", {}).items():
+        for (topic, partition), lag in stats.lag.items():
             self.lag.labels(topic=topic, partition=str(partition)).set(lag)
-        for reason, count in stats.get("rejected", {}).items():
-            before = self._seen.setdefault("rejected", {})
+        before = self._seen["rejected"]
+        for reason, count in stats.rejected.items():
             self.rejected.labels(reason=reason).inc(_delta(before, reason, count))
             before[reason] = count
 

@@ -46,10 +46,16 @@ class RunLog:
         costs: Iterable[tuple[int, float, int]] = (),
         events: Iterable[Mapping[str, Any]] = (),
     ) -> None:
-        lines = [
-            {"version": int(v), "cost": _finite_or_none(c), "examples": int(n)} for v, c, n in costs
-        ]
-        lines += [{k: _json_safe(x) for k, x in event.items()} for event in events]
+        lines = []
+        for point in costs:
+            v, c, n = point[:3]
+            line = {"version": int(v), "cost": _finite_or_none(c), "examples": int(n)}
+            if len(point) > 3:  # the guard's EMA after the update (CostPoint)
+                line["ema"] = _finite_or_none(point[3])
+            lines.append(line)
+        for event in events:
+            record = event._asdict() if hasattr(event, "_asdict") else dict(event)
+            lines.append({k: _json_safe(x) for k, x in record.items() if x is not None})
         for line in lines:
             self._file.write(json.dumps(line, allow_nan=False) + "\n")
         self._file.flush()
@@ -98,7 +104,10 @@ def read_log(path: str | Path) -> RunHistory:
                 events.append(line)
             elif isinstance(line, dict) and "cost" in line and "version" in line:
                 cost = math.nan if line["cost"] is None else float(line["cost"])
-                costs.append((int(line["version"]), cost, int(line.get("examples", 0))))
+                point = (int(line["version"]), cost, int(line.get("examples", 0)))
+                if "ema" in line:
+                    point += (math.nan if line["ema"] is None else float(line["ema"]),)
+                costs.append(point)
             else:
                 raise ValueError(
                     f"{path}:{number}: expected a cost or an event record, got {text.strip()!r}"
@@ -135,7 +144,8 @@ def cost_figure(
 ) -> Any:
     """A matplotlib Figure: cost per update, its low-pass filtered trend, and the events.
 
-    The EMA is the one ``/metrics`` exports (bias-corrected, not reset by a rollback).
+    The EMA is the one ``/metrics`` exports: the divergence guard's, as the log holds it
+    (a rollback returns it to the restored checkpoint's); recomputed for older logs.
     Divergences, rollbacks, pauses and rising trends are vertical lines at their version,
     labelled with the event's name; the caller closes the figure.
     """
@@ -144,10 +154,13 @@ def cost_figure(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    versions = np.array([v for v, _, _ in costs], np.float64)  # (n,)
-    values = np.array([c for _, c, _ in costs], np.float64)  # (n,)
-    f = CostFilter(beta)
-    ema = np.array([f.update(c) for c in values], np.float64)  # (n,)
+    versions = np.array([p[0] for p in costs], np.float64)  # (n,)
+    values = np.array([p[1] for p in costs], np.float64)  # (n,)
+    if costs and all(len(p) > 3 for p in costs):  # the guard's own EMA, as it was logged
+        ema = np.array([p[3] for p in costs], np.float64)  # (n,)
+    else:  # a log without it: the same filter, recomputed
+        f = CostFilter(beta)
+        ema = np.array([f.update(c) for c in values], np.float64)  # (n,)
     fig, ax = plt.subplots(figsize=(9, 4.8), dpi=100)
     ax.plot(versions, values, lw=0.6, alpha=0.5, label="cost per mini-batch")
     ax.plot(versions, ema, lw=2.0, label=f"EMA (β={beta}, bias-corrected)")

@@ -4,11 +4,15 @@ import math
 
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry
 
 from service.checkpoint import list_checkpoints, load_checkpoint
 from service.divergence import DIVERGED, HEALTHY, RISING, CostFilter, DivergenceDetector
-from service.paramserver import APPLIED, NONFINITE, PAUSED
-from tests.service.test_paramserver import TOPIC, Batches, make_server, push
+from service.monitor import TrainingMetrics
+from tests.service.ps.test_server import TOPIC, Batches, make_server, push
+from workers.transport.protocol import Status
+
+APPLIED, NONFINITE, PAUSED = Status.APPLIED, Status.NONFINITE, Status.PAUSED
 
 # -- the filter and the detector (pure) -----------------------------------------------------
 
@@ -112,14 +116,14 @@ def test_rollback_restores_the_last_healthy_checkpoint_and_cuts_the_learning_rat
     lr_before = server.opt.learning_rate_at(0)
     assert nan_push(server, batches, 32).status == NONFINITE
     # Rolled back: the model is the checkpoint's, under a new, higher version.
-    assert server.version == 5 and server.rollbacks == 1
+    assert server.version == 5 and server.guard.rollbacks == 1
     for key, value in healthy.params.items():
         np.testing.assert_array_equal(server.params[key], value)
     assert server.positions() == {(TOPIC, 0): 32}  # the checkpoint's next offset
     assert server.opt.learning_rate_at(0) == pytest.approx(0.5 * lr_before)
     stats = server.stats()
-    assert [e["event"] for e in stats["events"]] == ["diverged", "rollback"]
-    assert stats["lr_factor"] == 0.5 and stats["divergence"]["state"] == HEALTHY
+    assert [e.event for e in stats.events] == ["diverged", "rollback"]
+    assert stats.guard.lr_factor == 0.5 and stats.guard.state == HEALTHY
     # The rollback is durable: a restart resumes from it, not from the diverged state.
     newest = load_checkpoint(list_checkpoints(tmp_path)[-1])
     assert newest.version == 5 and newest.meta["lr_factor"] == 0.5
@@ -135,7 +139,7 @@ def test_pause_refuses_pushes_until_resumed(tmp_path):
     version = server.version
     reply = push(server, batches, "w", {(TOPIC, 0): (16, 24)})
     assert reply.status == PAUSED and reply.expected == {(TOPIC, 0): 16}
-    assert server.version == version and server.stats()["paused"] is True
+    assert server.version == version and server.stats().guard.paused is True
     server.resume()
     assert push(server, batches, "w", {(TOPIC, 0): (16, 24)}).status == APPLIED
 
@@ -146,5 +150,33 @@ def test_alert_only_marks_the_state(tmp_path):
     assert push(server, batches, "w", {(TOPIC, 0): (0, 8)}).status == APPLIED
     assert nan_push(server, batches, 8).status == NONFINITE
     stats = server.stats()
-    assert stats["divergence"]["state"] == DIVERGED and stats["rollbacks"] == 0
+    assert stats.guard.state == DIVERGED and stats.guard.rollbacks == 0
     assert push(server, batches, "w", {(TOPIC, 0): (16, 24)}).status == APPLIED
+
+
+def test_the_exported_cost_ema_is_the_guards_through_a_rollback_and_a_restart(tmp_path):
+    # One EMA: the gauge, the rollback event and the detector agree, and a restarted
+    # server continues from the EMA its checkpoint holds (not from a fresh filter).
+    registry = CollectorRegistry()
+    metrics = TrainingMetrics(registry)
+    server = make_server(
+        tmp_path,
+        **{"divergence.action": "rollback", "checkpoint.every_updates": 2,
+           "checkpoint.resume": True},
+    )  # fmt: skip
+    batches = Batches()
+    for i in range(4):
+        assert push(server, batches, "w", {(TOPIC, 0): (8 * i, 8 * i + 8)}).status == APPLIED
+    metrics.record(server.stats())
+    healthy_ema = server.guard.ema
+    assert registry.get_sample_value("streamtrain_cost_ema") == healthy_ema
+    assert nan_push(server, batches, 32).status == NONFINITE
+    stats = server.stats()
+    metrics.record(stats)
+    (rollback,) = [e for e in stats.events if e.event == "rollback"]
+    exported = registry.get_sample_value("streamtrain_cost_ema")
+    assert exported == rollback.ema == server.guard.detector.filter.value == stats.guard.ema
+    assert exported == healthy_ema  # the restored checkpoint's (version 4) EMA
+    restarted = make_server(tmp_path, **{"checkpoint.resume": True})
+    metrics.record(restarted.stats())
+    assert registry.get_sample_value("streamtrain_cost_ema") == restarted.guard.ema == exported

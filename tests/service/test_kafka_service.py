@@ -331,7 +331,7 @@ def test_a_killed_worker_partitions_move_and_nothing_is_lost(
     killed = []
 
     def kill_one(stats):
-        if not killed and stats["examples"] > 800:
+        if not killed and stats.examples > 800:
             wid, (_, actor) = next(iter(trainer.workers.items()))
             ray.kill(actor, no_restart=True)
             killed.append(wid)
@@ -360,9 +360,9 @@ def test_broker_restart_mid_stream_loses_nothing(tmp_path, local_ray, config, ma
         restarted = []
 
         def restart(stats):
-            if not restarted and stats["examples"] > 1000:
+            if not restarted and stats.examples > 1000:
                 broker.restart()
-                restarted.append(stats["examples"])
+                restarted.append(stats.examples)
 
         result = run(trainer, timeout=DEADLINE_S, on_poll=restart)
         assert restarted and restarted[0] < examples.total
@@ -451,7 +451,7 @@ def test_bad_records_become_dead_letters_and_training_matches_the_clean_stream(
         trainer = make_trainer(cfg)
         results[topic] = run(trainer, timeout=DEADLINE_S)
         if topic == dirty_topic:
-            rejected = trainer.record.last["rejected"]
+            rejected = trainer.record.last.rejected
             history, tps = history_of(trainer)
     assert rejected == expected
     letters = topic_records(bootstrap, dirty_topic + ".dead")

@@ -9,15 +9,10 @@ from prometheus_client import CollectorRegistry
 
 from service.app import coalesce_for, network_spec, resolve_dataset, run_demo
 from service.checkpoint import latest_checkpoint, load_checkpoint
-from service.config import redacted
-from service.paramserver import (
-    APPLIED,
-    FENCED,
-    INLINE_PARAMS_BYTES,
-    NONFINITE,
-    ParameterServerActor,
-)
+from service.ps import ParameterServerActor, ServerConfig
+from service.ps.publish import INLINE_PARAMS_BYTES
 from workers.nn import Network
+from workers.transport.protocol import Status
 from workers.transport.ring import SHARED_MIN_BYTES, SHM_DIR
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("local_ray")]
@@ -42,18 +37,18 @@ def test_digits_reach_95_percent_held_out_accuracy(
     assert result["accuracy"] >= 0.95, result
     stats = trainer.record.last
     n = len(trainer.dataset.x_train) * cfg.stream.passes
-    assert result["examples"] == stats["examples"] == n
-    assert stats["counters"]["nonfinite"] == 0
-    assert_power_of_two_sizes(stats["batch_sizes"], cfg.batching.max_batch)
+    assert result["examples"] == stats.examples == n
+    assert stats.counters.nonfinite == 0
+    assert_power_of_two_sizes(stats.batch_sizes, cfg.batching.max_batch)
     exact_tiling(trainer, cfg, trainer.dataset)
     assert registry.get_sample_value("streamtrain_examples_trained_total") == n
     assert registry.get_sample_value("streamtrain_model_version") == result["version"]
     if mode == "sync":  # every batch applied on the version its gradient was computed on
-        pushes = sum(stats["batch_sizes"].values())
-        assert stats["staleness"] == {0: pushes}
+        pushes = sum(stats.batch_sizes.values())
+        assert stats.staleness == {0: pushes}
         # ... and averaged with the other worker's in one update (rounds of one happen
         # only while a worker starts or after it finished its partitions).
-        assert pushes >= 1.5 * stats["version"], (pushes, stats["version"])
+        assert pushes >= 1.5 * stats.version, (pushes, stats.version)
 
 
 def test_batches_stay_powers_of_two_under_adaptive_batching(
@@ -73,7 +68,7 @@ def test_batches_stay_powers_of_two_under_adaptive_batching(
     )
     trainer = make_trainer(cfg)
     run(trainer, timeout=60)
-    sizes = trainer.record.last["batch_sizes"]
+    sizes = trainer.record.last.batch_sizes
     assert_power_of_two_sizes(sizes, 64)
     assert 64 in sizes, f"the adaptive target never reached max_batch: {sizes}"
     exact_tiling(trainer, cfg, trainer.dataset)
@@ -94,7 +89,7 @@ def test_killed_worker_is_replaced_and_every_example_trains_once(
     killed = []
 
     def kill_one(stats):
-        if not killed and stats["version"] >= 40:
+        if not killed and stats.version >= 40:
             wid, (_, actor) = next(iter(trainer.workers.items()))
             ray.kill(actor)
             killed.append(wid)
@@ -139,7 +134,7 @@ def test_restarted_server_resumes_from_its_checkpoint(
     seen = {"killed_at": None, "after": []}
 
     def kill_server(stats):
-        if seen["killed_at"] is None and stats["version"] >= 4 * every:
+        if seen["killed_at"] is None and stats.version >= 4 * every:
             seen["killed_at"] = stats
             ray.kill(trainer.server, no_restart=False)
         elif seen["killed_at"] is not None:
@@ -152,21 +147,21 @@ def test_restarted_server_resumes_from_its_checkpoint(
     first = seen["after"][0]
     final = trainer.record.last
     # One new instance: its counters started again, its version did not.
-    assert {s["instance"] for s in seen["after"]} == {final["instance"]} != {before["instance"]}
-    restored_version = final["version"] - final["counters"]["applied"]
+    assert {s.instance for s in seen["after"]} == {final.instance} != {before.instance}
+    restored_version = final.version - final.counters.applied
     assert restored_version > 0 and restored_version % every == 0, restored_version
-    assert restored_version <= final["version"]
-    assert first["version"] >= restored_version
+    assert restored_version <= final.version
+    assert first.version >= restored_version
 
     # The metrics count both instances' updates, the new one's from its zero.
-    updates = before["counters"]["applied"] + final["counters"]["applied"]
+    updates = before.counters.applied + final.counters.applied
     assert registry.get_sample_value("streamtrain_updates_total") == updates
-    trained = before["counters"]["examples"] + final["counters"]["examples"]
+    trained = before.counters.examples + final.counters.examples
     assert registry.get_sample_value("streamtrain_examples_trained_total") == trained
 
     history = exact_tiling(trainer, cfg, trainer.dataset)
     # Versions 0..final-1 each applied once, before and after the restart alike.
-    assert np.array_equal(np.unique(history[:, 3]), np.arange(final["version"]))
+    assert np.array_equal(np.unique(history[:, 3]), np.arange(final.version))
     assert result["examples"] == len(trainer.dataset.x_train) * cfg.stream.passes
     assert result["accuracy"] >= 0.9
 
@@ -182,13 +177,13 @@ def test_stale_pushes_are_recomputed_not_lost(tmp_path, make_trainer, run, confi
     )
     trainer = make_trainer(cfg)
     result = run(trainer, timeout=60)
-    counters = trainer.record.last["counters"]
-    assert counters["stale"] > 0
-    assert counters["recomputed"] > 0
+    counters = trainer.record.last.counters
+    assert counters.stale > 0
+    assert counters.recomputed > 0
     recomputed = sum(s["counts"]["recomputed"] for s in trainer.record.worker_stats)
-    assert recomputed == counters["recomputed"]
-    assert counters["nonfinite"] == 0
-    assert trainer.record.last["staleness"].keys() == {0}
+    assert recomputed == counters.recomputed
+    assert counters.nonfinite == 0
+    assert trainer.record.last.staleness.keys() == {0}
     exact_tiling(trainer, cfg, trainer.dataset)
     assert result["examples"] == len(trainer.dataset.x_train) * cfg.stream.passes
 
@@ -204,7 +199,8 @@ def test_actor_refuses_fenced_and_nonfinite_pushes(tmp_path, config):
     )
     dataset = resolve_dataset(cfg)
     spec = network_spec(cfg, dataset)
-    server = ParameterServerActor.options(max_concurrency=4).remote(spec, redacted(cfg))
+    server_cfg = ServerConfig.from_config(cfg)
+    server = ParameterServerActor.options(max_concurrency=4).remote(spec, server_cfg)
     net = Network(**spec)
     tp = ("memory", 0)
     try:
@@ -217,18 +213,18 @@ def test_actor_refuses_fenced_and_nonfinite_pushes(tmp_path, config):
             return ray.get(server.push.remote("w", version, g, 32, loss, moving, spans))
 
         reply = push(grads.flat, {tp: (32, 64)})
-        assert reply.status == FENCED and reply.expected == {tp: 0}
+        assert reply.status == Status.FENCED and reply.expected == {tp: 0}
         bad = grads.flat.copy()
         bad[0] = np.nan
         reply = push(bad, {tp: (0, 32)})
-        assert reply.status == NONFINITE and reply.version == 0
+        assert reply.status == Status.NONFINITE and reply.version == 0
         np.testing.assert_array_equal(ray.get(server.current.remote())[1], flat)
         assert ray.get(server.positions.remote()) == {tp: 32}
         reply = push(grads.flat, {tp: (32, 64)})
-        assert reply.status == APPLIED and reply.version == 1
+        assert reply.status == Status.APPLIED and reply.version == 1
         stats = ray.get(server.stats.remote())
-        assert (stats["counters"]["fenced"], stats["counters"]["nonfinite"]) == (1, 1)
-        assert stats["counters"]["examples_refused"] == 32
+        assert (stats.counters.fenced, stats.counters.nonfinite) == (1, 1)
+        assert stats.counters.examples_refused == 32
         history, _ = ray.get(server.applied_history.remote())
         assert history.tolist() == [[0, 32, 64, 0]]
     finally:
@@ -238,7 +234,7 @@ def test_actor_refuses_fenced_and_nonfinite_pushes(tmp_path, config):
 def test_large_parameters_travel_as_one_object_reference(tmp_path, config):
     cfg = config(tmp_path, **{"checkpoint.every_updates": 0, "checkpoint.every_seconds": 0.0})
     spec = {"input_dim": 4096, "hidden": [64], "output": "sigmoid", "n_outputs": 1}
-    server = ParameterServerActor.remote(spec, redacted(cfg))
+    server = ParameterServerActor.remote(spec, ServerConfig.from_config(cfg))
     try:
         version, ref = ray.get(server.current.remote())
         assert isinstance(ref, ray.ObjectRef)
@@ -257,11 +253,11 @@ def test_demo_resumed_at_the_end_of_its_stream_reports_the_restored_model(tmp_pa
     )
     lines: list[str] = []
     first = run_demo(cfg, tmp_path / "out", progress=False, echo=lines.append)
-    assert first["examples"] == len(resolve_dataset(cfg).x_train) * 2
+    assert first.examples == len(resolve_dataset(cfg).x_train) * 2
     # A second run finds the whole stream trained: nothing to do, the same model reported.
     second = run_demo(cfg, tmp_path / "out2", progress=False, echo=lines.append)
     assert second["updates"] == first["updates"]
-    assert second["examples"] == first["examples"]
+    assert second["examples"] == first.examples
     assert second["accuracy"] == first["accuracy"]
     assert (tmp_path / "out2" / "cost.png").is_file()
 
@@ -271,7 +267,7 @@ def test_stop_drains_in_flight_pushes_and_keeps_offsets_exact(tmp_path, make_tra
     trainer = make_trainer(cfg)
 
     def stop_early(stats):
-        if stats["version"] >= 20 and not trainer.should_exit.is_set():
+        if stats.version >= 20 and not trainer.should_exit.is_set():
             trainer.stop()
 
     result = run(trainer, timeout=60, on_poll=stop_early)

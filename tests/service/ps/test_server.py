@@ -1,5 +1,6 @@
 """ParameterServer as a plain class (no Ray): fencing, staleness, sync rounds, checkpoints."""
 
+import dataclasses
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -7,22 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from service import paramserver
 from service.app import network_spec
 from service.checkpoint import list_checkpoints
-from service.config import load_config, redacted
-from service.paramserver import (
-    APPLIED,
-    AVERAGE_CHUNK,
-    FENCED,
-    INLINE_PARAMS_BYTES,
-    NONFINITE,
-    NORMS_EVERY_SECONDS,
-    STALE,
-    ParameterServer,
-    build_optimizer,
-    pooled_statistics,
-)
+from service.config import load_config
+from service.ps import ParameterServer, ServerConfig, build_optimizer, publish
+from service.ps.publish import INLINE_PARAMS_BYTES
+from service.ps.rounds import AVERAGE_CHUNK, WeightedSum, pooled_statistics
+from service.ps.server import NORMS_EVERY_SECONDS
 from workers.ingest.memory import MemoryStream, load_dataset
 from workers.nn import (
     SGD,
@@ -35,14 +27,16 @@ from workers.nn import (
 )
 from workers.transport.board import BOARD, BoardReader
 from workers.transport.channel import PushConnection
+from workers.transport.protocol import Push, Status
 from workers.transport.ring import GradientRing
 
+APPLIED, FENCED, NONFINITE, STALE = Status.APPLIED, Status.FENCED, Status.NONFINITE, Status.STALE
 TOPIC = "memory"
 SMALL_NET = {"input_dim": 6, "hidden": (5, 4), "output": "softmax", "n_outputs": 3}
 
 
-def server_config(ckpt_dir=None, **overrides) -> dict:
-    """The server's config dict: defaults, no checkpoints unless ``ckpt_dir``, no resume.
+def server_config(ckpt_dir=None, **overrides) -> ServerConfig:
+    """The server's config: defaults, no checkpoints unless ``ckpt_dir``, no resume.
 
     Divergence only alerts here; the tests of pause and rollback ask for them.
     """
@@ -52,11 +46,12 @@ def server_config(ckpt_dir=None, **overrides) -> dict:
         "checkpoint.resume": False,
         "checkpoint.every_updates": 0,
         "checkpoint.every_seconds": 0.0,
+        # a failing sync test ends sooner than 30 s
+        "trainer.sync_timeout_seconds": 10.0,
     }
-    cfg = redacted(load_config(env={}, overrides=settings | overrides))
-    if ckpt_dir is None:
-        cfg["checkpoint"]["dir"] = ""  # the server writes no checkpoint without a dir
-    cfg["trainer"]["sync_timeout_s"] = 10.0  # a failing sync test ends sooner than 30 s
+    cfg = ServerConfig.from_config(load_config(env={}, overrides=settings | overrides))
+    if ckpt_dir is None:  # the server writes no checkpoint without a dir
+        cfg = dataclasses.replace(cfg, checkpoint_dir=None)
     return cfg
 
 
@@ -131,7 +126,7 @@ def test_pooled_statistics_equal_those_of_the_concatenated_batches(sizes):
 
 
 def optimizer_section(**changes) -> dict:
-    return server_config(**{f"optimizer.{k}": v for k, v in changes.items()})["optimizer"]
+    return server_config(**{f"optimizer.{k}": v for k, v in changes.items()}).optimizer
 
 
 @pytest.mark.parametrize(
@@ -210,8 +205,8 @@ def test_push_with_a_wrong_first_offset_is_fenced_and_changes_nothing():
             np.testing.assert_array_equal(after["moving"][key], before["moving"][key])
         assert server.positions() == {tp0: 8, tp1: 8}
     stats = server.stats()
-    assert stats["counters"]["fenced"] == 3
-    assert stats["counters"]["applied"] == 1
+    assert stats.counters.fenced == 3
+    assert stats.counters.applied == 1
     history, _ = server.applied_history()
     assert len(history) == 2
 
@@ -254,8 +249,8 @@ def test_stale_push_is_refused_and_its_recomputation_applied():
     grads, n, loss, stats = batches.push_args(reply.params)
     reply = server.push("b", reply.version, grads, n, loss, stats, {tp0: (0, 8)}, recomputed=True)
     assert reply.status == APPLIED
-    counters = server.stats()["counters"]
-    assert counters["stale"] == 1 and counters["recomputed"] == 1 and counters["applied"] == 3
+    counters = server.stats().counters
+    assert counters.stale == 1 and counters.recomputed == 1 and counters.applied == 3
     history, tps = server.applied_history()
     assert_exact_tiling(history, tps, {tp0: 8, tp1: 16})
 
@@ -268,7 +263,7 @@ def test_staleness_within_the_bound_is_applied_and_recorded():
         assert push(server, batches, "a", {(TOPIC, 1): (start, start + 8)}).status == APPLIED
     reply = server.push("b", base, grads, n, loss, stats, {(TOPIC, 0): (0, 8)})
     assert reply.status == APPLIED
-    assert server.stats()["staleness"] == {0: 2, 2: 1}
+    assert server.stats().staleness == {0: 2, 2: 1}
 
 
 # -- non-finite gradients -------------------------------------------------------------
@@ -298,8 +293,8 @@ def test_nonfinite_push_is_refused_counted_and_its_offsets_advance(bad):
     for key in before["moving"]:
         np.testing.assert_array_equal(after["moving"][key], before["moving"][key])
     assert server.positions() == {tp: 24}
-    counters = server.stats()["counters"]
-    assert counters["nonfinite"] == 1 and counters["examples_refused"] == 16
+    counters = server.stats().counters
+    assert counters.nonfinite == 1 and counters.examples_refused == 16
     history, _ = server.applied_history()
     assert history[:, 1:3].tolist() == [[0, 8]]  # the refused span is not in the history
     # The stream goes on after the refused batch.
@@ -315,7 +310,7 @@ def test_sync_round_applies_only_when_every_joined_worker_pushed():
     server.join("w1")
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(push, server, batches, "w0", {(TOPIC, 0): (0, 8)})
-        wait_for(lambda: server.stats()["counters"]["pushes"] == 1)
+        wait_for(lambda: server.stats().counters.pushes == 1)
         assert not first.done()
         assert server.model()["version"] == 0
         assert server.applied_history()[0].size == 0
@@ -329,7 +324,7 @@ def test_sync_round_applies_only_when_every_joined_worker_pushed():
         assert first.result(timeout=10).status == APPLIED
     assert server.model()["version"] == 1
     assert server.model()["examples"] == 40
-    assert server.stats()["batch_sizes"] == {8: 1, 32: 1}
+    assert server.stats().batch_sizes == {8: 1, 32: 1}
 
 
 def test_push_many_in_sync_mode_joins_the_round():
@@ -342,20 +337,24 @@ def test_push_many_in_sync_mode_joins_the_round():
     def push_one(worker, spans, n=8, seed=0):
         version, flat = server.current()
         grads, n, loss, stats = Batches(seed).push_args(flat, n)
-        return server.push_many(worker, version, grads[None], [n], [loss], stats[None], [spans])
+        return server.push_many(
+            Push(worker, version, grads[None], [n], [loss], stats[None], [spans])
+        )
 
     with ThreadPoolExecutor(1) as pool:
         first = pool.submit(push_one, "w0", {(TOPIC, 0): (0, 8)})
-        wait_for(lambda: server.stats()["counters"]["pushes"] == 1)
+        wait_for(lambda: server.stats().counters.pushes == 1)
         time.sleep(0.1)
         assert not first.done() and server.model()["version"] == 0
         second = push_one("w1", {(TOPIC, 1): (0, 32)}, n=32, seed=1)
         assert second.status == APPLIED and second.handled == 1
         assert first.result(timeout=10).status == APPLIED
     assert server.model()["version"] == 1  # one update: the average of both
-    assert server.stats()["batch_sizes"] == {8: 1, 32: 1}
+    assert server.stats().batch_sizes == {8: 1, 32: 1}
     with pytest.raises(ValueError, match="one batch at a time"):
-        server.push_many("w0", 1, np.zeros((2, 3)), [8, 8], [0.0, 0.0], np.zeros((2, 3)), [{}, {}])
+        server.push_many(
+            Push("w0", 1, np.zeros((2, 3)), [8, 8], [0.0, 0.0], np.zeros((2, 3)), [{}, {}])
+        )
 
 
 def test_leave_of_a_missing_worker_completes_the_round():
@@ -364,14 +363,14 @@ def test_leave_of_a_missing_worker_completes_the_round():
     server.join("w1")
     with ThreadPoolExecutor(1) as pool:
         first = pool.submit(push, server, batches, "w0", {(TOPIC, 0): (0, 8)})
-        wait_for(lambda: server.stats()["counters"]["pushes"] == 1)
+        wait_for(lambda: server.stats().counters.pushes == 1)
         assert not first.done()
         server.leave("w1")
         reply = first.result(timeout=10)
     assert reply.status == APPLIED and reply.version == 1
     history, tps = server.applied_history()
     assert tps == [(TOPIC, 0)] and history.tolist() == [[0, 0, 8, 0]]
-    assert server.stats()["workers"] == 1
+    assert server.stats().workers == 1
 
 
 def test_worker_joining_mid_round_starts_after_the_spans_the_round_reserved():
@@ -383,13 +382,13 @@ def test_worker_joining_mid_round_starts_after_the_spans_the_round_reserved():
     server.join("w1")
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(push, server, batches, "w0", {tp0: (0, 8)})
-        wait_for(lambda: server.stats()["counters"]["pushes"] == 1)
+        wait_for(lambda: server.stats().counters.pushes == 1)
         server.leave("w0")
         start = server.join("w2").get(tp0, 0)
         assert start == 8
         assert server.positions() == {tp0: 8}
         second = pool.submit(push, server, Batches(2), "w2", {tp0: (start, start + 8)})
-        wait_for(lambda: server.stats()["counters"]["pushes"] == 2)
+        wait_for(lambda: server.stats().counters.pushes == 2)
         assert not second.done()  # in the round, waiting for w1
         assert push(server, batches, "w1", {tp1: (0, 8)}).status == APPLIED
         assert first.result(timeout=10).status == APPLIED
@@ -414,7 +413,7 @@ def test_sync_replies_carry_the_new_parameters_of_a_large_model():
     net = Network(**big)
     assert net.n_params * 4 > INLINE_PARAMS_BYTES
     server = ParameterServer(big, server_config(**{"trainer.mode": "sync"}))
-    assert server.publish_every > 1  # the automatic choice for a model this size
+    assert server.publisher.publish_every > 1  # the automatic choice for a model this size
     rng = np.random.default_rng(0)
     version, flat = server.current()
     for step in range(3):
@@ -429,7 +428,7 @@ def test_sync_replies_carry_the_new_parameters_of_a_large_model():
         assert reply.params is not None and reply.params_version == reply.version == step + 1
         np.testing.assert_array_equal(np.asarray(reply.params), server.current()[1])
         version, flat = reply.params_version, reply.params
-    assert server.stats()["counters"]["stale"] == 0
+    assert server.stats().counters.stale == 0
 
 
 def hidden_preactivations(net: Network, params, x: np.ndarray) -> list[np.ndarray]:
@@ -549,9 +548,9 @@ def test_checkpoint_then_restore_resumes_version_offsets_params_and_optimizer_st
     assert ta == tb and np.array_equal(ha, hb)
     # A new instance: its counters start at zero, its model does not.
     sa, sb = server.stats(), restored.stats()
-    assert sa["instance"] != sb["instance"]
-    assert sa["counters"]["examples"] == a["examples"] and sb["counters"]["examples"] == 0
-    assert sb["counters"]["applied"] == 0 and sb["examples"] == a["examples"]
+    assert sa.instance != sb.instance
+    assert sa.counters.examples == a["examples"] and sb.counters.examples == 0
+    assert sb.counters.applied == 0 and sb.examples == a["examples"]
 
     # The next update is the same on both: Adam's moments and step count came back too.
     version, flat = server.current()
@@ -591,11 +590,11 @@ def test_checkpoints_every_n_updates_and_every_t_seconds(tmp_path):
         "ckpt-000000000000.npz",
         "ckpt-000000000002.npz",
     ]
-    assert by_time.stats()["checkpoint_age_seconds"] == 0.0
+    assert by_time.stats().checkpoint_age_seconds == 0.0
     now[0] += 4.0
     push(by_time, batches, "w", {(TOPIC, 0): (16, 24)})
     assert len(list_checkpoints(tmp_path / "t")) == 2
-    assert by_time.stats()["checkpoint_age_seconds"] == 4.0
+    assert by_time.stats().checkpoint_age_seconds == 4.0
 
 
 def test_concurrent_async_pushes_keep_exact_offsets():
@@ -644,7 +643,7 @@ def test_a_workers_pushes_are_handled_in_seq_order_even_when_they_arrive_reverse
     send(0, first, {(TOPIC, 0): (0, 8)})
     late.join(5)
     assert replies[0].status == APPLIED and replies[1].status == APPLIED
-    assert server.stats()["counters"]["fenced"] == 0 and server.version == 2
+    assert server.stats().counters.fenced == 0 and server.version == 2
 
 
 @pytest.mark.parametrize("mode", ["async", "sync"])
@@ -667,9 +666,9 @@ def test_gradients_in_shared_memory_are_applied_as_the_arrays_are(mode):
             ns, losses = [n for _, n, _, _ in pushes], [loss for _, _, loss, _ in pushes]
             stats = np.stack([s for _, _, _, s in pushes])
             spans = [{tp: (8 * (rows * step + i), 8 * (rows * step + i + 1))} for i in range(rows)]
-            r1 = by_value.push_many("w", version, grads, ns, losses, stats, spans)
+            r1 = by_value.push_many(Push("w", version, grads, ns, losses, stats, spans))
             slot, handle = ring.put(list(grads))
-            r2 = by_handle.push_packed(("w", version, handle, ns, losses, stats, spans))
+            r2 = by_handle.push_many(Push("w", version, handle, ns, losses, stats, spans))
             ring.release(slot)
             assert r1.status == r2.status == APPLIED and r1.version == r2.version
         a, b = by_value.model(), by_handle.model()
@@ -696,7 +695,7 @@ def test_update_and_parameter_norms_are_sampled_once_per_interval():
         expected = np.linalg.norm((after - before).astype(np.float64)) / np.linalg.norm(
             after.astype(np.float64)
         )
-        return server.stats()["last"]["update_ratio"], expected
+        return server.stats().last.update_ratio, expected
 
     first, expected = push_and_ratio(0)
     assert first == pytest.approx(expected, rel=1e-5)
@@ -707,11 +706,11 @@ def test_update_and_parameter_norms_are_sampled_once_per_interval():
     now[0] += NORMS_EVERY_SECONDS
     third, expected = push_and_ratio(16)
     assert third == pytest.approx(expected, rel=1e-5) and third != first
-    assert server.stats()["counters"]["applied"] == 3
+    assert server.stats().counters.applied == 3
 
 
 def test_a_rounds_average_is_the_weighted_sum_chunk_by_chunk():
-    server = make_server()
+    weighted_sum = WeightedSum()
     rng = np.random.default_rng(7)
     size = 2 * AVERAGE_CHUNK + 1234  # a last chunk shorter than the others
     grads = [rng.standard_normal(size).astype(np.float32) for _ in range(3)]
@@ -720,11 +719,11 @@ def test_a_rounds_average_is_the_weighted_sum_chunk_by_chunk():
     whole = np.zeros(size, np.float32)
     for g, w in zip(grads, weights, strict=True):
         whole += g * np.float32(w)
-    got = server._average(grads, weights)
+    got = weighted_sum(grads, weights)
     np.testing.assert_array_equal(got, whole)  # the same float operations, element by element
     exact = sum(g.astype(np.float64) * w for g, w in zip(grads, weights, strict=True))
     np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-6)
-    again = server._average(grads[:2], [0.5, 0.5])  # the buffer is reused, not stale
+    again = weighted_sum(grads[:2], [0.5, 0.5])  # the buffer is reused, not stale
     np.testing.assert_array_equal(again, grads[0] * np.float32(0.5) + grads[1] * np.float32(0.5))
 
 
@@ -754,8 +753,8 @@ def test_local_channel_pushes_train_as_calls_and_read_parameters_from_the_board(
             loss, grads, stats = net.loss_and_grads(net.layout.views(np.asarray(flat)), x, y)
             span = {(TOPIC, 0): (16 * step, 16 * step + 16)}
             st = net.moving_layout.flatten(stats)[None]
-            args = ("w0", version, grads.flat[None], [16], [loss], st, [span])
-            by_value = by_call.push_many(*args)
+            args = Push("w0", version, grads.flat[None], [16], [loss], st, [span])
+            by_value = by_call.push_many(args)
             conn.send(args)
             by_channel = conn.receive()
             assert by_value.status == by_channel.status == APPLIED
@@ -767,22 +766,24 @@ def test_local_channel_pushes_train_as_calls_and_read_parameters_from_the_board(
                 np.testing.assert_array_equal(buf, by_value.params)
                 version, flat = by_value.params_version, np.asarray(by_value.params)
                 boards += 1
-        assert boards == (9 if mode == "sync" else 9 // by_call.publish_every)
+        assert boards == (9 if mode == "sync" else 9 // by_call.publisher.publish_every)
         a, b = by_call.model(), local.model()
         for part in ("params", "moving"):
             for key in a[part]:
                 np.testing.assert_array_equal(a[part][key], b[part][key])
         # A stale push is refused with the newest parameters, on the board.
-        conn.send(("w0", 0, grads.flat[None], [16], [loss], args[5], [{(TOPIC, 0): (144, 160)}]))
+        conn.send(
+            Push("w0", 0, grads.flat[None], [16], [loss], args.stats, [{(TOPIC, 0): (144, 160)}])
+        )
         refused = conn.receive()
         assert refused.status == STALE and refused.params == BOARD
         assert board.read(buf) == refused.params_version == local.version == 9
         np.testing.assert_array_equal(buf, local.current()[1])
-        counters = local.stats()["counters"]  # what streamtrain_pushes_total{channel} shows
-        assert counters["local_pushes"] == counters["pushes"] == 10
-        assert by_call.stats()["counters"]["local_pushes"] == 0
+        counters = local.stats().counters  # what streamtrain_pushes_total{channel} shows
+        assert counters.local_pushes == counters.pushes == 10
+        assert by_call.stats().counters.local_pushes == 0
         # What the server raises reaches the worker as the same exception.
-        conn.send(("w0", 9, grads.flat[None], [16, 16], [loss], args[5], []))
+        conn.send(Push("w0", 9, grads.flat[None], [16, 16], [loss], args.stats, []))
         with pytest.raises(ValueError):
             conn.receive()
     finally:
@@ -799,7 +800,7 @@ def test_a_small_model_travels_inline_on_the_local_channel():
     try:
         version, flat = server.current()
         grads, n, loss, stats = batches.push_args(flat)
-        conn.send(("w", version, grads[None], [n], [loss], stats[None], [{(TOPIC, 0): (0, 8)}]))
+        conn.send(Push("w", version, grads[None], [n], [loss], stats[None], [{(TOPIC, 0): (0, 8)}]))
         reply = conn.receive()
         assert reply.status == APPLIED and reply.params_version == 1
         np.testing.assert_array_equal(reply.params, server.current()[1])
@@ -812,7 +813,7 @@ def test_without_the_board_a_large_models_workers_stay_on_ray_calls(monkeypatch)
     # Off x86-64 the board's lock-free reads are not safe: a model too large to travel
     # inline gets no local endpoint at all (its replies would need the board); a small
     # one still gets the channel, its parameters inline.
-    monkeypatch.setattr(paramserver, "board_supported", lambda: False)
+    monkeypatch.setattr(publish, "board_supported", lambda: False)
     big = {"input_dim": 2048, "hidden": (64, 64), "output": "sigmoid", "n_outputs": 1}
     large = ParameterServer(big, server_config())
     assert large.local_endpoint() is None

@@ -1,0 +1,74 @@
+"""The checkpoint policy: when the server's state is made durable, how many are kept, and
+which one a restart or a rollback restores. The files themselves are ``service.checkpoint``'s."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from service.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+
+
+class CheckpointPolicy:
+    """Checkpoints every ``every_updates`` versions or ``every_seconds`` (0: off).
+
+    Args:
+        directory: where checkpoints go; None writes none (and restores none).
+        keep: newest checkpoints kept (plus the newest healthy one).
+        clock: monotonic seconds, injected so tests drive time.
+    """
+
+    def __init__(
+        self,
+        directory: str | None,
+        every_updates: int,
+        every_seconds: float,
+        keep: int,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.directory = directory or None
+        self.every_updates = every_updates
+        self.every_seconds = every_seconds
+        self.keep = keep
+        self._clock = clock
+        self.last_version = 0
+        self.last_time = clock()
+        self.last_path: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.directory is not None
+
+    def newest(self, healthy_only: bool = False) -> Path | None:
+        """The newest checkpoint (or the newest healthy one); None without any."""
+        if self.directory is None:
+            return None
+        return latest_checkpoint(self.directory, healthy_only=healthy_only)
+
+    def load(self, path: Path) -> Checkpoint:
+        return load_checkpoint(path)
+
+    def restored(self, path: Path, version: int) -> None:
+        """The server resumed from ``path`` at ``version``."""
+        self.last_path, self.last_version = str(path), version
+
+    def due(self, version: int) -> bool:
+        """Whether the model at ``version`` is due to be checkpointed."""
+        if self.directory is None or version <= self.last_version:
+            return False
+        if self.every_updates and version - self.last_version >= self.every_updates:
+            return True
+        return bool(self.every_seconds) and self.age() >= self.every_seconds
+
+    def age(self) -> float:
+        """Seconds since the last checkpoint (or since start-up)."""
+        return self._clock() - self.last_time
+
+    def write(self, ckpt: Checkpoint) -> str:
+        """Save ``ckpt`` atomically and prune the old ones; returns its path."""
+        if self.directory is None:
+            raise ValueError("no checkpoint directory is configured")
+        path = save_checkpoint(self.directory, ckpt, keep=self.keep)
+        self.last_version, self.last_time, self.last_path = ckpt.version, self._clock(), str(path)
+        return str(path)
