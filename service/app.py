@@ -27,6 +27,7 @@ from service.paramserver import ParameterServerActor
 from service.plot import LOG_NAME, RunLog, plot_costs
 from workers.ingest.memory import Dataset, assign_partitions, load_dataset
 from workers.nn import Network
+from workers.transport.protocol import WorkerStats
 from workers.worker import GradientWorkerActor
 
 log = logging.getLogger("streamtrain")
@@ -111,7 +112,7 @@ class RunRecord:
     costs: list[tuple[int, float, int]] = field(default_factory=list)
     last: dict[str, Any] = field(default_factory=dict)
     worker_restarts: int = 0
-    worker_stats: list[dict[str, Any]] = field(default_factory=list)
+    worker_stats: list[WorkerStats] = field(default_factory=list)
 
 
 class Trainer:
