@@ -8,7 +8,6 @@ tests, an in-process ``ServerLink``).
 from __future__ import annotations
 
 import dataclasses
-import logging
 import sys
 import threading
 import time
@@ -43,8 +42,6 @@ from workers.transport.protocol import (
     WorkerReport,
     WorkerStats,
 )
-
-log = logging.getLogger(__name__)
 
 PAUSE_RETRY_SECONDS = 0.5  # while the server is paused, how often a worker asks again
 MAX_RECOMPUTE = 8  # stale refusals of one batch in a row before re-reading from the source
