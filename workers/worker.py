@@ -1,18 +1,19 @@
 """GradientWorker: owns a stream source and a batcher, computes gradients, pushes them.
 
 A plain class made a Ray actor once (``GradientWorkerActor``). It imports nothing from
-``service/``: it gets plain settings and the parameter server's actor handle.
+``service/``: it gets plain settings and the parameter server's actor handle (or, in
+tests, an in-process ``ServerLink``).
 """
 
 from __future__ import annotations
 
-import logging
+import dataclasses
 import sys
 import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -20,21 +21,39 @@ import ray
 
 from workers.ingest.batcher import PowerOfTwoBatcher
 from workers.ingest.memory import MemoryStream
-from workers.ingest.source import Batch, Source
+from workers.ingest.source import Batch, Source, TopicPartition
 from workers.nn import Network
-from workers.transport.board import BOARD, BoardReader
-from workers.transport.channel import PushConnection
-from workers.transport.ring import SHARED_MIN_BYTES, GradientRing
+from workers.transport.client import (
+    Channel,
+    GradientShape,
+    Pending,
+    PushClient,
+    RayServer,
+    Route,
+    ServerLink,
+    Transport,
+    stack_rows,
+)
+from workers.transport.protocol import (
+    Push,
+    PushReply,
+    Status,
+    WorkerCounts,
+    WorkerReport,
+    WorkerStats,
+)
 
-log = logging.getLogger(__name__)
-
-APPLIED, STALE, FENCED, NONFINITE, PAUSED = "applied", "stale", "fenced", "nonfinite", "paused"
 PAUSE_RETRY_SECONDS = 0.5  # while the server is paused, how often a worker asks again
 MAX_RECOMPUTE = 8  # stale refusals of one batch in a row before re-reading from the source
 POLL_BYTES = 8 << 20  # feature bytes one poll may gather (rows x input_dim x itemsize)
 
 
-def make_source(spec: Mapping[str, Any], on_assign=None, on_revoke=None, claim=None) -> Source:
+def make_source(
+    spec: Mapping[str, Any],
+    on_assign: Callable[[list[TopicPartition]], Mapping[TopicPartition, int]] | None = None,
+    on_revoke: Callable[[list[TopicPartition]], None] | None = None,
+    claim: Callable[[list[tuple[TopicPartition, int, str]]], list[bool]] | None = None,
+) -> Source:
     """A stream source from plain settings: ``{"kind": "memory" | "kafka", ...its args}``.
 
     ``on_assign``/``on_revoke`` are a Kafka source's rebalance callbacks and ``claim`` its
@@ -62,10 +81,9 @@ def make_source(spec: Mapping[str, Any], on_assign=None, on_revoke=None, claim=N
 
 class _InFlight(NamedTuple):
     batches: list[Batch]
-    ref: Any  # ObjectRef of a PushReply; None when sent on the local channel
+    handle: Any  # what the client's send returned, for its receive
     recomputed: bool
     sent: float  # time.perf_counter() at submission
-    slot: int | None = None  # the GradientRing slot holding its gradients
 
 
 class GradientWorker:
@@ -86,16 +104,20 @@ class GradientWorker:
         commit_every_s: how often a source that commits (Kafka) is told the positions
             the newest durable checkpoint covers.
         shared_memory: on the server's node, push through a Unix socket instead of a Ray
-            call (``workers.transport.channel``), pass pushes of at least ``SHARED_MIN_BYTES`` of
-            gradients through a shared-memory ring and read a large model's new
-            parameters from the server's board (``workers.transport``); elsewhere, or when
-            /dev/shm lacks room, in the Ray call (Ray's object store past 100 KB).
+            call (``workers.transport.channel``), pass pushes of at least
+            ``SHARED_MIN_BYTES`` of gradients through a shared-memory ring and read a
+            large model's new parameters from the server's board (``workers.transport``);
+            elsewhere, or when /dev/shm lacks room, in the Ray call (Ray's object store
+            past 100 KB). ``RayServer.open_client`` chooses; ``route`` tells what it chose.
+        link: how the worker reaches the server; default ``RayServer(server)`` (tests
+            pass an in-process server).
+        sleep: waits between asks of a paused server; injected so tests need not wait.
     """
 
     def __init__(
         self,
         worker_id: str,
-        server,
+        server: Any,
         net_spec: Mapping[str, Any],
         source_spec: Mapping[str, Any],
         batching: Mapping[str, Any],
@@ -104,22 +126,27 @@ class GradientWorker:
         coalesce: int = 1,
         commit_every_s: float = 5.0,
         shared_memory: bool = True,
-    ):
+        *,
+        link: ServerLink | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         if max_inflight < 1:
             raise ValueError(f"`max_inflight` must be >= 1. Received: max_inflight={max_inflight}")
+        if coalesce < 1:
+            raise ValueError(f"`coalesce` must be >= 1. Received: coalesce={coalesce}")
         self.worker_id = worker_id
         self.server = server
+        self.link: ServerLink = RayServer(server) if link is None else link
+        self._sleep = sleep
         self.net = Network(**net_spec)
         self.batcher = PowerOfTwoBatcher(**batching)
-        self.source = make_source(
+        self.source: Source = make_source(
             source_spec, self._on_assign, self._on_revoke, self._claim_rejections
         )
         self.commit_every_s = float(commit_every_s)
-        self._commit_ref = None  # a pending durable_positions() call
+        self._commit: Pending[dict[TopicPartition, int]] | None = None  # durable positions
         self._commit_at = time.monotonic() + self.commit_every_s
-        self._committed: dict = {}  # Kafka offsets of the final commit
-        if coalesce < 1:
-            raise ValueError(f"`coalesce` must be >= 1. Received: coalesce={coalesce}")
+        self._committed: dict[TopicPartition, int] = {}  # offsets of the final commit
         self.coalesce = int(coalesce)
         self.max_inflight = int(max_inflight)
         # A wide model's rows are large: a poll of 4,096 rows of 12,288 floats would be
@@ -128,28 +155,15 @@ class GradientWorker:
         self.poll_records = max(1, min(int(poll_records), POLL_BYTES // max(row_bytes, 1)))
         self._stop = threading.Event()
         self._version = -1
-        self._params = None
-        self._counts = {
-            "batches": 0,
-            "examples": 0,
-            "applied": 0,
-            "stale": 0,
-            "fenced": 0,
-            "nonfinite": 0,
-            "paused": 0,
-            "recomputed": 0,
-            "resyncs": 0,
-        }
+        self._params: Any = None  # the network's parameter views of the current version
+        # Every key from the start: stats() may read them from another thread meanwhile.
+        self._counts = dict.fromkeys(_COUNT_NAMES, 0)
         self._sizes: dict[int, int] = {}
         self._push_seconds: list[float] = []  # round trips measured since the last push
         self._seq = 0  # push number: the server handles this worker's pushes in this order
         self.shared_memory = bool(shared_memory)
-        self._ring: GradientRing | None = None
-        self.transport = "inline"  # how gradients reach the server: see _open_ring
-        self.channel = "ray"  # how pushes reach it: "ray" calls or the "local" socket
-        self._conn: PushConnection | None = None
-        self._board: BoardReader | None = None
-        self._board_buf: np.ndarray | None = None  # the parameters read from the board
+        self.client: PushClient | None = None  # opened by run()
+        self.route = Route(Transport.INLINE, Channel.RAY)  # the client's, once opened
 
     # -- control -------------------------------------------------------------------
 
@@ -169,36 +183,33 @@ class GradientWorker:
             if t.ident in frames
         )
 
-    def stats(self) -> dict[str, Any]:
-        stats = {
-            "worker_id": self.worker_id,
-            "counts": dict(self._counts),
-            "batch_sizes": dict(self._sizes),
-            "committed": dict(self._committed),
-            "transport": self.transport,
-            "channel": self.channel,
-        }
-        for key in ("assignments", "rejected", "dead_letters", "records", "consumer_replacements"):
-            if hasattr(self.source, key):
-                stats[key] = getattr(self.source, key)
-        return stats
+    def stats(self) -> WorkerStats:
+        return WorkerStats(
+            worker_id=self.worker_id,
+            counts=WorkerCounts(**self._counts),
+            batch_sizes=dict(self._sizes),
+            committed=dict(self._committed),
+            transport=self.route.transport.value,
+            channel=self.route.channel.value,
+            source=self.source.report(),
+        )
 
     # -- the loop ------------------------------------------------------------------
 
-    def run(self, *started: str) -> dict[str, Any]:
+    def run(self, *started: str) -> WorkerStats:
         """Consume until the source is exhausted or ``stop`` is called; returns ``stats``.
 
         ``started``: references to other workers' ``ping()``, which Ray resolves before
         this begins, so the workers of a run start together (a sync round waits only for
         the workers that have joined: one started early would train alone meanwhile).
         """
-        self._resync(ray.get(self.server.join.remote(self.worker_id)))
-        self._ring = self._open_ring()
-        self._open_channel()
-        version, ref = ray.get(self.server.current.remote())
-        self._set_params(version, ref)
+        self._resync(self.link.join(self.worker_id))
+        shape = GradientShape(self.coalesce, self.net.n_params, self.net.dtype, self.max_inflight)
+        client = self.client = self.link.open_client(self.worker_id, shape, self.shared_memory)
+        self.route = client.route
         inflight: deque[_InFlight] = deque()
         try:
+            self._set_params(*self.link.current())
             while not self._stop.is_set():
                 self._maybe_commit()
                 if self.batcher.pending() < self.batcher.target * self.coalesce:
@@ -229,99 +240,32 @@ class GradientWorker:
                         # ours dropped by a rebalance are read again from its positions;
                         # another worker's partitions are theirs to finish (or ours, once
                         # the group moves them).
-                        self._counts["end_resyncs"] = self._counts.get("end_resyncs", 0) + 1
-                        self._resync(ray.get(self.server.positions.remote()))
-                        time.sleep(PAUSE_RETRY_SECONDS)
+                        self._counts["end_resyncs"] += 1
+                        self._resync(self.link.positions())
+                        self._sleep(PAUSE_RETRY_SECONDS)
             while inflight:
                 self._settle(inflight)
             self._final_commit()
         finally:
             try:
-                ray.get(self.server.leave.remote(self.worker_id))
+                self.link.leave(self.worker_id)
             finally:
-                self.source.close()
-                if self._conn is not None:
-                    self._conn.close()
-                if self._board is not None:
-                    self._board_buf = self._params = None
-                    self._board.close()
-                if self._ring is not None:
-                    self._ring.close()
+                try:
+                    self.source.close()
+                finally:
+                    self._params = None  # no view of a board buffer outlives the client
+                    client.close()
         return self.stats()
-
-    def _open_ring(self) -> GradientRing | None:
-        """The shared-memory ring this worker's gradients travel through, or None.
-
-        Sets ``transport``: ``shared_memory``; ``inline`` for pushes small enough that
-        the Ray call carries them; ``object_store`` when the server is on another node,
-        shared memory is off, or /dev/shm cannot hold the ring.
-        """
-        nbytes = self.coalesce * self.net.n_params * self.net.dtype.itemsize
-        if nbytes < SHARED_MIN_BYTES:
-            self.transport = "inline"
-            return None
-        self.transport = "object_store"
-        if not self.shared_memory:
-            return None
-        try:
-            ring = GradientRing(self.max_inflight, self.coalesce, self.net.n_params, self.net.dtype)
-        except OSError as exc:
-            log.warning("%s: gradients go through Ray's object store: %s", self.worker_id, exc)
-            return None
-        try:  # the server maps the segment and unlinks its name: nothing can leak after;
-            # on another node it finds no such segment
-            mapped = ray.get(self.server.map_gradients.remote(self.worker_id, ring.name))
-        except BaseException:
-            ring.close()
-            raise
-        if not mapped:
-            ring.close()
-            return None
-        ring.handed_over()
-        self.transport = "shared_memory"
-        return ring
-
-    def _open_channel(self) -> None:
-        """On the server's node, push through its local channel from now on.
-
-        Needs ``shared_memory`` and, for a large model, the server's parameter board
-        mapped here; otherwise pushes stay Ray calls (``channel`` tells which).
-        """
-        if not self.shared_memory:
-            return
-        offer = ray.get(self.server.local_endpoint.remote())
-        if offer is None:
-            return
-        endpoint, board_info = offer
-        if endpoint.node_id != ray.get_runtime_context().get_node_id():
-            return
-        board = None
-        try:
-            if board_info is not None:
-                board = BoardReader(board_info)
-            self._conn = PushConnection(endpoint)
-        except OSError as exc:
-            if board is not None:
-                board.close()
-            log.warning("%s: pushes stay Ray calls: %s", self.worker_id, exc)
-            return
-        if board is not None:
-            self._board = board
-            self._board_buf = np.empty(board.n_params, board.dtype)
-        self.channel = "local"
-        if self._ring is None and self.transport == "object_store":
-            self.transport = "socket"  # the gradients travel in the channel's frames
 
     def _prefetch(self) -> None:
         """Gather the next push's records while this one travels (a poll that waits for
         nothing): the source's work overlaps the round trip instead of following it.
 
-        Only for sources that say such a poll is cheap (the embedded stream: 2 workers at
-        input 30, batch 256 made 219k and 230k examples/s against 194-209k; one sync
-        worker at input 12288, batch 64, 5.7-5.8k against 4.7-5.0k). A zero-timeout
-        kafka-python poll costs about 1 ms whether or not it finds records.
+        Only for sources that say such a poll is cheap (``Source.prefetch``: the embedded
+        stream, not kafka-python's, whose zero-timeout poll costs about 1 ms whether or
+        not it finds records).
         """
-        if not getattr(self.source, "prefetch", False):
+        if not self.source.prefetch:
             return
         if self.batcher.pending() < self.batcher.target * self.coalesce:
             self.batcher.add(self.source.poll(self.poll_records, 0.0))
@@ -330,47 +274,42 @@ class GradientWorker:
 
     def _stream_trained(self) -> bool:
         """A finite source may end this worker only once the model covers the whole stream."""
-        complete = getattr(self.source, "complete", None)
-        if complete is None:  # the embedded stream: each worker owns its partitions for good
-            return True
-        return complete(ray.get(self.server.progress.remote()))
+        return self.source.complete(self.link.progress())
 
-    def _on_assign(self, tps: list) -> dict:
+    def _on_assign(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
         """Partitions newly assigned by the group: start them where the model's history ends."""
-        positions = ray.get(self.server.positions.remote())
+        positions = self.link.positions()
         target = {tp: int(positions.get(tp, 0)) for tp in tps}
         self.batcher.seek(target)
-        self._counts["assigned"] = self._counts.get("assigned", 0) + 1
+        self._counts["assigned"] += 1
         return target
 
-    def _claim_rejections(self, items: list) -> list[bool]:
+    def _claim_rejections(self, items: list[tuple[TopicPartition, int, str]]) -> list[bool]:
         """Which bad records nobody reported yet: the server counts each once."""
-        return ray.get(self.server.claim_rejections.remote(items))
+        return self.link.claim_rejections(items)
 
-    def _on_revoke(self, tps: list) -> None:
+    def _on_revoke(self, tps: list[TopicPartition]) -> None:
         """Partitions taken away: drop what is buffered of them (in-flight pushes are fenced)."""
         self.batcher.reset(tps)
 
     def _maybe_commit(self) -> None:
         """Every ``commit_every_s``, commit what the newest durable checkpoint covers."""
-        commit = getattr(self.source, "commit", None)
-        if commit is None:
+        if not self.source.commits:
             return
-        if self._commit_ref is not None:
-            ready, _ = ray.wait([self._commit_ref], timeout=0)
-            if ready:
-                commit(ray.get(self._commit_ref))
-                self._commit_ref = None
+        if self._commit is not None:
+            if self._commit.ready():
+                self.source.commit(self._commit.result())
+                self._commit = None
         elif time.monotonic() >= self._commit_at:
-            self._commit_ref = self.server.durable_positions.remote()
+            self._commit = self.link.durable_positions()
             self._commit_at = time.monotonic() + self.commit_every_s
 
     def _final_commit(self) -> None:
         """On the way out: the server checkpoints what it has, then its offsets are committed."""
-        commit = getattr(self.source, "commit", None)
-        if commit is None:
+        if not self.source.commits:
             return
-        self._committed = commit(ray.get(self.server.durable_positions.remote(checkpoint=True)))
+        positions = self.link.durable_positions(checkpoint=True).result()
+        self._committed = self.source.commit(positions)
 
     def _poll_timeout(self) -> float:
         deadline = self.batcher.deadline()
@@ -380,15 +319,17 @@ class GradientWorker:
             return 0.05
         return min(0.05, max(0.0, deadline - time.monotonic()))
 
-    def _set_params(self, version: int, ref) -> None:
-        if isinstance(ref, str) and ref == BOARD:  # the newest version on the board
-            self._params = None  # its views of the buffer about to be rewritten
-            self._version = self._board.read(self._board_buf)
-            self._params = self.net.layout.views(self._board_buf)
-            return
-        flat = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
-        self._params = self.net.layout.views(np.asarray(flat))  # read-only, zero-copy
-        self._version = int(version)
+    # -- pushes ----------------------------------------------------------------------
+
+    def _open(self) -> PushClient:
+        if self.client is None:
+            raise RuntimeError(f"{self.worker_id}: no push client before run()")
+        return self.client
+
+    def _set_params(self, version: int, params: Any) -> None:
+        self._params = None  # views of a buffer the board's next read rewrites
+        self._version, flat = self._open().params(version, params)
+        self._params = self.net.layout.views(flat)  # read-only from the object store
 
     def _submit(self, batches: list[Batch], recomputed: bool = False) -> _InFlight:
         """Compute the batches' gradients on the current parameters; push them in one call."""
@@ -407,49 +348,30 @@ class GradientWorker:
             if not recomputed:
                 self._counts["examples"] += n
                 self._sizes[n] = self._sizes.get(n, 0) + 1
-        report = {"accuracy": correct / sum(ns), "lag": self._lag()}
-        if self._push_seconds:
-            report["push_seconds"], self._push_seconds = self._push_seconds, []
-        slot, payload = None, None
-        if self._ring is not None and (taken := self._ring.put(grads)) is not None:
-            slot, payload = taken
-        args = (  # push_many's, as one Ray argument
-            self.worker_id,
-            self._version,
-            _rows(grads) if payload is None else payload,  # (k, n_params): one array
-            ns,
-            losses,
-            _rows(stats),  # (k, n_moving)
-            [b.spans for b in batches],
-            recomputed,
-            report,
-            self._seq,
+        report = WorkerReport(
+            accuracy=correct / sum(ns),
+            push_seconds=tuple(self._push_seconds),
+            lag=self.source.lag(self.batcher.cursors()),
         )
-        if self._conn is not None:
-            self._conn.send(args)
-            ref = None
-        else:
-            ref = self.server.push_packed.remote(args)
+        self._push_seconds = []
+        push = Push(
+            worker=self.worker_id,
+            base_version=self._version,
+            grads=grads,  # its rows: the client puts them where its route carries them
+            ns=ns,
+            losses=losses,
+            stats=stack_rows(stats),  # (k, n_moving)
+            spans=[b.spans for b in batches],
+            recomputed=recomputed,
+            report=report,
+            seq=self._seq,
+        )
+        handle = self._open().send(push)
         self._seq += 1
-        return _InFlight(batches, ref, recomputed, time.perf_counter(), slot)
+        return _InFlight(batches, handle, recomputed, time.perf_counter())
 
-    def _lag(self) -> dict:
-        """Records behind per partition: what the source holds beyond the batches made."""
-        cursors = self.batcher.cursors()
-        lag = getattr(self.source, "lag", None)
-        if lag is not None:
-            return lag(cursors)
-        highwater = getattr(self.source, "highwater", None)
-        if highwater is None:
-            return {}
-        return {tp: max(0, highwater(tp) - cursors.get(tp, 0)) for tp in self.source.assignment()}
-
-    def _reply(self, item: _InFlight):
-        try:
-            reply = self._conn.receive() if item.ref is None else ray.get(item.ref)
-        finally:  # answered, or the server is gone: it holds no view of the slot
-            if item.slot is not None:
-                self._ring.release(item.slot)
+    def _reply(self, item: _InFlight) -> PushReply:
+        reply = self._open().receive(item.handle)
         self._push_seconds.append(time.perf_counter() - item.sent)
         self._count(reply)
         if reply.params is not None:
@@ -467,37 +389,37 @@ class GradientWorker:
         """
         item = inflight.popleft()
         reply = self._reply(item)
-        if reply.status == APPLIED:
+        if reply.handled == len(item.batches):  # applied, or refused as non-finite
             return
         # Everything pushed after a refused batch is refused too (its offsets follow).
         later = [(it.batches, self._reply(it)) for it in inflight]
         inflight.clear()
-        if reply.status == PAUSED:
-            time.sleep(PAUSE_RETRY_SECONDS)
-            self._resync(ray.get(self.server.positions.remote()))
+        if reply.status == Status.PAUSED:
+            self._sleep(PAUSE_RETRY_SECONDS)
+            self._resync(self.link.positions())
             return
         pending = item.batches[reply.handled :]
         for batches, r in later:
-            pending += batches[r.handled :] if r.status != APPLIED else []
+            pending += batches[r.handled :]
         for batch in pending:
             for _ in range(MAX_RECOMPUTE):
                 self._counts["recomputed"] += 1
                 r = self._reply(self._submit([batch], recomputed=True))
-                if r.status != STALE:
+                if r.status != Status.STALE:
                     break
-            if r.status != APPLIED:
-                if r.status == PAUSED:
-                    time.sleep(PAUSE_RETRY_SECONDS)
-                self._resync(ray.get(self.server.positions.remote()))
+            if not r.handled:
+                if r.status == Status.PAUSED:
+                    self._sleep(PAUSE_RETRY_SECONDS)
+                self._resync(self.link.positions())
                 return
 
-    def _count(self, reply) -> None:
+    def _count(self, reply: PushReply) -> None:
         """Per batch: ``handled`` batches applied (or refused non-finite), then the refusal."""
         self._counts["applied"] += reply.handled
-        if reply.status != APPLIED:
-            self._counts[reply.status] = self._counts.get(reply.status, 0) + 1
+        if reply.status != Status.APPLIED:
+            self._counts[Status(reply.status).value] += 1
 
-    def _resync(self, positions: Mapping) -> None:
+    def _resync(self, positions: Mapping[TopicPartition, int]) -> None:
         """Seek source and batcher to the server's next offsets (0 where it has none)."""
         self._counts["resyncs"] += 1
         target = {tp: int(positions.get(tp, 0)) for tp in self.source.assignment()}
@@ -505,10 +427,6 @@ class GradientWorker:
         self.batcher.seek(target)
 
 
-def _rows(arrays: list[np.ndarray]) -> np.ndarray:
-    """The arrays as the rows of one (k, n) array; one row is a view, not a copy
-    (a large model's gradient is copied once more on its way into the push anyway)."""
-    return arrays[0][None] if len(arrays) == 1 else np.stack(arrays)
-
+_COUNT_NAMES = tuple(f.name for f in dataclasses.fields(WorkerCounts))
 
 GradientWorkerActor = ray.remote(GradientWorker)

@@ -344,7 +344,7 @@ def test_a_killed_worker_partitions_move_and_nothing_is_lost(
     codec = Codec("json", examples.schema)
     assert assert_exactly_once(history, tps, records, codec) == examples.total
     # The survivors saw their assignment change: the dead consumer's partitions moved.
-    assignments = [a for s in trainer.record.worker_stats for a in s["assignments"]]
+    assignments = [a for s in trainer.record.worker_stats for a in s.source["assignments"]]
     assert len(assignments) >= 2
 
 

@@ -98,12 +98,12 @@ def test_killed_worker_is_replaced_and_every_example_trains_once(
     assert killed, "the run ended before a worker could be killed"
     assert trainer.record.worker_restarts == 1
     assert len(trainer.record.worker_stats) == 2  # the survivor and the replacement
-    assert all(s["counts"]["examples"] > 0 for s in trainer.record.worker_stats)
+    assert all(s.counts.examples > 0 for s in trainer.record.worker_stats)
     n_params = Network(**trainer.net_spec).n_params
     shared = coalesce_for(cfg, n_params) * n_params * 4 >= SHARED_MIN_BYTES
     transport = "shared_memory" if shared else "inline"  # sync mode: one 37 KB batch
-    assert {s["transport"] for s in trainer.record.worker_stats} == {transport}
-    assert {s["channel"] for s in trainer.record.worker_stats} == {"local"}
+    assert {s.transport for s in trainer.record.worker_stats} == {transport}
+    assert {s.channel for s in trainer.record.worker_stats} == {"local"}
     assert set(os.listdir(SHM_DIR)) <= segments  # the killed worker's ring left nothing
     exact_tiling(trainer, cfg, trainer.dataset)
     assert result["examples"] == len(trainer.dataset.x_train) * cfg.stream.passes
@@ -180,7 +180,7 @@ def test_stale_pushes_are_recomputed_not_lost(tmp_path, make_trainer, run, confi
     counters = trainer.record.last.counters
     assert counters.stale > 0
     assert counters.recomputed > 0
-    recomputed = sum(s["counts"]["recomputed"] for s in trainer.record.worker_stats)
+    recomputed = sum(s.counts.recomputed for s in trainer.record.worker_stats)
     assert recomputed == counters.recomputed
     assert counters.nonfinite == 0
     assert trainer.record.last.staleness.keys() == {0}
@@ -315,7 +315,7 @@ def test_node_local_pushes_train_the_model_ray_calls_train(
         result = run(trainer, timeout=90)
         exact_tiling(trainer, cfg, trainer.dataset)
         assert result["examples"] == len(trainer.dataset.x_train) * cfg.stream.passes
-        transports.append({(s["transport"], s["channel"]) for s in trainer.record.worker_stats})
+        transports.append({(s.transport, s.channel) for s in trainer.record.worker_stats})
         pushes = {
             channel: registry.get_sample_value("streamtrain_pushes_total", {"channel": channel})
             for channel in ("local", "ray")

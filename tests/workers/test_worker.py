@@ -30,6 +30,8 @@ def test_a_smaller_poll_records_is_kept():
 class _NoPrefetch:
     """A source whose zero-timeout polls are not cheap (as Kafka's): never prefetched."""
 
+    prefetch = False
+
     def __init__(self, source):
         self.source, self.polls = source, 0
 

@@ -22,6 +22,7 @@ from kafka.structs import TopicPartition as KafkaTopicPartition
 
 from workers.ingest.codec import Codec, RecordError, Schema
 from workers.ingest.source import ROWS_PER_OFFSET, Chunk, TopicPartition, split_position
+from workers.transport.protocol import Progress
 
 log = logging.getLogger("streamtrain.kafka")
 
@@ -108,6 +109,9 @@ class KafkaSource:
         coordinator_lost_s: a consumer out of its group this long (no coordinator, or not
             joined) is replaced by a new one (kafka-python may never join again by itself).
     """
+
+    prefetch = False  # a zero-timeout kafka-python poll costs about 1 ms, records or not
+    commits = True  # the group's committed offsets follow the durable checkpoints
 
     def __init__(
         self,
@@ -411,7 +415,7 @@ class KafkaSource:
             return False
         return True
 
-    def complete(self, progress: Mapping[str, Mapping[TopicPartition, int]]) -> bool:
+    def complete(self, progress: Progress) -> bool:
         """True when the model has passed the end of every partition of the topic.
 
         Args:
@@ -426,7 +430,7 @@ class KafkaSource:
             return False
         if not ends:  # the topic's partitions not known (metadata being refreshed): not yet
             return False
-        positions, rejected = progress.get("positions", {}), progress.get("rejected", {})
+        positions, rejected = progress.positions, progress.rejected
         for ktp, end in ends.items():
             tp = (ktp.topic, ktp.partition)
             trained = max(split_position(positions.get(tp, 0))[0], rejected.get(tp, 0))
@@ -463,6 +467,17 @@ class KafkaSource:
             log.warning("offset commit failed (%s)", exc)
             return {}
         return offsets
+
+    def report(self) -> dict[str, Any]:
+        """Assignments received, bad records by reason, dead letters, records read and
+        consumers replaced, since the start."""
+        return {
+            "assignments": [list(a) for a in self.assignments],
+            "rejected": dict(self.rejected),
+            "dead_letters": self.dead_letters,
+            "records": self.records,
+            "consumer_replacements": self.consumer_replacements,
+        }
 
     def close(self) -> None:
         self._flush_dead_letters()

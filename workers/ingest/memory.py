@@ -2,14 +2,19 @@
 like a Kafka topic. Imports numpy, scikit-learn and workers.ingest.source only.
 """
 
+from __future__ import annotations
+
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from workers.ingest.source import Chunk, TopicPartition
+
+if TYPE_CHECKING:
+    from workers.transport.protocol import Progress
 
 DATASETS = ("digits", "breast_cancer", "drift")
 
@@ -313,6 +318,7 @@ class MemoryStream:
     """
 
     prefetch = True  # a poll that waits for nothing costs nothing more (see Source)
+    commits = False  # no offsets of its own: the model's positions are the only ones
 
     def __init__(
         self,
@@ -435,6 +441,23 @@ class MemoryStream:
     def exhausted(self) -> bool:
         """True once every assigned partition has been read to its end."""
         return all(self._position[p] >= self._end[p] for p in self._assigned)
+
+    def commit(self, positions: Mapping[TopicPartition, int]) -> dict[TopicPartition, int]:
+        """Nothing to commit: a restarted stream starts where the model's positions say."""
+        return {}
+
+    def lag(self, cursors: Mapping[TopicPartition, int]) -> dict[TopicPartition, int]:
+        """Records visible now beyond each assigned partition's cursor."""
+        return {tp: max(0, self.highwater(tp) - cursors.get(tp, 0)) for tp in self.assignment()}
+
+    def complete(self, progress: Progress) -> bool:
+        """Always True: each instance owns its partitions for good, so once it has read
+        them to their ends and its pushes are settled nobody else has more to train."""
+        return True
+
+    def report(self) -> dict[str, Any]:
+        """Nothing of its own to report."""
+        return {}
 
     def close(self) -> None:
         """Mark the stream closed; later polls raise."""

@@ -3,10 +3,15 @@
 Imports numpy only; the sources themselves live in memory.py and kafka.py.
 """
 
+from __future__ import annotations
+
 from collections.abc import Mapping
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from workers.transport.protocol import Progress
 
 TopicPartition = tuple[str, int]
 """A Kafka-style `(topic, partition)` key."""
@@ -68,11 +73,17 @@ class Batch(NamedTuple):
 
 @runtime_checkable
 class Source(Protocol):
-    """A consumer of a partitioned stream (the embedded stream now, Kafka later).
+    """A consumer of a partitioned stream (the embedded stream, or Kafka).
 
-    A source may also set ``prefetch = True``: a poll that waits for nothing is cheap, so
-    a worker polls while its push travels (``GradientWorker._prefetch``).
+    Attributes:
+        prefetch: a poll that waits for nothing is cheap, so a worker polls while its
+            push travels (``GradientWorker._prefetch``).
+        commits: the source keeps positions of its own that ``commit`` updates (Kafka's
+            committed offsets); when False the worker never asks for durable positions.
     """
+
+    prefetch: bool
+    commits: bool
 
     def assignment(self) -> list[TopicPartition]:
         """The partitions this source reads."""
@@ -88,6 +99,23 @@ class Source(Protocol):
 
     def exhausted(self) -> bool:
         """True once a finite replay has delivered everything (Kafka: always False)."""
+        ...
+
+    def commit(self, positions: Mapping[TopicPartition, int]) -> dict[TopicPartition, int]:
+        """Record that the model durably covers `positions`; returns what was committed."""
+        ...
+
+    def lag(self, cursors: Mapping[TopicPartition, int]) -> dict[TopicPartition, int]:
+        """Records behind per assigned partition, given where the batches reached."""
+        ...
+
+    def complete(self, progress: Progress) -> bool:
+        """True when the model's `progress` covers the whole (finite) stream, so that a
+        worker whose source is exhausted may end."""
+        ...
+
+    def report(self) -> dict[str, Any]:
+        """The source's own figures for the worker's stats (may be empty)."""
         ...
 
     def close(self) -> None:
