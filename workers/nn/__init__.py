@@ -1,4 +1,7 @@
-"""The numerical core: a batch-normalized MLP and its optimizers, numpy only, no I/O."""
+"""The numerical core: a batch-normalized MLP, its optimizers and their update kernels.
+
+Numpy and its own C kernels (``_fused.c``, loaded by ``kernels.py``) only; no I/O.
+"""
 
 from workers.nn.layout import FlatDict, Layout
 from workers.nn.network import Network
