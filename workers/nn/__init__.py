@@ -1,4 +1,4 @@
-"""The numerical core: a batch-normalized MLP, its optimizers and their update kernels.
+"""The numerical core: a batch-normalized MLP, its optimizers, their kernels, the training loop.
 
 Numpy and its own C kernels (``_fused.c``, loaded by ``kernels.py``) only; no I/O.
 """
