@@ -20,6 +20,9 @@ from typing import Any, ClassVar, NamedTuple
 import numpy as np
 
 from workers.nn import kernels
+from workers.nn.clipping import clip_scale as _clip_scale
+from workers.nn.clipping import positive as _positive
+from workers.nn.clipping import tensor_norm as _norm
 from workers.nn.layout import Layout
 
 Params = Mapping[str, np.ndarray]
@@ -55,11 +58,6 @@ class UpdateInfo(NamedTuple):
 
 
 # -- learning-rate schedules ---------------------------------------------------------
-
-
-def _positive(name: str, value: float) -> None:
-    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-        raise ValueError(f"`{name}` must be a positive number. Received: {name}={value!r}")
 
 
 @dataclass(frozen=True)
@@ -112,54 +110,6 @@ class ExponentialDecay:
 
 
 Schedule = Callable[[int], float]
-
-
-# -- clipping on dicts (pure) -------------------------------------------------------------
-
-
-def _norm(a: np.ndarray) -> float:
-    v = np.ravel(a).astype(np.float64)  # float64: a float32 sum of squares overflows at 1.8e19
-    return math.sqrt(float(np.dot(v, v)))
-
-
-def _clip_scale(norm: float, limit: float) -> float:
-    """The factor ``limit / max(norm, limit)`` that brings ``norm`` down to ``limit``."""
-    return limit / norm if norm > limit else 1.0
-
-
-def global_norm(grads: Params) -> float:
-    """L2 norm of all gradients taken together as one vector."""
-    return math.sqrt(sum(_norm(g) ** 2 for g in grads.values()))
-
-
-def clip_by_value(grads: Params, clipvalue: float) -> dict[str, np.ndarray]:
-    """Eq. 23: every element clipped to ``[-clipvalue, clipvalue]`` (Keras ``clipvalue``)."""
-    _positive("clipvalue", clipvalue)
-    return {k: np.clip(g, -clipvalue, clipvalue) for k, g in grads.items()}
-
-
-def clip_by_norm(grads: Params, clipnorm: float) -> dict[str, np.ndarray]:
-    """Each tensor scaled to norm at most ``clipnorm`` on its own (Keras ``clipnorm``)."""
-    _positive("clipnorm", clipnorm)
-    out = {}
-    for k, g in grads.items():
-        s = _clip_scale(_norm(g), clipnorm)
-        out[k] = g * np.asarray(s, g.dtype) if s < 1.0 else np.array(g)
-    return out
-
-
-def clip_by_global_norm(
-    grads: Params, global_clipnorm: float
-) -> tuple[dict[str, np.ndarray], float]:
-    """Eq. 22: all tensors scaled together so their global norm is at most the limit.
-
-    Returns:
-        The clipped gradients and the global norm before clipping.
-    """
-    _positive("global_clipnorm", global_clipnorm)
-    norm = global_norm(grads)
-    s = _clip_scale(norm, global_clipnorm)
-    return {k: g * np.asarray(s, g.dtype) for k, g in grads.items()}, norm
 
 
 # -- optimizer state ----------------------------------------------------------------------
