@@ -126,6 +126,10 @@ class NumpyStep:
         seed: int = 0,
     ) -> None:
         from workers.nn import Network, get_optimizer
+        from workers.nn.fit import step
+
+        # Imported here, as workers.nn above: the torch worker subprocess never loads them.
+        self.train_step = step
 
         name, kwargs, _, _ = OPTIMIZERS[optimizer]
         rng = np.random.default_rng(seed)
@@ -143,25 +147,27 @@ class NumpyStep:
         clip_kwargs = {key: value for key, value in clipping._asdict().items() if value}
         self.opt = get_optimizer(name, **kwargs, **clip_kwargs)
         self.state = self.opt.init(self.params)
-        # inplace=True is the parameter server's form; only passed when asked, so the
-        # default measures the documented pure update.
-        self.update_kwargs = {"inplace": True} if inplace else {}
+        # inplace=True is the parameter server's form; False (the default) measures the
+        # documented pure update.
+        self.inplace = inplace
         self.x = rng.standard_normal((config.batch, config.input_dim), dtype=np.float32)
         self.y = (rng.random(config.batch) < 0.5).astype(np.float32)  # (m,) zeros and ones
         _, self.grads, _ = self.net.loss_and_grads(self.params, self.x, self.y)
 
     def step(self) -> None:
-        """Forward (training-mode BN), backward, moving statistics, clip and update."""
-        _, grads, batch_stats = self.net.loss_and_grads(self.params, self.x, self.y)
-        self.moving = self.net.update_moving(self.moving, batch_stats)
-        self.params, self.state = self.opt.update(
-            self.params, grads, self.state, **self.update_kwargs
+        """Forward (training-mode BN), backward, moving statistics, clip and update.
+
+        The training loop's own step (``workers.nn.fit.step``), so the figure is the one
+        every single-process loop pays per batch.
+        """
+        _, self.params, self.moving, self.state = self.train_step(
+            self.net, self.params, self.moving, self.opt, self.state, self.x, self.y, self.inplace
         )
 
     def update(self) -> None:
         """The optimizer update alone (clipping included) with the gradients of the first step."""
         self.params, self.state = self.opt.update(
-            self.params, self.grads, self.state, **self.update_kwargs
+            self.params, self.grads, self.state, inplace=self.inplace
         )
 
 

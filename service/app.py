@@ -27,6 +27,7 @@ from service.plot import LOG_NAME, RunLog, plot_costs
 from service.ps import ParameterServerActor, ServerConfig
 from workers.ingest.memory import Dataset, assign_partitions, load_dataset
 from workers.nn import Network
+from workers.nn.outputs import check_output
 from workers.transport.protocol import CostPoint, GuardEvent, ServerStats, WorkerStats
 from workers.worker import GradientWorkerActor
 
@@ -44,6 +45,7 @@ def network_spec(cfg: Config, dataset: Dataset) -> dict[str, Any]:
     unless ``[model]`` sets them."""
     output = cfg.model.output or dataset.output
     n_outputs = cfg.model.n_outputs or (dataset.n_outputs if output == dataset.output else 1)
+    check_output(output, n_outputs, multi_label=False)  # refused here, not inside an actor
     return {
         "input_dim": cfg.model.input_dim or dataset.n_features,
         "hidden": tuple(cfg.model.hidden),

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from workers.nn.outputs import OUTPUTS, n_outputs_requirement
+
 ENV_PREFIX = "STREAMTRAIN_"
 REDACTED = "***"
 
@@ -108,7 +110,7 @@ class ModelConfig(_Section):
     output: str = _opt(
         "",
         "output activation ('' = from the data set)",
-        choices=("", "sigmoid", "softmax", "identity"),
+        choices=("", *OUTPUTS),
     )
 
     def _validate(self) -> None:
@@ -120,6 +122,10 @@ class ModelConfig(_Section):
         self._positive("bn_epsilon")
         self._fraction("bn_momentum")
         self._non_negative("seed", "input_dim", "n_outputs")
+        if self.output and self.n_outputs:  # both set here, not left to the data set
+            requirement = n_outputs_requirement(self.output, self.n_outputs, multi_label=False)
+            if requirement is not None:
+                self._fail("n_outputs", requirement)
 
 
 @dataclass(frozen=True)

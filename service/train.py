@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from workers.ingest.memory import load_dataset
 from workers.nn import Network, get_optimizer
+from workers.nn.fit import fit, minibatches
 
 
 class TrainResult(NamedTuple):
@@ -32,7 +33,7 @@ def train(
     optimizer: str = "adam",
     seed: int = 0,
     report: Callable[[int, float], None] | None = None,
-    **optimizer_args,
+    **optimizer_args: Any,
 ) -> TrainResult:
     """Train the BN network on a bundled data set with shuffled mini-batches.
 
@@ -50,27 +51,13 @@ def train(
     params, moving = net.init(seed)
     opt = get_optimizer(optimizer, **optimizer_args)
     state = opt.init(params)
-    rng = np.random.default_rng(seed)
-    costs, epoch_costs = [], []
-    n = len(split.x_train)
+    batches = minibatches(
+        split.x_train, split.y_train, batch_size, epochs, np.random.default_rng(seed)
+    )
     start = time.perf_counter()
-    for epoch in range(1, epochs + 1):
-        order = rng.permutation(n)
-        epoch_sum = 0.0
-        batches = 0
-        for lo in range(0, n, batch_size):
-            idx = order[lo : lo + batch_size]
-            if len(idx) < 2:  # batch norm needs two examples for a variance
-                continue
-            loss, grads, stats = net.loss_and_grads(params, split.x_train[idx], split.y_train[idx])
-            moving = net.update_moving(moving, stats)
-            params, state = opt.update(params, grads, state, inplace=True)
-            costs.append(loss)
-            epoch_sum += loss
-            batches += 1
-        epoch_costs.append(epoch_sum / batches)
-        if report is not None:
-            report(epoch, epoch_costs[-1])
+    result = fit(net, params, moving, opt, state, batches, inplace=True, on_epoch=report)
     seconds = time.perf_counter() - start
-    accuracy = net.evaluate(params, moving, split.x_test, split.y_test)["accuracy"]
-    return TrainResult(costs, epoch_costs, accuracy, seconds, epochs * n)
+    accuracy = net.evaluate(result.params, result.moving, split.x_test, split.y_test)["accuracy"]
+    return TrainResult(
+        result.losses, result.epoch_losses, accuracy, seconds, epochs * len(split.x_train)
+    )

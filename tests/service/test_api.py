@@ -28,6 +28,7 @@ from service.checkpoint import Checkpoint, save_checkpoint
 from service.config import ApiConfig
 from workers.ingest.memory import load_dataset
 from workers.nn import Network, get_optimizer
+from workers.nn.fit import fit, minibatches
 
 VERSION = 123
 
@@ -42,15 +43,9 @@ def train(net: Network, x: np.ndarray, y: np.ndarray, epochs: int) -> tuple[dict
     params, moving = net.init(0)
     opt = get_optimizer("adam", learning_rate=3e-3)
     state = opt.init(params)
-    rng = np.random.default_rng(0)
-    for _ in range(epochs):
-        order = rng.permutation(len(x))
-        for i in range(0, len(x) - 63, 64):
-            idx = order[i : i + 64]
-            _, grads, stats = net.loss_and_grads(params, x[idx], y[idx])
-            params, state = opt.update(params, grads, state)
-            moving = net.update_moving(moving, stats)
-    return params, moving
+    batches = minibatches(x, y, 64, epochs, np.random.default_rng(0), drop_last=True)
+    result = fit(net, params, moving, opt, state, batches)
+    return result.params, result.moving
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ from service.config import (
     redacted,
 )
 from workers.nn import Network, get_optimizer
+from workers.nn.fit import Batch, fit
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "s3cret-Pa55word"
@@ -191,17 +192,20 @@ def make_checkpoint(
     rng = np.random.default_rng(version)
     opt = get_optimizer("adam", learning_rate=0.05)
     state = opt.init(params)
-    for _ in range(4):
-        x = rng.standard_normal((16, 6)).astype(np.float32) * 2 + 1
-        if output == "softmax":
-            y = rng.integers(0, 3, 16)
-        elif output == "sigmoid":
-            y = rng.integers(0, 2, (16, 2)).astype(np.float32)
-        else:
-            y = rng.standard_normal((16, 2)).astype(np.float32)
-        _, grads, batch_stats = net.loss_and_grads(params, x, y)
-        moving = net.update_moving(moving, batch_stats)
-        params, state = opt.update(params, grads, state)
+
+    def batches():
+        for _ in range(4):
+            x = rng.standard_normal((16, 6)).astype(np.float32) * 2 + 1
+            if output == "softmax":
+                y = rng.integers(0, 3, 16)
+            elif output == "sigmoid":
+                y = rng.integers(0, 2, (16, 2)).astype(np.float32)
+            else:
+                y = rng.standard_normal((16, 2)).astype(np.float32)
+            yield Batch(x, y)
+
+    result = fit(net, params, moving, opt, state, batches())
+    params, moving, state = result.params, result.moving, result.state
     cfg = load_config(
         env={"STREAMTRAIN_KAFKA__SASL_PLAIN_PASSWORD": password} if password else {},
         overrides={"stream.source": source, "model.hidden": "5,4"},

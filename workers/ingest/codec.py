@@ -62,6 +62,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from workers.ingest.source import ROWS_PER_OFFSET
+from workers.nn.outputs import check_output
 
 REASONS: tuple[str, ...] = (
     "bad_json",
@@ -75,7 +76,6 @@ REASONS: tuple[str, ...] = (
     "bad_version",
     "bad_encoding",
 )
-OUTPUTS = ("sigmoid", "softmax", "identity")
 
 MAGIC = b"STRM"
 VERSION = 1
@@ -157,16 +157,8 @@ class Schema:
     def __post_init__(self):
         fix = object.__setattr__  # frozen: normalize numpy integers to int once, here
         fix(self, "n_features", _whole("n_features", self.n_features, 1))
-        if self.output not in OUTPUTS:
-            raise ValueError(f"`output` must be one of {OUTPUTS}. Received: output={self.output!r}")
-        n_outputs = _whole("n_outputs", self.n_outputs, 1)
-        if self.output == "sigmoid" and n_outputs != 1:
-            raise ValueError(f"`n_outputs` must be 1 for sigmoid. Received: n_outputs={n_outputs}")
-        if self.output == "softmax" and n_outputs < 2:
-            raise ValueError(
-                f"`n_outputs` must be >= 2 for softmax. Received: n_outputs={n_outputs}"
-            )
-        fix(self, "n_outputs", n_outputs)
+        # A record carries one 0/1 label for a sigmoid output: no multi-label sigmoid.
+        fix(self, "n_outputs", check_output(self.output, self.n_outputs, multi_label=False))
         fix(self, "max_bytes", _whole("max_bytes", self.max_bytes, 1))
         fix(self, "max_rows", _whole("max_rows", self.max_rows, 1, ROWS_PER_OFFSET))
         names = {}

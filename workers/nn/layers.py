@@ -15,8 +15,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from workers.nn.outputs import OUTPUTS
+
 ACTIVATIONS = ("relu", "tanh", "sigmoid")
-OUTPUTS = ("sigmoid", "softmax", "identity")
 
 
 # -- dense ---------------------------------------------------------------------

@@ -14,7 +14,6 @@ import numpy as np
 
 from workers.nn.layers import (
     ACTIVATIONS,
-    OUTPUTS,
     activation_backward,
     activation_forward,
     affine_backward,
@@ -31,6 +30,7 @@ from workers.nn.layers import (
     output_activation,
 )
 from workers.nn.layout import FlatDict, Layout
+from workers.nn.outputs import check_output
 
 Params = Mapping[str, np.ndarray]
 
@@ -74,16 +74,7 @@ class Network:
             raise ValueError(
                 f"`hidden` must be one or more positive integers. Received: hidden={hidden}"
             )
-        if output not in OUTPUTS:
-            raise ValueError(f"`output` must be one of {OUTPUTS}. Received: output={output!r}")
-        if int(n_outputs) != n_outputs or n_outputs < 1:
-            raise ValueError(
-                f"`n_outputs` must be a positive integer. Received: n_outputs={n_outputs}"
-            )
-        if output == "softmax" and n_outputs < 2:
-            raise ValueError(
-                f"`n_outputs` must be >= 2 for a softmax output. Received: n_outputs={n_outputs}"
-            )
+        n_outputs = check_output(output, n_outputs)  # a sigmoid output may be multi-label
         if activation not in ACTIVATIONS:
             raise ValueError(
                 f"`activation` must be one of {ACTIVATIONS}. Received: activation={activation!r}"
@@ -99,7 +90,7 @@ class Network:
         self.input_dim = int(input_dim)
         self.hidden = tuple(int(h) for h in hidden)
         self.output = output
-        self.n_outputs = int(n_outputs)
+        self.n_outputs = n_outputs
         self.activation = activation
         self.bn_epsilon = float(bn_epsilon)
         self.bn_momentum = float(bn_momentum)

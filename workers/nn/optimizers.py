@@ -1,89 +1,37 @@
 """Optimizers, gradient clipping and learning-rate schedules, with explicit state.
 
-Imports numpy only and does no I/O. Formulas follow Keras 3 (and the lecture's
-eq. 1-8, 22-23). Notation: ``w`` parameters, ``g`` gradient, ``lr`` learning rate,
+Numpy and its own C kernels (``kernels.py``) only, no I/O. Formulas follow Keras 3 (and the
+lecture's eq. 1-8, 22-23). Notation: ``w`` parameters, ``g`` gradient, ``lr`` learning rate,
 ``k`` updates already applied (0 for the first; Keras's ``iterations``), ``t = k + 1``.
 
-Every update works on one flat buffer per parameter set (see ``layout.py``) in
-cache-sized chunks, so an update over ~10^6 parameters costs one pass of memory and
-never mutates its inputs. A chunk runs in the fused C kernel of ``_fused.c`` when the
-package was built with it (loaded by ctypes; ``STREAMTRAIN_FUSED=0`` turns it off),
-else in ``out=`` numpy ufuncs; both do the same float operations in the same order.
+Every update works on one flat buffer per parameter set (see ``layout.py``) and never
+mutates its inputs; each optimizer turns its hyperparameters into the scalars of its
+kernel (``kernels.SGDHyper`` ...), which ``kernels.fused_update`` applies chunk by chunk.
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import importlib.util
 import math
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
+from workers.nn import kernels
+from workers.nn.clipping import clip_scale as _clip_scale
+from workers.nn.clipping import positive as _positive
+from workers.nn.clipping import tensor_norm as _norm
 from workers.nn.layout import Layout
 
 Params = Mapping[str, np.ndarray]
 
-# Elements per chunk: measured fastest on a 2-core host with 2 MiB of L2 per core.
-CHUNK = 131072
-
-
-def _load_fused() -> ctypes.CDLL | None:
-    """The fused kernels' shared library, or None (not built, or turned off)."""
-    if os.environ.get("STREAMTRAIN_FUSED", "1") == "0":
-        return None
-    try:
-        spec = importlib.util.find_spec("workers.nn._fused")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.origin or not os.path.exists(spec.origin):
-        return None
-    try:
-        lib = ctypes.CDLL(spec.origin)
-    except OSError:
-        return None
-    size, ptr, i32 = ctypes.c_size_t, ctypes.c_void_p, ctypes.c_int
-    for suffix, real in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
-        getattr(lib, f"sgd_{suffix}").argtypes = [size] + [ptr] * 6 + [real, real, i32]
-        getattr(lib, f"momentum_{suffix}").argtypes = [size] + [ptr] * 6 + [real] * 3
-        getattr(lib, f"rmsprop_{suffix}").argtypes = [size] + [ptr] * 6 + [real] * 4
-        getattr(lib, f"adam_{suffix}").argtypes = [size] + [ptr] * 8 + [real] * 6
-        for name in ("sgd", "momentum", "rmsprop", "adam"):
-            getattr(lib, f"{name}_{suffix}").restype = None
-    return lib
-
-
-FUSED = _load_fused()
-
-
-_EXECUTOR = None
-
-
-_CPU_COUNT = os.cpu_count() or 1
-
-
-def _update_threads() -> int:
-    """Threads for one large fused update: 2 where the process may use two cores."""
-    limit = os.environ.get("OMP_NUM_THREADS")  # Ray sets it to an actor's CPUs
-    cores = int(limit) if limit and limit.isdigit() else _CPU_COUNT
-    return min(2, cores)
-
-
-def _executor():
-    global _EXECUTOR
-    if _EXECUTOR is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamtrain-update")
-    return _EXECUTOR
-
-
-def _address(a: np.ndarray) -> int:
-    return a.__array_interface__["data"][0]
+# The kernels every update runs: the C library (None: the numpy kernels, the same numbers;
+# ``STREAMTRAIN_FUSED=0`` or no compiled library) and the chunk size. Read at each update,
+# so the numpy path can be chosen after import (tests compare the two paths).
+FUSED: kernels.FusedLibrary | None = kernels.load_library()
+CHUNK: int = kernels.CHUNK
 
 
 class NonFiniteGradientError(ValueError):
@@ -110,11 +58,6 @@ class UpdateInfo(NamedTuple):
 
 
 # -- learning-rate schedules ---------------------------------------------------------
-
-
-def _positive(name: str, value: float) -> None:
-    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-        raise ValueError(f"`{name}` must be a positive number. Received: {name}={value!r}")
 
 
 @dataclass(frozen=True)
@@ -169,54 +112,6 @@ class ExponentialDecay:
 Schedule = Callable[[int], float]
 
 
-# -- clipping on dicts (pure) -------------------------------------------------------------
-
-
-def _norm(a: np.ndarray) -> float:
-    v = np.ravel(a).astype(np.float64)  # float64: a float32 sum of squares overflows at 1.8e19
-    return math.sqrt(float(np.dot(v, v)))
-
-
-def _clip_scale(norm: float, limit: float) -> float:
-    """The factor ``limit / max(norm, limit)`` that brings ``norm`` down to ``limit``."""
-    return limit / norm if norm > limit else 1.0
-
-
-def global_norm(grads: Params) -> float:
-    """L2 norm of all gradients taken together as one vector."""
-    return math.sqrt(sum(_norm(g) ** 2 for g in grads.values()))
-
-
-def clip_by_value(grads: Params, clipvalue: float) -> dict[str, np.ndarray]:
-    """Eq. 23: every element clipped to ``[-clipvalue, clipvalue]`` (Keras ``clipvalue``)."""
-    _positive("clipvalue", clipvalue)
-    return {k: np.clip(g, -clipvalue, clipvalue) for k, g in grads.items()}
-
-
-def clip_by_norm(grads: Params, clipnorm: float) -> dict[str, np.ndarray]:
-    """Each tensor scaled to norm at most ``clipnorm`` on its own (Keras ``clipnorm``)."""
-    _positive("clipnorm", clipnorm)
-    out = {}
-    for k, g in grads.items():
-        s = _clip_scale(_norm(g), clipnorm)
-        out[k] = g * np.asarray(s, g.dtype) if s < 1.0 else np.array(g)
-    return out
-
-
-def clip_by_global_norm(
-    grads: Params, global_clipnorm: float
-) -> tuple[dict[str, np.ndarray], float]:
-    """Eq. 22: all tensors scaled together so their global norm is at most the limit.
-
-    Returns:
-        The clipped gradients and the global norm before clipping.
-    """
-    _positive("global_clipnorm", global_clipnorm)
-    norm = global_norm(grads)
-    s = _clip_scale(norm, global_clipnorm)
-    return {k: g * np.asarray(s, g.dtype) for k, g in grads.items()}, norm
-
-
 # -- optimizer state ----------------------------------------------------------------------
 
 
@@ -255,11 +150,6 @@ def _layout_of(params: Params) -> Layout:
         if len(_LAYOUTS) > 64:  # bounded: a process sees a handful of networks
             _LAYOUTS.pop(next(iter(_LAYOUTS)))
     return layout
-
-
-def _chunks(n: int):
-    for lo in range(0, n, CHUNK):
-        yield slice(lo, min(lo + CHUNK, n))
 
 
 # -- optimizers --------------------------------------------------------------------------------
@@ -411,75 +301,37 @@ class Optimizer:
         g = layout.flatten(grads)
         if g.dtype != layout.dtype:
             g = g.astype(layout.dtype)
-        slots = [layout.flatten(getattr(state, s)) for s in self.slots]
+        slots = tuple(layout.flatten(getattr(state, s)) for s in self.slots)
 
         norm = self._checked_norm(g, layout)
         scale, clipped_norm = 1.0, norm
         if self.global_clipnorm is not None:
+            # Global clipping scales g inside the kernel: the clipped g is never materialized.
             scale = _clip_scale(norm, self.global_clipnorm)
             clipped_norm = norm * scale
         elif self.clipnorm is not None or self.clipvalue is not None:
             g, clipped_norm = self._clip_local(g, layout, norm)
-        clipped = clipped_norm < norm
 
         k = int(state.iterations)
         lr = self.learning_rate_at(k)
         if inplace:
+            self._check_inplace(params, state, w, slots)
             new_w, new_slots = w, slots
-            for name, buf, src in [("params", w, params)] + [
-                (f"state.{n}", b, getattr(state, n)) for n, b in zip(self.slots, slots, strict=True)
-            ]:
-                if not (getattr(src, "flat", None) is buf and buf.flags.writeable):
-                    raise ValueError(
-                        f"inplace=True needs {name} as writeable views of one flat buffer "
-                        "(as Network.init and Optimizer.init return them)"
-                    )
         else:
-            new_w = np.empty_like(w)
-            new_slots = [np.empty_like(s) for s in slots]
-        chunks = list(_chunks(w.size))
-        fused = None
-        if FUSED is not None and w.dtype in (np.float32, np.float64):
-            suffix = "f32" if w.dtype == np.float32 else "f64"
-            fused = getattr(FUSED, f"{self.name}_{suffix}")
-            addresses = [_address(a) for a in (w, g, *slots, new_w, *new_slots)]
-            scalars = self._fused_args(lr, scale, k + 1)
-
-        keep_change = with_info and norms
-
-        def run(part: list[slice]) -> list[float]:
-            """Update the chunks of ``part``; the squared norm of each chunk's change."""
-            tmp = np.empty(min(CHUNK, w.size), w.dtype)
-            sq = []
-            for sl in part:
-                t = tmp[: sl.stop - sl.start]
-                if fused is None:
-                    self._kernel(sl, w, g, slots, new_w, new_slots, t, lr, scale, k + 1)
-                else:
-                    item = w.dtype.itemsize
-                    change = _address(t) if keep_change else None  # NULL: not kept
-                    at = [a + sl.start * item for a in addresses] + [change]
-                    fused(sl.stop - sl.start, *at, *scalars)
-                if keep_change:
-                    sq.append(float(np.dot(t, t)))
-            return sq
-
-        threads = _update_threads()
-        if fused is not None and threads > 1 and len(chunks) >= 4:
-            # ctypes releases the GIL: the two halves of a large update run side by side,
-            # the second on the pool's thread, the first on this one.
-            half = (len(chunks) + 1) // 2
-            second = _executor().submit(run, chunks[half:])
-            squares = run(chunks[:half]) + second.result()
-        else:
-            squares = run(chunks)
-        step_sq = sum(squares)  # chunk order, whatever the threading
+            new_w, new_slots = np.empty_like(w), tuple(np.empty_like(s) for s in slots)
+        step_sq = kernels.fused_update(
+            self._hyper(lr, scale, k + 1),
+            kernels.Buffers(w, g, slots, new_w, new_slots),
+            library=FUSED,
+            chunk=CHUNK,
+            keep_change=with_info and norms,
+        )
         info = None
         if with_info:
             info = UpdateInfo(
                 grad_norm=norm,
                 clipped_norm=clipped_norm,
-                clipped=bool(clipped),
+                clipped=bool(clipped_norm < norm),
                 learning_rate=lr,
                 update_norm=math.sqrt(step_sq) if norms else math.nan,
                 param_norm=math.sqrt(float(np.dot(new_w, new_w))) if norms else math.nan,
@@ -489,6 +341,20 @@ class Optimizer:
             return params, self.state_type(k + 1, *slot_dicts), info
         new_state = self.state_type(k + 1, *(layout.views(s) for s in new_slots))
         return layout.views(new_w), new_state, info
+
+    def _check_inplace(
+        self, params: Params, state, w: np.ndarray, slots: tuple[np.ndarray, ...]
+    ) -> None:
+        """Raise ValueError unless ``params`` and the state are writeable views of their buffers."""
+        named = [("params", w, params)] + [
+            (f"state.{n}", b, getattr(state, n)) for n, b in zip(self.slots, slots, strict=True)
+        ]
+        for name, buf, src in named:
+            if not (getattr(src, "flat", None) is buf and buf.flags.writeable):
+                raise ValueError(
+                    f"inplace=True needs {name} as writeable views of one flat buffer "
+                    "(as Network.init and Optimizer.init return them)"
+                )
 
     @staticmethod
     def _checked_norm(g: np.ndarray, layout: Layout) -> float:
@@ -523,15 +389,10 @@ class Optimizer:
                 out[sl] *= s
         return (g, norm) if out is None else (out, _norm(out))
 
-    def _fused_args(self, lr: float, scale: float, t: int) -> tuple:
-        """Scalar arguments of the fused C kernel, rounded as the numpy kernel rounds them."""
-        raise NotImplementedError
+    def _hyper(self, lr: float, scale: float, t: int) -> kernels.Hyper:
+        """The scalars of this rule's kernel for update ``t`` (from 1) at learning rate ``lr``.
 
-    def _kernel(self, sl, w, g, slots, new_w, new_slots, tmp, lr, scale, t) -> None:
-        """Write the chunk ``sl`` of the new parameters and state; leave ``Δw`` in ``tmp``.
-
-        ``g`` is multiplied by ``scale`` (global clipping) inside the kernel so the
-        clipped gradient is never materialized.
+        ``scale`` is the global clipping factor, which the kernel applies to ``g``.
         """
         raise NotImplementedError
 
@@ -559,22 +420,8 @@ class SGD(Optimizer):
     def _validate(self) -> None:
         self._unit_interval("momentum", self.momentum, closed=True)
 
-    def _fused_args(self, lr, scale, t):
-        return (-lr * scale, self.momentum, int(self.nesterov))
-
-    def _kernel(self, sl, w, g, slots, new_w, new_slots, tmp, lr, scale, t) -> None:
-        (v,), (v2,) = slots, new_slots
-        np.multiply(g[sl], -lr * scale, out=tmp)  # -lr * g
-        if self.momentum == 0:
-            v2[sl] = v[sl]
-        else:
-            np.multiply(v[sl], self.momentum, out=v2[sl])
-            v2[sl] += tmp  # v = momentum * v - lr * g
-            if self.nesterov:
-                tmp += v2[sl] * self.momentum  # momentum * v - lr * g (chunk-sized temporary)
-            else:
-                tmp[...] = v2[sl]
-        np.add(w[sl], tmp, out=new_w[sl])
+    def _hyper(self, lr: float, scale: float, t: int) -> kernels.SGDHyper:
+        return kernels.SGDHyper(-lr * scale, self.momentum, self.nesterov)
 
 
 @dataclass(frozen=True)
@@ -598,16 +445,8 @@ class Momentum(Optimizer):
     def _validate(self) -> None:
         self._unit_interval("beta_1", self.beta_1, closed=False)
 
-    def _fused_args(self, lr, scale, t):
-        return ((1.0 - self.beta_1) * scale, self.beta_1, -lr)
-
-    def _kernel(self, sl, w, g, slots, new_w, new_slots, tmp, lr, scale, t) -> None:
-        (V,), (V2,) = slots, new_slots
-        np.multiply(g[sl], (1.0 - self.beta_1) * scale, out=tmp)
-        np.multiply(V[sl], self.beta_1, out=V2[sl])
-        V2[sl] += tmp
-        np.multiply(V2[sl], -lr, out=tmp)
-        np.add(w[sl], tmp, out=new_w[sl])
+    def _hyper(self, lr: float, scale: float, t: int) -> kernels.MomentumHyper:
+        return kernels.MomentumHyper((1.0 - self.beta_1) * scale, self.beta_1, -lr)
 
 
 @dataclass(frozen=True)
@@ -632,21 +471,9 @@ class RMSprop(Optimizer):
         self._unit_interval("rho", self.rho, closed=False)
         _positive("epsilon", self.epsilon)
 
-    def _fused_args(self, lr, scale, t):
-        return (scale * math.sqrt(1.0 - self.rho), self.rho, self.epsilon, -lr * scale)
-
-    def _kernel(self, sl, w, g, slots, new_w, new_slots, tmp, lr, scale, t) -> None:
-        (S,), (S2,) = slots, new_slots
-        # Scale before squaring so a huge clipped gradient cannot overflow float32.
-        np.multiply(g[sl], scale * math.sqrt(1.0 - self.rho), out=tmp)
-        np.square(tmp, out=tmp)
-        np.multiply(S[sl], self.rho, out=S2[sl])
-        S2[sl] += tmp
-        np.add(S2[sl], self.epsilon, out=tmp)
-        np.sqrt(tmp, out=tmp)
-        np.divide(g[sl], tmp, out=tmp)
-        tmp *= -lr * scale
-        np.add(w[sl], tmp, out=new_w[sl])
+    def _hyper(self, lr: float, scale: float, t: int) -> kernels.RMSpropHyper:
+        g_scale = scale * math.sqrt(1.0 - self.rho)
+        return kernels.RMSpropHyper(g_scale, self.rho, self.epsilon, -lr * scale)
 
 
 @dataclass(frozen=True)
@@ -679,27 +506,12 @@ class Adam(Optimizer):
     def _lr_t(self, lr: float, t: int) -> float:
         return lr * math.sqrt(1.0 - self.beta_2**t) / (1.0 - self.beta_1**t)
 
-    def _fused_args(self, lr, scale, t):
+    def _hyper(self, lr: float, scale: float, t: int) -> kernels.AdamHyper:
         b1, b2 = self.beta_1, self.beta_2
-        gs = scale * math.sqrt(1.0 - b2)
-        return ((1.0 - b1) * scale, b1, gs, b2, self.epsilon, -self._lr_t(lr, t))
-
-    def _kernel(self, sl, w, g, slots, new_w, new_slots, tmp, lr, scale, t) -> None:
-        (m, v), (m2, v2) = slots, new_slots
-        b1, b2 = self.beta_1, self.beta_2
-        lr_t = self._lr_t(lr, t)
-        np.multiply(g[sl], (1.0 - b1) * scale, out=tmp)
-        np.multiply(m[sl], b1, out=m2[sl])
-        m2[sl] += tmp
-        np.multiply(g[sl], scale * math.sqrt(1.0 - b2), out=tmp)
-        np.square(tmp, out=tmp)
-        np.multiply(v[sl], b2, out=v2[sl])
-        v2[sl] += tmp
-        np.sqrt(v2[sl], out=tmp)
-        tmp += self.epsilon
-        np.divide(m2[sl], tmp, out=tmp)
-        tmp *= -lr_t
-        np.add(w[sl], tmp, out=new_w[sl])
+        g_scale = scale * math.sqrt(1.0 - b2)
+        return kernels.AdamHyper(
+            (1.0 - b1) * scale, b1, g_scale, b2, self.epsilon, -self._lr_t(lr, t)
+        )
 
 
 OPTIMIZERS: dict[str, type[Optimizer]] = {cls.name: cls for cls in (SGD, Momentum, RMSprop, Adam)}

@@ -5,6 +5,7 @@ from sklearn.datasets import load_breast_cancer, load_digits
 from sklearn.model_selection import train_test_split
 
 from workers.nn import Network, get_optimizer
+from workers.nn.fit import fit, minibatches
 
 BATCH = 64
 
@@ -27,17 +28,9 @@ def train(net, x, y, epochs, seed=0):
     params, moving = net.init(seed=seed)
     opt = get_optimizer("adam", learning_rate=1e-3)
     state = opt.init(params)
-    rng = np.random.default_rng(seed)
-    losses = []
-    for _ in range(epochs):
-        order = rng.permutation(len(x))
-        for start in range(0, len(x) - BATCH + 1, BATCH):  # full batches only
-            idx = order[start : start + BATCH]
-            loss, grads, batch_stats = net.loss_and_grads(params, x[idx], y[idx])
-            params, state = opt.update(params, grads, state)
-            moving = net.update_moving(moving, batch_stats)
-            losses.append(loss)
-    return params, moving, losses
+    batches = minibatches(x, y, BATCH, epochs, np.random.default_rng(seed), drop_last=True)
+    result = fit(net, params, moving, opt, state, batches)
+    return result.params, result.moving, result.losses
 
 
 def test_breast_cancer_sigmoid():
