@@ -253,11 +253,11 @@ def test_demo_resumed_at_the_end_of_its_stream_reports_the_restored_model(tmp_pa
     )
     lines: list[str] = []
     first = run_demo(cfg, tmp_path / "out", progress=False, echo=lines.append)
-    assert first.examples == len(resolve_dataset(cfg).x_train) * 2
+    assert first["examples"] == len(resolve_dataset(cfg).x_train) * 2
     # A second run finds the whole stream trained: nothing to do, the same model reported.
     second = run_demo(cfg, tmp_path / "out2", progress=False, echo=lines.append)
     assert second["updates"] == first["updates"]
-    assert second["examples"] == first.examples
+    assert second["examples"] == first["examples"]
     assert second["accuracy"] == first["accuracy"]
     assert (tmp_path / "out2" / "cost.png").is_file()
 
