@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -49,6 +50,7 @@ MAX_ERRORS_SHOWN = 3  # validation errors quoted in one 422 message
 # pydantic's names of the two shapes of `x` in error locations.
 _SINGLE, _BATCH = "list[float]", "list[list[float]]"
 STARTUP_TIMEOUT = 10.0  # seconds start_api waits for the server to answer
+SHOWN_CHARS = 40  # longest repr of a bad value quoted in a message
 
 
 # ---------------------------------------------------------------- the cached model
@@ -350,7 +352,8 @@ def _problem(status: int, detail: str) -> JSONResponse:
 def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` entries for error codes, all with a ``Problem`` body."""
     text = {
-        400: "A body that is not UTF-8 text",
+        400: "A body that cannot be read as JSON: not UTF-8, arrays nested too deeply, or "
+        "an integer too long to convert",
         413: "Request body larger than `api.max_body_bytes`",
         422: "Malformed JSON or an invalid `x` (dimension, non-finite, empty, too many rows)",
         503: "No model loaded yet",
@@ -368,6 +371,37 @@ def _location(loc: tuple) -> str:
     for p in parts:
         text += f"[{p}]" if isinstance(p, int) else (f".{p}" if text else str(p))
     return text or "body"
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)``, its middle cut out when longer than ``SHOWN_CHARS``."""
+    text = repr(value)
+    if len(text) <= SHOWN_CHARS:
+        return text
+    return f"{text[: SHOWN_CHARS // 2]}...{text[-SHOWN_CHARS // 4 :]} ({len(text)} characters)"
+
+
+def _unreadable(cause: BaseException | None) -> str:
+    """Why a /predict body could not be parsed as JSON, from the parser's exception (the
+    cause of FastAPI's 400 "There was an error parsing the body")."""
+    if isinstance(cause, RecursionError):
+        return (
+            "the JSON nests arrays or objects too deeply to parse "
+            "(x is a list of numbers, or a list of such lists)"
+        )
+    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        return (
+            f"the JSON holds an integer of more than {sys.get_int_max_str_digits()} digits, "
+            "too long to convert to a number"
+        )
+    if isinstance(cause, UnicodeDecodeError):
+        return (
+            f"the body must be UTF-8 encoded JSON ({cause.reason}: byte "
+            f"{cause.object[cause.start : cause.start + 1]!r} at position {cause.start})"
+        )
+    if cause is None:
+        return "the body must be UTF-8 encoded JSON"
+    return f"{type(cause).__name__}: {cause}"
 
 
 def _validation_message(errors: list[dict[str, Any]], body: Any) -> str:
@@ -391,8 +425,12 @@ def _validation_message(errors: list[dict[str, Any]], body: Any) -> str:
     shown: list[str] = []
     for e in kept or errors:
         got = e.get("input")
-        value = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
-        line = f"{_location(e['loc'])}: {e['msg']}{value}"
+        if type(got) is int and e.get("type") == "float_type":  # beyond a double's range
+            line = f"{_location(e['loc'])}: an integer of {len(str(abs(got)))} digits is "
+            line += "too large for a number"
+        else:
+            value = "" if isinstance(got, dict | list) or got is None else f" (got {_shown(got)})"
+            line = f"{_location(e['loc'])}: {e['msg']}{value}"
         if line not in shown:
             shown.append(line)
     more = len(shown) - MAX_ERRORS_SHOWN
@@ -645,7 +683,10 @@ class _FastPredict:
         body = b"".join(chunks)
         try:
             x = _plain_x(json.loads(body))
-        except ValueError:  # not JSON, or not UTF-8 (UnicodeDecodeError is a ValueError)
+        except (ValueError, RecursionError):
+            # Not JSON, not UTF-8 (UnicodeDecodeError is a ValueError), an integer too long
+            # to convert, or arrays nested too deeply: FastAPI parses it again, fails the
+            # same way and answers 400 (see http_error).
             x = None
         if x is not None:
             await predict_response(self.cache, self.max_batch, x)(scope, receive, send)
@@ -700,8 +741,8 @@ def create_app(
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         detail = str(exc.detail)
         if exc.status_code == 400 and request.url.path == "/predict":
-            # FastAPI's answer to a body it cannot even decode as text.
-            detail += ": the body must be UTF-8 encoded JSON"
+            # FastAPI's answer to a body its JSON parser raised on: say what the parser met.
+            detail += ": " + _unreadable(exc.__cause__)
         return JSONResponse({"detail": detail}, exc.status_code, headers=exc.headers)
 
     @app.post(

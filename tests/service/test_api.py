@@ -328,6 +328,50 @@ def test_body_without_json_content_type_or_not_utf8_is_refused(model, serve):
     assert "the body must be UTF-8 encoded JSON" in binary.json()["detail"]
 
 
+# Bodies the JSON parser itself refuses, or that hold an integer no double can be: sent as
+# ``application/json`` (the fast path) and with a charset (FastAPI's path).
+UNPARSABLE = [
+    # 50,000 levels in 100 KB: the parser's RecursionError once escaped the fast path (500).
+    ("deeply nested", "[" * 50_000 + "]" * 50_000, 400, "nests arrays or objects too deeply"),
+    ("deeply nested x", '{"x": ' + "[" * 50_000 + "]" * 50_000 + "}", 400, "too deeply"),
+    # Python refuses to convert integer text of more than 4300 digits (a ValueError, once
+    # reported as "the body must be UTF-8 encoded JSON").
+    (
+        "5000-digit integer",
+        '{"x": [' + "7" * 5000 + ", 0" * 63 + "]}",
+        400,
+        "the JSON holds an integer of more than 4300 digits",
+    ),
+    (
+        "400-digit integer",
+        '{"x": [' + "7" * 400 + ", 0" * 63 + "]}",
+        422,
+        "x[0]: an integer of 400 digits is too large for a number",
+    ),
+    ("not UTF-8", b'{"x": [\xff]}', 400, "the body must be UTF-8 encoded JSON (invalid start"),
+    ("long string", '{"x": ["' + "a" * 10_000 + '"]}', 422, "(10002 characters)"),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "message"), [r[1:] for r in UNPARSABLE], ids=[r[0] for r in UNPARSABLE]
+)
+def test_unparsable_bodies_are_4xx_naming_the_problem_on_both_paths(
+    body, code, message, model, serve
+):
+    _, client = serve(ModelCache.from_model(model))
+    replies = [
+        client.post("/predict", content=body, headers={"content-type": content_type})
+        for content_type in ("application/json", "application/json; charset=utf-8")
+    ]
+    for reply in replies:
+        assert reply.status_code == code, reply.text
+        assert message in reply.json()["detail"]
+        assert len(reply.content) < 500  # the bad value is named, not echoed
+    assert replies[0].content == replies[1].content
+    assert post_json(client, {"x": rows(1)}).status_code == 200  # the server still serves
+
+
 def test_starting_freezes_the_long_lived_heap(model, serve):
     """Objects alive when the API starts leave the collector's generations, so a full
     collection no longer walks the libraries' modules and functions (its pauses were the
