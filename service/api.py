@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -49,6 +50,16 @@ MAX_ERRORS_SHOWN = 3  # validation errors quoted in one 422 message
 # pydantic's names of the two shapes of `x` in error locations.
 _SINGLE, _BATCH = "list[float]", "list[list[float]]"
 STARTUP_TIMEOUT = 10.0  # seconds start_api waits for the server to answer
+# The automatic body limit (api.max_body_bytes = 0). A feature written as JSON takes at most
+# 24 characters as Python and JavaScript write a double (-2.2250738585072014e-308), or as an
+# integer the published schema allows (MAX_FEATURE_BOUND: 16 digits and a sign), and ", "
+# after it; 32 leaves room for whitespace. A row adds its brackets and separator, and the
+# body its object around x.
+FEATURE_BYTES, ROW_BYTES, BODY_BYTES = 32, 8, 1024
+# The published feature bound is at most this: integers up to it are exact in a double, so
+# they take the fast path, and their text fits FEATURE_BYTES.
+MAX_FEATURE_BOUND = 1e15
+SHOWN_CHARS = 40  # longest repr of a bad value quoted in a message
 
 
 # ---------------------------------------------------------------- the cached model
@@ -350,8 +361,10 @@ def _problem(status: int, detail: str) -> JSONResponse:
 def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` entries for error codes, all with a ``Problem`` body."""
     text = {
-        400: "A body that is not UTF-8 text",
-        413: "Request body larger than `api.max_body_bytes`",
+        400: "A body that cannot be read as JSON: not UTF-8, arrays nested too deeply, or "
+        "an integer too long to convert",
+        413: "Request body larger than `api.max_body_bytes` (automatic: room for "
+        "`api.max_batch` rows of the model's input)",
         422: "Malformed JSON or an invalid `x` (dimension, non-finite, empty, too many rows)",
         503: "No model loaded yet",
     }
@@ -368,6 +381,37 @@ def _location(loc: tuple) -> str:
     for p in parts:
         text += f"[{p}]" if isinstance(p, int) else (f".{p}" if text else str(p))
     return text or "body"
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)``, its middle cut out when longer than ``SHOWN_CHARS``."""
+    text = repr(value)
+    if len(text) <= SHOWN_CHARS:
+        return text
+    return f"{text[: SHOWN_CHARS // 2]}...{text[-SHOWN_CHARS // 4 :]} ({len(text)} characters)"
+
+
+def _unreadable(cause: BaseException | None) -> str:
+    """Why a /predict body could not be parsed as JSON, from the parser's exception (the
+    cause of FastAPI's 400 "There was an error parsing the body")."""
+    if isinstance(cause, RecursionError):
+        return (
+            "the JSON nests arrays or objects too deeply to parse "
+            "(x is a list of numbers, or a list of such lists)"
+        )
+    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        return (
+            f"the JSON holds an integer of more than {sys.get_int_max_str_digits()} digits, "
+            "too long to convert to a number"
+        )
+    if isinstance(cause, UnicodeDecodeError):
+        return (
+            f"the body must be UTF-8 encoded JSON ({cause.reason}: byte "
+            f"{cause.object[cause.start : cause.start + 1]!r} at position {cause.start})"
+        )
+    if cause is None:
+        return "the body must be UTF-8 encoded JSON"
+    return f"{type(cause).__name__}: {cause}"
 
 
 def _validation_message(errors: list[dict[str, Any]], body: Any) -> str:
@@ -391,12 +435,130 @@ def _validation_message(errors: list[dict[str, Any]], body: Any) -> str:
     shown: list[str] = []
     for e in kept or errors:
         got = e.get("input")
-        value = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
-        line = f"{_location(e['loc'])}: {e['msg']}{value}"
+        if type(got) is int and e.get("type") == "float_type":  # beyond a double's range
+            line = f"{_location(e['loc'])}: an integer of {len(str(abs(got)))} digits is "
+            line += "too large for a number"
+        else:
+            value = "" if isinstance(got, dict | list) or got is None else f" (got {_shown(got)})"
+            line = f"{_location(e['loc'])}: {e['msg']}{value}"
         if line not in shown:
             shown.append(line)
     more = len(shown) - MAX_ERRORS_SHOWN
     return "; ".join(shown[:MAX_ERRORS_SHOWN]) + (f" (and {more} more)" if more > 0 else "")
+
+
+# ---------------------------------------------------------------- the served model's limits
+
+
+def needed_body_bytes(max_batch: int, input_dim: int) -> int:
+    """Bytes that ``max_batch`` rows of ``input_dim`` numbers may take as a JSON body."""
+    return BODY_BYTES + max_batch * (ROW_BYTES + FEATURE_BYTES * input_dim)
+
+
+def max_body_bytes(cfg_api: ApiConfig, input_dim: int) -> int:
+    """The request body limit while a model of ``input_dim`` features is served:
+    ``api.max_body_bytes`` when set (it wins, even below what ``api.max_batch`` rows
+    need), else (0, automatic) ``needed_body_bytes(api.max_batch, input_dim)``."""
+    return cfg_api.max_body_bytes or needed_body_bytes(cfg_api.max_batch, input_dim)
+
+
+def feature_bound(snap: Snapshot) -> float | None:
+    """A magnitude B such that any row of features in [-B, B] gets finite outputs from
+    ``snap``'s model: a power of ten, at most ``MAX_FEATURE_BOUND``. None when no B > 0
+    is certain (non-finite parameters, or a model that overflows even at x = 0).
+
+    Each unit's magnitude is bounded through the layers as ``a * B + c`` (float64) and
+    kept below a quarter of the dtype's largest value: softmax subtracts the largest logit
+    from the others, which must stay finite too, and float rounding has room.
+    """
+    if not snap.finite:
+        return None
+    net, params, moving = snap.net, snap.params, snap.moving
+    limit = float(np.finfo(net.dtype).max) / 4
+    bound = MAX_FEATURE_BOUND
+    a, c = np.ones(net.input_dim), np.zeros(net.input_dim)  # |x_j| <= a_j * B + c_j
+
+    def keep_below_limit(a: np.ndarray, c: np.ndarray) -> bool:
+        nonlocal bound
+        if not (c < limit).all():  # also catches nan
+            return False
+        grows = a > 0
+        if grows.any():
+            bound = min(bound, float(((limit - c[grows]) / a[grows]).min()))
+        return True
+
+    with np.errstate(over="ignore", invalid="ignore"):  # inf and nan fail the checks
+        for i in range(len(net.hidden)):
+            w = np.abs(params[f"dense{i}.W"].astype(np.float64))
+            a, c = a @ w, c @ w  # (n_in,) @ (n_in, n) -> (n,): bounds of z
+            if not keep_below_limit(a, c):
+                return None
+            # batchnorm_inference: z * scale + (beta - mean * scale), each term bounded.
+            gamma = params[f"bn{i}.gamma"].astype(np.float64)
+            scale = gamma / np.sqrt(moving[f"bn{i}.var"].astype(np.float64) + net.bn_epsilon)
+            shift = np.abs(params[f"bn{i}.beta"] - moving[f"bn{i}.mean"] * scale)  # (n,)
+            a, c = np.abs(scale) * a, np.abs(scale) * c + shift
+            if not keep_below_limit(a, c):
+                return None
+            if net.activation != "relu":  # tanh and sigmoid stay in [-1, 1]
+                a, c = np.zeros_like(a), np.ones_like(c)
+        w = np.abs(params["out.W"].astype(np.float64))
+        a, c = a @ w, c @ w + np.abs(params["out.b"])  # (n_in,) @ (n_in, k) -> (k,): logits
+        if not keep_below_limit(a, c) or not bound > 0:
+            return None
+    return float(10.0 ** math.floor(math.log10(bound)))
+
+
+class RequestShape(NamedTuple):
+    """What the OpenAPI schema publishes of the served model."""
+
+    input_dim: int
+    bound: float | None  # feature_bound
+
+
+def publish_request_shape(schema: dict[str, Any], shape: RequestShape, cfg_api: ApiConfig) -> None:
+    """Write the served model's request shape into FastAPI's OpenAPI ``schema`` (in place):
+    ``x`` as one row of exactly ``input_dim`` numbers or 1 to ``api.max_batch`` such rows,
+    each number within the feature bound, and the body limit in /predict's description."""
+    d, max_batch = shape.input_dim, cfg_api.max_batch
+    number: dict[str, Any] = {"type": "number"}
+    if shape.bound is not None:
+        number |= {"minimum": -shape.bound, "maximum": shape.bound}
+        within = (
+            f" Features within [-{shape.bound:g}, {shape.bound:g}] always give finite "
+            "outputs; larger magnitudes may overflow the model (422)."
+        )
+    else:
+        within = ""
+    row = {"type": "array", "items": number, "minItems": d, "maxItems": d}
+    request = schema["components"]["schemas"]["PredictRequest"]
+    request["properties"]["x"] = {
+        "anyOf": [
+            {"title": "One example", **row},
+            {
+                "title": "A batch",
+                "type": "array",
+                "items": row,
+                "minItems": 1,
+                "maxItems": max_batch,
+            },
+        ],
+        "title": "X",
+        "description": f"Standardized features: one example (input_dim={d} numbers), or a batch of "
+        f"1 to {max_batch} such rows. Finite numbers only.{within}",
+    }
+    request["examples"] = [{"x": [0.0] * d}, {"x": [[0.0] * d, [1.0] * d]}]
+    limit = max_body_bytes(cfg_api, d)
+    predict = schema["paths"]["/predict"]["post"]
+    predict["description"] = (
+        f"Inference-mode batch norm (moving statistics). At most {max_batch} rows of "
+        f"input_dim={d} features and {limit} bytes per request."
+    )
+    predict["responses"]["413"]["description"] = f"Request body larger than {limit} bytes" + (
+        f" (`api.max_body_bytes`={cfg_api.max_body_bytes})"
+        if cfg_api.max_body_bytes
+        else f" (`api.max_body_bytes`=0, automatic: room for {max_batch} rows of input_dim={d})"
+    )
 
 
 # ---------------------------------------------------------------- middleware
@@ -486,26 +648,62 @@ def _replay(body: bytes, receive):
 
 
 class _BodyLimit:
-    """Pure ASGI middleware: 413 for a request body over ``limit`` bytes.
+    """Pure ASGI middleware: 413 for a request body over ``max_body_bytes(cfg_api, d)``
+    bytes, ``d`` the served model's input dimension.
 
     The declared Content-Length is checked first; a chunked body is read up to the limit
-    and handed on whole, so an endless body never reaches the JSON parser.
+    and handed on whole, so an endless body never reaches the JSON parser. With the
+    automatic limit and no model yet, a request with a body is answered 503 unread (the
+    limit depends on the model, and /predict could only answer 503).
     """
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, cache: ModelCache, cfg_api: ApiConfig):
+        self.app, self.cache, self.cfg = app, cache, cfg_api
+        self._checked_dim: int | None = None  # the input dimension the limit was checked for
 
-    async def _refuse(self, scope, receive, send, size: str) -> None:
-        detail = f"request body of {size} bytes exceeds api.max_body_bytes={self.limit}"
+    def _limit(self) -> int | None:
+        snap = self.cache.snapshot
+        if snap is None:
+            return self.cfg.max_body_bytes or None
+        d = snap.net.input_dim
+        needed = needed_body_bytes(self.cfg.max_batch, d)
+        if self.cfg.max_body_bytes and d != self._checked_dim:
+            self._checked_dim = d
+            if self.cfg.max_body_bytes < needed:
+                log.warning(
+                    "api.max_body_bytes=%d is below the %d bytes api.max_batch=%d rows of "
+                    "input_dim=%d features may take: larger batches get 413 "
+                    "(api.max_body_bytes=0 sets the limit from them)",
+                    self.cfg.max_body_bytes,
+                    needed,
+                    self.cfg.max_batch,
+                    d,
+                )
+        return self.cfg.max_body_bytes or needed
+
+    async def _refuse(self, scope, receive, send, size: str, limit: int) -> None:
+        detail = f"request body of {size} bytes exceeds "
+        if self.cfg.max_body_bytes:
+            detail += f"api.max_body_bytes={limit}"
+        else:
+            d = self.cache.snapshot.net.input_dim
+            detail += (
+                f"the limit of {limit} bytes (api.max_body_bytes=0, automatic: room for "
+                f"api.max_batch={self.cfg.max_batch} rows of input_dim={d} features)"
+            )
         await _problem(413, detail)(scope, receive, send)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
+        limit = self._limit()
+        if limit is None:
+            await _problem(503, "no model loaded yet")(scope, receive, send)
+            return
         for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
-                await self._refuse(scope, receive, send, value.decode())
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                await self._refuse(scope, receive, send, value.decode(), limit)
                 return
         chunks, size = [], 0
         while True:
@@ -514,8 +712,8 @@ class _BodyLimit:
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.limit:
-                await self._refuse(scope, receive, send, f"more than {self.limit}")
+            if size > limit:
+                await self._refuse(scope, receive, send, f"more than {limit}", limit)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -645,7 +843,10 @@ class _FastPredict:
         body = b"".join(chunks)
         try:
             x = _plain_x(json.loads(body))
-        except ValueError:  # not JSON, or not UTF-8 (UnicodeDecodeError is a ValueError)
+        except (ValueError, RecursionError):
+            # Not JSON, not UTF-8 (UnicodeDecodeError is a ValueError), an integer too long
+            # to convert, or arrays nested too deeply: FastAPI parses it again, fails the
+            # same way and answers 400 (see http_error).
             x = None
         if x is not None:
             await predict_response(self.cache, self.max_batch, x)(scope, receive, send)
@@ -664,7 +865,8 @@ def create_app(
 
     Args:
         cache: the model served (may be empty: /predict answers 503 until it is not).
-        cfg_api: the ``[api]`` section (``max_batch``, ``max_body_bytes``).
+        cfg_api: the ``[api]`` section (``max_batch``, ``max_body_bytes``; see
+            ``max_body_bytes()``).
         info: facts from the running service, read per request: ``source_connected``
             (bool, default True; /readyz is 503 while False, with ``source_reason``),
             ``optimizer`` (dict) and ``checkpoint`` (path) for /model.
@@ -700,8 +902,8 @@ def create_app(
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         detail = str(exc.detail)
         if exc.status_code == 400 and request.url.path == "/predict":
-            # FastAPI's answer to a body it cannot even decode as text.
-            detail += ": the body must be UTF-8 encoded JSON"
+            # FastAPI's answer to a body its JSON parser raised on: say what the parser met.
+            detail += ": " + _unreadable(exc.__cause__)
         return JSONResponse({"detail": detail}, exc.status_code, headers=exc.headers)
 
     @app.post(
@@ -710,8 +912,8 @@ def create_app(
         response_model_exclude_none=True,
         responses=_responses(400, 413, 422, 503),
         summary="Predict one example or a batch",
-        description=f"Inference-mode batch norm (moving statistics). At most "
-        f"{cfg_api.max_batch} rows and {cfg_api.max_body_bytes} bytes per request.",
+        description="Inference-mode batch norm (moving statistics). At most "
+        f"{cfg_api.max_batch} rows per request.",  # and the model's shape, in openapi()
     )
     async def predict(body: PredictRequest) -> Any:
         return predict_response(cache, cfg_api.max_batch, body.x)
@@ -780,8 +982,31 @@ def create_app(
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    fastapi_openapi = app.openapi
+    checked: Snapshot | None = None  # the snapshot whose shape was last computed
+    shape: RequestShape | None = None  # that shape
+    patched: dict[str, Any] | None = None  # the schema that publishes it
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's schema (cached in ``app.openapi_schema``) with /predict's request as
+        the served model takes it; made again when a new model changes that shape."""
+        nonlocal checked, shape, patched
+        snap = cache.snapshot
+        if snap is not checked:
+            checked = snap
+            now = None if snap is None else RequestShape(snap.net.input_dim, feature_bound(snap))
+            if now != shape:
+                shape, app.openapi_schema = now, None  # FastAPI makes a new one
+        schema = fastapi_openapi()
+        if shape is not None and schema is not patched:
+            publish_request_shape(schema, shape, cfg_api)
+            patched = schema
+        return schema
+
+    app.openapi = openapi  # FastAPI's /openapi.json calls app.openapi()
+
     app.add_middleware(_FastPredict, cache=cache, max_batch=cfg_api.max_batch)
-    app.add_middleware(_BodyLimit, limit=cfg_api.max_body_bytes)
+    app.add_middleware(_BodyLimit, cache=cache, cfg_api=cfg_api)
     app.add_middleware(_RequestMetrics, metrics=metrics, clock=clock)  # outermost: counts 413s
     return app
 

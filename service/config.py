@@ -417,13 +417,19 @@ class ApiConfig(_Section):
     host: str = _opt("127.0.0.1", "address the API binds")
     port: int = _opt(8000, "API port (0 = pick a free port)")
     max_batch: int = _opt(1024, "most rows one /predict request may carry")
-    max_body_bytes: int = _opt(1 << 20, "largest request body accepted")
+    max_body_bytes: int = _opt(
+        0,
+        "largest request body in bytes (0 = automatic: room for max_batch rows of the served "
+        "model's input_dim numbers, 1024 + max_batch * (8 + 32 * input_dim); a value set "
+        "here wins, even a smaller one)",
+    )
     refresh_seconds: float = _opt(0.2, "how often newer parameters are fetched")
 
     def _validate(self) -> None:
         self._require(self.host != "", "host", "be a non-empty address")
         self._require(0 <= self.port <= 65535, "port", "be in [0, 65535]")
-        self._positive("max_batch", "max_body_bytes", "refresh_seconds")
+        self._positive("max_batch", "refresh_seconds")
+        self._non_negative("max_body_bytes")
 
 
 @dataclass(frozen=True)

@@ -18,14 +18,24 @@ from pydantic import ValidationError
 from schemathesis.checks import (
     content_type_conformance,
     not_a_server_error,
+    positive_data_acceptance,
     response_schema_conformance,
     status_code_conformance,
 )
 from schemathesis.generation.modes import GenerationMode
 
-from service.api import ModelCache, PredictRequest, _plain_x, start_api, trainer_info
+from service.api import (
+    MAX_FEATURE_BOUND,
+    ModelCache,
+    PredictRequest,
+    _plain_x,
+    feature_bound,
+    max_body_bytes,
+    start_api,
+    trainer_info,
+)
 from service.checkpoint import Checkpoint, save_checkpoint
-from service.config import ApiConfig
+from service.config import ApiConfig, ConfigError
 from workers.ingest.memory import load_dataset
 from workers.nn import Network, get_optimizer
 from workers.nn.fit import fit, minibatches
@@ -323,6 +333,109 @@ def test_body_without_json_content_type_or_not_utf8_is_refused(model, serve):
     assert "the body must be UTF-8 encoded JSON" in binary.json()["detail"]
 
 
+# Bodies the JSON parser itself refuses, or that hold an integer no double can be: sent as
+# ``application/json`` (the fast path) and with a charset (FastAPI's path).
+UNPARSABLE = [
+    # 50,000 levels in 100 KB: the parser's RecursionError once escaped the fast path (500).
+    ("deeply nested", "[" * 50_000 + "]" * 50_000, 400, "nests arrays or objects too deeply"),
+    ("deeply nested x", '{"x": ' + "[" * 50_000 + "]" * 50_000 + "}", 400, "too deeply"),
+    # Python refuses to convert integer text of more than 4300 digits (a ValueError, once
+    # reported as "the body must be UTF-8 encoded JSON").
+    (
+        "5000-digit integer",
+        '{"x": [' + "7" * 5000 + ", 0" * 63 + "]}",
+        400,
+        "the JSON holds an integer of more than 4300 digits",
+    ),
+    (
+        "400-digit integer",
+        '{"x": [' + "7" * 400 + ", 0" * 63 + "]}",
+        422,
+        "x[0]: an integer of 400 digits is too large for a number",
+    ),
+    ("not UTF-8", b'{"x": [\xff]}', 400, "the body must be UTF-8 encoded JSON (invalid start"),
+    ("long string", '{"x": ["' + "a" * 10_000 + '"]}', 422, "(10002 characters)"),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "message"), [r[1:] for r in UNPARSABLE], ids=[r[0] for r in UNPARSABLE]
+)
+def test_unparsable_bodies_are_4xx_naming_the_problem_on_both_paths(
+    body, code, message, model, serve
+):
+    _, client = serve(ModelCache.from_model(model))
+    replies = [
+        client.post("/predict", content=body, headers={"content-type": content_type})
+        for content_type in ("application/json", "application/json; charset=utf-8")
+    ]
+    for reply in replies:
+        assert reply.status_code == code, reply.text
+        assert message in reply.json()["detail"]
+        assert len(reply.content) < 500  # the bad value is named, not echoed
+    assert replies[0].content == replies[1].content
+    assert post_json(client, {"x": rows(1)}).status_code == 200  # the server still serves
+
+
+def test_default_body_limit_fits_max_batch_rows_of_any_doubles(model, serve):
+    """``api.max_body_bytes = 0`` (the default) leaves room for ``api.max_batch`` rows of
+    the served model's input dimension, each number as long as a double's text gets."""
+    cfg = ApiConfig()
+    assert cfg.max_body_bytes == 0 and cfg.max_batch == 1024
+    longest = [-2.2250738585072014e-308, -(MAX_FEATURE_BOUND - 1)]  # 24 and 17 characters
+    for value in longest:
+        for dim in (1, 3, 64, 784):
+            full = json.dumps({"x": [[value] * dim] * cfg.max_batch})
+            assert len(full) <= max_body_bytes(cfg, dim), (value, dim)
+    # The issue's case: 1024 rows of 64 floats (1.6 MB here) once got 413 from the 1 MiB
+    # default.
+    _, client = serve(ModelCache.from_model(model))
+    x = [[-1.2345678901234567e-10] * 64] * cfg.max_batch
+    text = json.dumps({"x": x})
+    assert len(text) > 1.5e6
+    reply = post_json(client, text)
+    assert reply.status_code == 200, reply.text[:200]
+    assert len(reply.json()["predictions"]) == cfg.max_batch
+
+
+def test_a_set_body_limit_wins_and_zero_is_the_automatic_one():
+    assert max_body_bytes(ApiConfig(max_body_bytes=2000), 64) == 2000  # even below 1024 rows
+    assert max_body_bytes(ApiConfig(max_body_bytes=10**9), 64) == 10**9
+    assert max_body_bytes(ApiConfig(max_batch=8), 3) == 1024 + 8 * (8 + 32 * 3)
+    with pytest.raises(ConfigError, match="`api.max_body_bytes` must be >= 0"):
+        ApiConfig(max_body_bytes=-1)
+
+
+@pytest.mark.parametrize("max_body", [0, 3000])
+def test_body_over_the_limit_is_413_on_both_paths(max_body, model, serve):
+    """Over the limit by one byte: 413 naming the limit, whichever path the body would
+    take; at the limit: answered."""
+    _, client = serve(ModelCache.from_model(model), max_batch=4, max_body_bytes=max_body)
+    limit = max_body or 1024 + 4 * (8 + 32 * 64)
+    text = json.dumps({"x": rows(1)})
+    for content_type in ("application/json", "application/json; charset=utf-8"):
+        headers = {"content-type": content_type}
+        fits = client.post("/predict", content=text.ljust(limit), headers=headers)
+        over = client.post("/predict", content=text.ljust(limit + 1), headers=headers)
+        assert fits.status_code == 200, fits.text
+        assert over.status_code == 413, over.text
+        detail = over.json()["detail"]
+        assert detail.startswith(f"request body of {limit + 1} bytes exceeds ")
+        if max_body:
+            assert detail.endswith(f"exceeds api.max_body_bytes={max_body}")
+        else:
+            assert detail.endswith(
+                f"the limit of {limit} bytes (api.max_body_bytes=0, automatic: room for "
+                "api.max_batch=4 rows of input_dim=64 features)"
+            )
+
+
+def test_no_model_and_the_automatic_limit_answer_503_unread(serve):
+    _, client = serve(ModelCache())
+    reply = post_json(client, "[" * 50_000)
+    assert reply.status_code == 503 and reply.json()["detail"] == "no model loaded yet"
+
+
 def test_starting_freezes_the_long_lived_heap(model, serve):
     """Objects alive when the API starts leave the collector's generations, so a full
     collection no longer walks the libraries' modules and functions (its pauses were the
@@ -472,6 +585,7 @@ def test_openapi_contract_holds(mode, contract_server):
         status_code_conformance,
         content_type_conformance,
         response_schema_conformance,
+        positive_data_acceptance,  # positive mode: schema-valid requests are not refused
     ]
     seen = collections.Counter()
 
@@ -486,3 +600,88 @@ def test_openapi_contract_holds(mode, contract_server):
         assert seen[("POST /predict", 200)] > 0, seen
     else:
         assert seen[("POST /predict", 422)] > 0, seen
+
+
+def small_model(input_dim: int, seed: int = 0, **net) -> dict:
+    net = Network(input_dim, (4,), "softmax", 3, **net)
+    params, moving = net.init(seed)
+    return {"version": 1, "params": params, "moving": moving, "network": net.spec()}
+
+
+def x_schema(client: httpx.Client) -> dict:
+    return client.get("/openapi.json").json()["components"]["schemas"]["PredictRequest"]
+
+
+def test_openapi_publishes_the_served_models_shape_and_follows_a_new_one(serve):
+    cache = ModelCache()
+    _, client = serve(cache, max_batch=16)
+    assert "maxItems" not in json.dumps(x_schema(client))  # no model: no shape to publish
+
+    for dim in (5, 2):  # as a restart on a checkpoint of another shape would load
+        cache.load(small_model(dim))
+        schema = client.get("/openapi.json").json()
+        x = schema["components"]["schemas"]["PredictRequest"]["properties"]["x"]
+        single, batch = x["anyOf"]
+        number = {"type": "number", "minimum": -MAX_FEATURE_BOUND, "maximum": MAX_FEATURE_BOUND}
+        assert single == {
+            "title": "One example", "type": "array", "items": number,
+            "minItems": dim, "maxItems": dim,
+        }  # fmt: skip
+        assert batch["minItems"] == 1 and batch["maxItems"] == 16
+        assert batch["items"] == {k: v for k, v in single.items() if k != "title"}
+        examples = schema["components"]["schemas"]["PredictRequest"]["examples"]
+        assert all(post_json(client, e).status_code == 200 for e in examples)
+        predict = schema["paths"]["/predict"]["post"]
+        limit = 1024 + 16 * (8 + 32 * dim)
+        described = predict["description"]
+        assert f"At most 16 rows of input_dim={dim} features and {limit} bytes" in described
+        assert f"larger than {limit} bytes" in predict["responses"]["413"]["description"]
+
+
+def scaled(model: dict, key: str, factor: float) -> dict:
+    params = dict(model["params"], **{key: model["params"][key] * np.float32(factor)})
+    return dict(model, params=params)
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+@pytest.mark.parametrize(("key", "factor"), [("out.W", 1.0), ("out.W", 1e33), ("dense0.W", 1e30)])
+def test_feature_bound_keeps_every_output_finite(key, factor, activation):
+    """Rows within the published bound, at its corners included, give finite outputs, even
+    from a model whose weights leave little of float32's range."""
+    model = scaled(small_model(3, activation=activation), key, factor)
+    snap = ModelCache.from_model(model).snapshot
+    bound = feature_bound(snap)
+    assert bound is not None and 0 < bound <= MAX_FEATURE_BOUND
+    assert math.log10(bound) == round(math.log10(bound))  # a power of ten
+    if factor > 1 and not (activation == "tanh" and key == "out.W"):  # tanh caps the logits
+        assert bound < MAX_FEATURE_BOUND  # the bound does bind here
+    corners = np.array(np.meshgrid(*[[-1.0, 1.0]] * 3)).reshape(3, -1).T  # (8, 3)
+    inside = np.random.default_rng(0).uniform(-1, 1, (256, 3))
+    x = (np.concatenate([corners, inside, np.zeros((1, 3))]) * bound).astype(np.float32)
+    with np.errstate(all="ignore"):
+        y = snap.net.predict(snap.params, snap.moving, x)  # (265, 3)
+    assert np.isfinite(y).all()
+
+
+def test_feature_bound_is_none_without_finite_parameters(model):
+    params = dict(model["params"], **{"out.b": np.full(10, np.inf, np.float32)})
+    assert feature_bound(ModelCache.from_model(dict(model, params=params)).snapshot) is None
+
+
+def test_schema_valid_requests_are_all_answered_200(serve):
+    """Schemathesis's positive data against the published schema of a 5-feature model: every
+    request the schema allows is answered 200 (no 422 for the width, 413 for the size)."""
+    server, _ = serve(ModelCache.from_model(small_model(5)), max_batch=4)
+    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
+    schema = schema.include(path="/predict")
+    checks = [not_a_server_error, positive_data_acceptance, response_schema_conformance]
+    seen = collections.Counter()
+
+    @given(case=schema.as_strategy(generation_mode=GenerationMode.POSITIVE))
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    def check(case):
+        response = case.call_and_validate(checks=checks)
+        seen[response.status_code] += 1
+
+    check()
+    assert set(seen) == {200}, seen
