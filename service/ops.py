@@ -78,7 +78,7 @@ def commented_toml(cfg: Config | None = None, redact: bool = True) -> str:
     ``load_config`` reads it back to ``cfg`` (secrets aside when ``redact``).
     """
     cfg = Config() if cfg is None else cfg
-    defaults = _toml_lines(dump_toml(Config(), redact=redact))
+    defaults = toml_values(dump_toml(Config(), redact=redact))
     section = ""
     out = [_SAMPLE_HEADER]
     for line in dump_toml(cfg, redact=redact).splitlines():
@@ -114,7 +114,7 @@ def commented_toml(cfg: Config | None = None, redact: bool = True) -> str:
     return "\n".join(out) + "\n"
 
 
-def _toml_lines(text: str) -> dict[tuple[str, str], str]:
+def toml_values(text: str) -> dict[tuple[str, str], str]:
     """``(section, key) -> value text`` of a ``dump_toml`` output."""
     values, section = {}, ""
     for line in text.splitlines():

@@ -20,6 +20,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from service.api import ApiMetrics
 from service.config import ENV_PREFIX, SECTIONS, Config, add_cli_arguments, dump_toml
 from service.monitor import TrainingMetrics
+from service.ops import toml_values
 from workers.ingest.codec import REASONS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,14 +57,7 @@ def _banner(what: str) -> list[str]:
 def _default_texts() -> dict[tuple[str, str], str]:
     """``(section, key) -> default`` as written in TOML, by the same ``dump_toml`` that writes
     ``streamtrain config show`` and deploy/streamtrain.toml."""
-    values, section = {}, ""
-    for line in dump_toml(Config(), redact=True).splitlines():
-        if line.startswith("["):
-            section = line[1:-1]
-        elif line:
-            key, value = line.split(" = ", 1)
-            values[(section, key)] = value
-    return values
+    return toml_values(dump_toml(Config(), redact=True))
 
 
 def _flags() -> dict[str, tuple[str, ...]]:
