@@ -143,13 +143,20 @@ def test_demo_joins_a_token_authenticated_cluster_started_by_ray_start():
         "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
         "PYTHONPATH": str(ROOT),  # Ray's workers import this tree
         "RAY_USAGE_STATS_ENABLED": "0",
+        # The head's temp dir, where `auto` finds the cluster `ray start --head` started.
+        "RAY_TMPDIR": str(base / "head"),
     }
     # Every node but the head needs the mode set: `ray start --address` does not turn it on
     # from a token file (Ray 2.60), nor do the state CLI's calls.
     token_env = env | {"RAY_AUTH_MODE": "token"}
     ray = str(BIN / "ray")
-    demo = [sys.executable, "-m", "service.cli", "demo", "--trainer.ray-address", HEAD]
-    demo += ["--trainer.workers", "2", "--stream.passes", str(PASSES), "--no-progress"]
+
+    def demo(address: str = HEAD, passes: int = PASSES) -> list[str]:
+        """`streamtrain demo --trainer.ray-address ADDRESS`, short, with its runs in ``runs``."""
+        argv = [sys.executable, "-m", "service.cli", "demo", "--trainer.ray-address", address]
+        argv += ["--trainer.workers", "2", "--stream.passes", str(passes), "--no-progress"]
+        return argv + ["--out", str(runs)]
+
     ns = Namespace()
     try:
         ns.run(["ip", "link", "set", "lo", "up"], env)
@@ -159,8 +166,7 @@ def test_demo_joins_a_token_authenticated_cluster_started_by_ray_start():
 
         # The head as in the issue: RAY_AUTH_MODE unset, token authentication on by the file.
         head = ns.run(
-            [ray, "start", "--head", "--port", "6391", "--num-cpus", "1"]
-            + ["--temp-dir", str(base / "head")],
+            [ray, "start", "--head", "--port", "6391", "--num-cpus", "1"],
             env,
             timeout=300,
         )
@@ -180,14 +186,14 @@ def test_demo_joins_a_token_authenticated_cluster_started_by_ray_start():
         nodes = poll("two alive nodes in `ray list nodes`", alive_nodes, timeout=180)
 
         # Without a token the driver is refused at once, in one line that says what to set.
-        refused = ns.run(demo + ["--out", str(runs)], env | {"HOME": str(nohome)}, check=False)
+        refused = ns.run(demo(), env | {"HOME": str(nohome)}, check=False)
         assert refused.returncode == 2, refused.stdout + refused.stderr
         assert "requires an authentication token and none was found" in refused.stderr
         assert "RAY_AUTH_TOKEN" in refused.stderr
         assert "gcs_client" not in refused.stderr and "Failed to connect" not in refused.stderr
 
         # The issue's command: RAY_AUTH_MODE unset, the token in ~/.ray/auth_token.
-        done = ns.run(demo + ["--out", str(runs)], env, timeout=600)
+        done = ns.run(demo(), env, timeout=600)
         summary = done.stdout
         assert "examples" in summary and "worker restarts 0" in summary, summary
         (line,) = [s for s in summary.splitlines() if s.startswith("checkpoint ")]
@@ -203,9 +209,18 @@ def test_demo_joins_a_token_authenticated_cluster_started_by_ray_start():
         assert len(workers) == 2, workers
         assert sorted(w["node_id"] for w in workers) == sorted(nodes)
 
+        # `auto`: the cluster started on this machine, the token found the same way.
+        done = ns.run(demo("auto", passes=1), env, timeout=600)
+        assert f"joining the Ray cluster at {HEAD} (authentication token from " in done.stderr
+        assert "worker restarts 0" in done.stdout, done.stdout
+
         stop = ns.run([ray, "stop"], env, timeout=300)
         assert "Stopped" in stop.stdout + stop.stderr
-        assert ns.processes(env) == []
+        # The dashboard's module processes exit a moment after the dashboard they serve.
+        deadline = time.monotonic() + 60
+        while (left := ns.processes(env)) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert left == [], "left running after `ray stop`"
     finally:
         ns.close()
         shutil.rmtree(base, ignore_errors=True)
