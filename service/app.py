@@ -339,7 +339,9 @@ def ensure_ray(address: str, num_cpus: int) -> bool:
     if ray.is_initialized():
         return False
     if address:
-        ray.init(address=address, log_to_driver=True)
+        from service.raycluster import join_cluster
+
+        join_cluster(address)  # with the cluster's token, or an error saying what to set
     else:
         # Logical CPUs: K single-CPU workers must fit beside the driver on a small host.
         ray.init(

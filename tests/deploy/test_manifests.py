@@ -388,6 +388,36 @@ def test_the_ray_cluster_config_validates_as_ray_up_checks_it():
         validate_config(prepare_config(broken))
 
 
+def test_the_ray_cluster_carries_token_authentication_to_every_node_and_the_driver():
+    cluster = yaml.safe_load(CLUSTER.read_text())
+    # The token file reaches every node where Ray looks for it by default...
+    assert cluster["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    starts = [
+        cmd
+        for key in ("head_start_ray_commands", "worker_start_ray_commands")
+        for cmd in cluster[key]
+        if "ray start" in cmd
+    ]
+    assert len(starts) == 2
+    # ...and each node is started in token mode: `ray start --address` does not turn it on
+    # from the file (Ray 2.60), so a worker node without it is refused by the head.
+    for cmd in starts + [c for c in cluster_commands() if "streamtrain serve" in c]:
+        assert re.search(r"\bRAY_AUTH_MODE=token\b[^;&|]*(ray start|streamtrain serve)", cmd), cmd
+
+
+def test_kuberay_turns_token_authentication_on():
+    (rc,) = [d for d in yaml_docs(RAYCLUSTER) if d["kind"] == "RayCluster"]
+    # The operator's Secret and RAY_AUTH_MODE/RAY_AUTH_TOKEN in every Ray container.
+    assert rc["spec"]["authOptions"] == {"mode": "token"}
+    major, minor, *_ = (int(x) for x in rc["spec"]["rayVersion"].split("."))
+    assert (major, minor) >= (2, 52)  # the first Ray with token authentication
+    for container in kube_containers():
+        # Set by the operator from its Secret; a value here would override it.
+        assert not {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} & {
+            e["name"] for e in container.get("env", [])
+        }
+
+
 def test_kuberay_manifests_fit_together():
     docs = yaml_docs(RAYCLUSTER)
     kinds = {d["kind"]: d for d in docs}
