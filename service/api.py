@@ -154,7 +154,7 @@ class ModelCache:
             "network": ckpt.meta["network"],
             "examples": ckpt.meta.get("examples", 0),
         }
-        meta = {"source": "checkpoint", "checkpoint": str(path)}
+        meta: dict[str, Any] = {"source": "checkpoint", "checkpoint": str(path)}
         if isinstance(ckpt.config.get("optimizer"), Mapping):
             meta["optimizer"] = dict(ckpt.config["optimizer"])
         return cls.from_model(model, meta)
@@ -182,7 +182,7 @@ class ModelCache:
                 lambda: self._snapshot is not None and self._snapshot.version >= version,
                 timeout,
             )
-            if not ok:
+            if not ok or self._snapshot is None:
                 raise TimeoutError(
                     f"no model of version >= {version} within {timeout} s "
                     f"(have {self.version}, last error {self.last_error})"
@@ -686,7 +686,8 @@ class _BodyLimit:
         if self.cfg.max_body_bytes:
             detail += f"api.max_body_bytes={limit}"
         else:
-            d = self.cache.snapshot.net.input_dim
+            snapshot = self.cache.snapshot
+            d = snapshot.net.input_dim if snapshot is not None else "?"
             detail += (
                 f"the limit of {limit} bytes (api.max_body_bytes=0, automatic: room for "
                 f"api.max_batch={self.cfg.max_batch} rows of input_dim={d} features)"
@@ -1003,7 +1004,7 @@ def create_app(
             patched = schema
         return schema
 
-    app.openapi = openapi  # FastAPI's /openapi.json calls app.openapi()
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented override
 
     app.add_middleware(_FastPredict, cache=cache, max_batch=cfg_api.max_batch)
     app.add_middleware(_BodyLimit, cache=cache, cfg_api=cfg_api)

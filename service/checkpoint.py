@@ -12,7 +12,7 @@ import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -172,7 +172,8 @@ def save_checkpoint(directory: str | Path, ckpt: Checkpoint, keep: int = 3) -> P
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     existing = list_checkpoints(directory)
-    if existing and _version_of(existing[-1]) > ckpt.version:
+    newest = _version_of(existing[-1]) if existing else None  # listed: named by a version
+    if newest is not None and newest > ckpt.version:
         raise ValueError(
             f"{existing[-1]} is newer than version {ckpt.version}; checkpoint versions in "
             f"{directory} must increase"
@@ -183,7 +184,7 @@ def save_checkpoint(directory: str | Path, ckpt: Checkpoint, keep: int = 3) -> P
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **members)
+            np.savez(fh, **cast(dict[str, Any], members))  # arrays only, never a flag
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

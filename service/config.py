@@ -14,7 +14,7 @@ import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from workers.nn.outputs import OUTPUTS, n_outputs_requirement
 
@@ -56,7 +56,7 @@ class _Section:
     section: ClassVar[str]
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
+        for f in dataclasses.fields(cast(Any, self)):  # every section is a dataclass
             value = _coerce(self.section, f, getattr(self, f.name))
             # Frozen: normalized values (list -> tuple, int -> float) go in through object.
             object.__setattr__(self, f.name, value)
@@ -466,7 +466,9 @@ class Config:
 
 
 # section name -> section dataclass, and section name -> {key: field}, in declaration order.
-SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+SECTIONS: dict[str, type] = {
+    f.name: cast(type, f.default_factory) for f in dataclasses.fields(Config)
+}
 _FIELDS: dict[str, dict[str, dataclasses.Field]] = {
     name: {f.name: f for f in dataclasses.fields(cls)} for name, cls in SECTIONS.items()
 }
@@ -778,9 +780,8 @@ def add_cli_arguments(
             if f.metadata["choices"]:
                 metavar = "{" + "|".join(c or "''" for c in f.metadata["choices"]) + "}"
             else:
-                metavar = {bool: "BOOL", int: "INT", float: "FLOAT", str: "TEXT"}.get(
-                    f.type, "INT,INT,..."
-                )
+                metavars: dict[Any, str] = {bool: "BOOL", int: "INT", float: "FLOAT", str: "TEXT"}
+                metavar = metavars.get(f.type, "INT,INT,...")
             group.add_argument(
                 *flags,
                 dest=dotted,

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
 import numpy as np
 
 from service.divergence import CostFilter
+from workers.transport.protocol import GuardEvent
 
 LOG_NAME = "metrics.jsonl"
 
@@ -43,8 +44,8 @@ class RunLog:
 
     def write(
         self,
-        costs: Iterable[tuple[int, float, int]] = (),
-        events: Iterable[Mapping[str, Any]] = (),
+        costs: Iterable[Sequence[Any]] = (),
+        events: Iterable[GuardEvent | Mapping[str, Any]] = (),
     ) -> None:
         lines = []
         for point in costs:
@@ -54,7 +55,7 @@ class RunLog:
                 line["ema"] = _finite_or_none(point[3])
             lines.append(line)
         for event in events:
-            record = event._asdict() if hasattr(event, "_asdict") else dict(event)
+            record = event._asdict() if isinstance(event, GuardEvent) else dict(event)
             lines.append({k: _json_safe(x) for k, x in record.items() if x is not None})
         for line in lines:
             self._file.write(json.dumps(line, allow_nan=False) + "\n")
@@ -77,7 +78,7 @@ class RunHistory(NamedTuple):
     events: the event records, in the order written.
     """
 
-    costs: list[tuple[int, float, int]]
+    costs: list[tuple[Any, ...]]  # (version, cost, examples[, ema])
     events: list[dict[str, Any]]
 
 
@@ -90,7 +91,7 @@ def read_log(path: str | Path) -> RunHistory:
     path = Path(path)
     if path.is_dir():
         path = path / LOG_NAME
-    costs: list[tuple[int, float, int]] = []
+    costs: list[tuple[Any, ...]] = []
     events: list[dict[str, Any]] = []
     with path.open(encoding="utf-8") as f:
         for number, text in enumerate(f, 1):
@@ -104,7 +105,7 @@ def read_log(path: str | Path) -> RunHistory:
                 events.append(line)
             elif isinstance(line, dict) and "cost" in line and "version" in line:
                 cost = math.nan if line["cost"] is None else float(line["cost"])
-                point = (int(line["version"]), cost, int(line.get("examples", 0)))
+                point: tuple[Any, ...] = (int(line["version"]), cost, int(line.get("examples", 0)))
                 if "ema" in line:
                     point += (math.nan if line["ema"] is None else float(line["ema"]),)
                 costs.append(point)
@@ -116,7 +117,7 @@ def read_log(path: str | Path) -> RunHistory:
 
 
 def plot_costs(
-    costs: list[tuple[int, float, int]],
+    costs: Sequence[Sequence[Any]],
     beta: float,
     path: str | Path,
     events: Iterable[Mapping[str, Any]] = (),
@@ -124,7 +125,8 @@ def plot_costs(
     """The lecture's Figure 1(b) with the run's events, written as a PNG to ``path``.
 
     Args:
-        costs: (version, cost, examples) per update; non-finite costs leave gaps.
+        costs: (version, cost, examples[, ema]) per update (``CostPoint``s or a log's
+            lines); non-finite costs leave gaps.
         beta: the EMA's beta (``[metrics] ema_beta``).
         path: PNG written (parents created).
         events: event records with ``event`` and ``version``.
@@ -140,7 +142,7 @@ def plot_costs(
 
 
 def cost_figure(
-    costs: list[tuple[int, float, int]], beta: float, events: Iterable[Mapping[str, Any]] = ()
+    costs: Sequence[Sequence[Any]], beta: float, events: Iterable[Mapping[str, Any]] = ()
 ) -> Any:
     """A matplotlib Figure: cost per update, its low-pass filtered trend, and the events.
 

@@ -105,7 +105,9 @@ def probe(gcs_address: str, timeout: float = PROBE_TIMEOUT_S) -> grpc.StatusCode
         stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
         # wait_for_ready: a GCS that is still starting gets the whole timeout to answer.
         stub.GetClusterId(
-            gcs_service_pb2.GetClusterIdRequest(), timeout=timeout, wait_for_ready=True
+            gcs_service_pb2.GetClusterIdRequest(),  # type: ignore[attr-defined]  # generated
+            timeout=timeout,
+            wait_for_ready=True,
         )
     except grpc.RpcError as exc:
         return exc.code()

@@ -148,7 +148,7 @@ def _label_cell(family: Any, names: tuple[str, ...]) -> str:
 
 
 def _metric_rows(families: list[tuple[Any, tuple[str, ...]]]) -> list[tuple[str, ...]]:
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for family, names in families:
         exposed = family.name + ("_total" if family.type == "counter" else "")
         rows.append((f"`{exposed}`", family.type, _label_cell(family, names), family.documentation))

@@ -153,5 +153,5 @@ class OffsetLedger:
             tp = (str(topic), int(partition))
             self.rejected_next[tp] = max(self.rejected_next.get(tp, 0), int(offset))
         self.history.clear()
-        self.history.extend(tuple(int(v) for v in row) for row in history)
+        self.history.extend((int(i), int(a), int(b), int(v)) for i, a, b, v in history)
         self.reserved.clear()

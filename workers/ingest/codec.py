@@ -648,7 +648,7 @@ def _layout(head: bytes, length: int, schema: Schema) -> _Layout | tuple[str, st
 class _Part(NamedTuple):
     """Messages sharing one valid layout: their indices and views of their arrays."""
 
-    index: np.ndarray  # (g,) message indices, increasing
+    messages: np.ndarray  # (g,) message indices, increasing
     x: np.ndarray  # (g, R, D) float32
     y: np.ndarray  # (g, R) or (g, R, L)
     ids: np.ndarray | None  # (g, R) int64
@@ -656,7 +656,7 @@ class _Part(NamedTuple):
 
 def _check_block_values(part: _Part, schema: Schema, errors: dict[int, RecordError]) -> _Part:
     """Drop the messages holding a bad value (whole blocks), recording why."""
-    g = len(part.index)
+    g = len(part.messages)
     finite = np.isfinite(part.x).reshape(g, -1).all(axis=1)  # (g,)
     ok = finite & _label_ok(part.y, schema).reshape(g, -1).all(axis=1)  # (g,)
     if ok.all():
@@ -679,8 +679,9 @@ def _check_block_values(part: _Part, schema: Schema, errors: dict[int, RecordErr
                     "bad_label",
                     f"class id y[{where}] = {value} is outside [0, {schema.n_outputs})",
                 )
-        errors[int(part.index[j])] = error
-    return _Part(part.index[ok], part.x[ok], part.y[ok], None if part.ids is None else part.ids[ok])
+        errors[int(part.messages[j])] = error
+    ids = None if part.ids is None else part.ids[ok]
+    return _Part(part.messages[ok], part.x[ok], part.y[ok], ids)
 
 
 def _label_ok(y: np.ndarray, schema: Schema) -> np.ndarray:
@@ -750,7 +751,7 @@ def _binary_parts(
             y = records["y"]  # (g, R) class ids or (g, R, L) floats
             if layout.kind == LABEL_SCALAR and schema.output != "identity":
                 y = y.reshape(len(y), layout.rows)  # (g, R, 1) -> (g, R)
-            ids = records["ids"] if "ids" in layout.record.names else None
+            ids = records["ids"] if "ids" in (layout.record.names or ()) else None
             part = _Part(sub_index, records["x"], y, ids)
             parts.append(_check_block_values(part, schema, errors))
     return parts
@@ -761,7 +762,7 @@ def _decode_binary_batch(values: Sequence[bytes], schema: Schema) -> _Batch:
     parts = _binary_parts(values, schema, errors)
     rows = np.zeros(len(values), np.int64)
     for part in parts:
-        rows[part.index] = part.x.shape[1]
+        rows[part.messages] = part.x.shape[1]
     starts = np.cumsum(rows) - rows  # (n,) first output row of each message
     total = int(rows.sum())
     x = np.empty((total, schema.n_features), np.float32)
@@ -771,12 +772,12 @@ def _decode_binary_batch(values: Sequence[bytes], schema: Schema) -> _Batch:
         g, r = part.x.shape[:2]
         if not g:
             continue
-        first = int(starts[part.index[0]])
-        if int(starts[part.index[-1]]) - first == (g - 1) * r:  # no other part in between
+        first = int(starts[part.messages[0]])
+        if int(starts[part.messages[-1]]) - first == (g - 1) * r:  # no other part in between
             x[first : first + g * r].reshape(g, r, -1)[...] = part.x
             y[first : first + g * r].reshape(part.y.shape)[...] = part.y
         else:
-            dest = (starts[part.index][:, None] + np.arange(r)).ravel()  # (g * r,)
+            dest = (starts[part.messages][:, None] + np.arange(r)).ravel()  # (g * r,)
             x[dest] = part.x.reshape(g * r, -1)
             y[dest] = part.y.reshape(g * r, *y.shape[1:])
         if part.ids is not None:

@@ -567,8 +567,14 @@ class MemoryStream:
                 index[lo:hi] = self._permutation(r)[within[lo:hi]]
         return self.dataset.x_train[index], self.dataset.y_train[index]
 
+    @property
+    def _drift(self) -> DriftSpec:
+        if self.dataset.drift is None:
+            raise ValueError("this data set has no drift: its records are not generated")
+        return self.dataset.drift
+
     def _drift_records(self, p: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        spec = self.dataset.drift
+        spec = self._drift
         dtype = np.float32 if spec.n_classes == 2 else np.int64
         if stop == start:
             return np.empty((0, spec.n_features), np.float32), np.empty((0,), dtype)
@@ -585,7 +591,7 @@ class MemoryStream:
         cached = self._blocks.get(p)
         if cached is not None and cached[0] == b:
             return cached[1], cached[2]
-        spec = self.dataset.drift
+        spec = self._drift
         rng = np.random.default_rng([self.seed, _SEED_FEATURES, p, b])
         x = rng.standard_normal((DRIFT_BLOCK, spec.n_features), dtype=np.float32)
         g = (b * DRIFT_BLOCK + np.arange(DRIFT_BLOCK)) * self.partitions + p  # (B,)
@@ -603,5 +609,5 @@ class MemoryStream:
     def _teacher(self, index: int) -> Teacher:
         teacher = self._teachers.get(index)
         if teacher is None:
-            teacher = self._teachers[index] = drift_teacher(self.dataset.drift, index)
+            teacher = self._teachers[index] = drift_teacher(self._drift, index)
         return teacher

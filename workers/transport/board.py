@@ -73,7 +73,7 @@ class ParamBoard:
         self.fd = os.memfd_create("streamtrain-params", os.MFD_CLOEXEC)
         try:
             os.ftruncate(self.fd, self.size)
-            self._map = mmap.mmap(self.fd, self.size)
+            self._map: mmap.mmap | None = mmap.mmap(self.fd, self.size)
         except BaseException:
             os.close(self.fd)
             raise
@@ -124,15 +124,16 @@ class BoardReader:
         try:
             if os.fstat(fd).st_size != info.size:
                 raise OSError(f"/proc/{info.pid}/fd/{info.fd} is not the parameter board")
-            self._map = mmap.mmap(fd, info.size, prot=mmap.PROT_READ)
+            self._map: mmap.mmap | None = mmap.mmap(fd, info.size, prot=mmap.PROT_READ)
         finally:
             os.close(fd)
-        if self._map[:_TOKEN_BYTES] != info.token:
-            self._map.close()
+        mapped = self._map
+        if mapped[:_TOKEN_BYTES] != info.token:
+            mapped.close()
             raise OSError(f"/proc/{info.pid}/fd/{info.fd} is not the parameter board")
         self.dtype = np.dtype(info.dtype)
         self.n_params = int(info.n_params)
-        self._header, self._slots = _board_views(self._map, self.n_params, self.dtype)
+        self._header, self._slots = _board_views(mapped, self.n_params, self.dtype)
         self.retries = 0  # reads started over because a write overlapped them
 
     def read(self, out: np.ndarray) -> int:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import os
 import sys
 from multiprocessing import resource_tracker, shared_memory
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 
@@ -102,7 +102,8 @@ class GradientRing:
         if reason is not None:
             raise OSError(reason)
         self._shm = shared_memory.SharedMemory(create=True, size=size)
-        _OWNED.add(self._shm._name)
+        self._closed = False
+        _OWNED.add(_tracked_name(self._shm))
         self._linked = True  # the name still exists: close() unlinks it
         self._free = list(range(int(slots) - 1, -1, -1))
         self.name = self._shm.name
@@ -111,9 +112,9 @@ class GradientRing:
         """The server has mapped the segment and unlinked its name (``map``)."""
         if self._linked:
             self._linked = False
-            _OWNED.discard(self._shm._name)
+            _OWNED.discard(_tracked_name(self._shm))
             if sys.version_info < (3, 13) or getattr(self._shm, "_track", True):
-                resource_tracker.unregister(self._shm._name, "shared_memory")
+                resource_tracker.unregister(_tracked_name(self._shm), "shared_memory")
 
     def put(self, grads: list[np.ndarray]) -> tuple[int, SharedGradients] | None:
         """Copy ``grads`` into a free slot: (slot, handle), or None when none is free."""
@@ -138,16 +139,22 @@ class GradientRing:
 
     def close(self) -> None:
         """Unmap and unlink the segment (the server's own mapping stays valid)."""
-        shm, self._shm = self._shm, None
-        if shm is None:
+        if self._closed:
             return
+        self._closed = True
+        shm = self._shm
         shm.close()
         if self._linked:
-            _OWNED.discard(shm._name)
+            _OWNED.discard(_tracked_name(shm))
             try:
                 shm.unlink()
             except FileNotFoundError:
                 pass
+
+
+def _tracked_name(shm: shared_memory.SharedMemory) -> str:
+    """The name the resource tracker knows a segment by (with its leading slash)."""
+    return str(cast(Any, shm)._name)
 
 
 _OWNED: set[str] = set()  # segments this process created (its tracker unlinks them)
@@ -161,8 +168,8 @@ def _attach(name: str) -> shared_memory.SharedMemory:
     # Before 3.13 attaching registers the segment with this process's resource tracker,
     # which would unlink it (with a "leaked" warning) when this process exits. A segment
     # this process created stays registered: its tracker is what unlinks it if we die.
-    if shm._name not in _OWNED:
-        resource_tracker.unregister(shm._name, "shared_memory")
+    if _tracked_name(shm) not in _OWNED:
+        resource_tracker.unregister(_tracked_name(shm), "shared_memory")
     return shm
 
 
