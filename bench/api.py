@@ -34,8 +34,9 @@ from prometheus_client import CollectorRegistry  # noqa: E402
 
 from bench import machine  # noqa: E402
 from service.api import LATENCY_BUCKETS, ModelCache, start_api, trainer_info  # noqa: E402
-from service.app import Trainer, ensure_ray, resolve_dataset  # noqa: E402
+from service.app import ensure_ray  # noqa: E402
 from service.config import Config, load_config  # noqa: E402
+from service.trainer import Trainer, resolve_dataset  # noqa: E402
 
 TARGET_P99_SECONDS = 0.020
 # Far more examples than the run consumes: training never ends while the client measures.

@@ -42,9 +42,10 @@ from kafka import TopicPartition as KafkaTopicPartition  # noqa: E402
 from kafka.errors import KafkaError  # noqa: E402
 
 from bench import machine  # noqa: E402
-from service.app import Trainer, coalesce_for, ensure_ray, inflight_for, network_spec  # noqa: E402
+from service.app import ensure_ray  # noqa: E402
 from service.config import Config, load_config  # noqa: E402
 from service.produce import CHUNK_ROWS, Examples, produce  # noqa: E402
+from service.trainer import Trainer, coalesce_for, inflight_for, network_spec  # noqa: E402
 from workers.ingest.codec import Codec, Schema  # noqa: E402
 from workers.ingest.kafka import check_topics, ensure_topic  # noqa: E402
 from workers.ingest.memory import Dataset, synthetic_binary  # noqa: E402
@@ -1126,7 +1127,7 @@ def measure(args: argparse.Namespace, lines: list[str], bootstrap: str, broker_p
         f"poll(max_records={POLL_RECORDS}), one Codec.decode_many per partition per poll, no "
         "training; examples decoded after the first non-empty poll / time from it to the last "
         "record",
-        "end to end: service.app.Trainer in this process (stream.source=kafka, 2 Ray workers "
+        "end to end: service.trainer.Trainer in this process (stream.source=kafka, 2 Ray workers "
         "each with a KafkaSource in one new group; the workers hold their partitions until "
         "the group is stable with both, so neither reads alone while the other joins); "
         "examples applied by the server between the first and the last applied update seen "

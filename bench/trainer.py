@@ -26,9 +26,10 @@ import ray  # noqa: E402
 from bench import machine  # noqa: E402
 from bench.step import Clipping, NumpyStep  # noqa: E402
 from bench.step import Config as StepConfig  # noqa: E402
-from service.app import Trainer, ensure_ray, inflight_for  # noqa: E402
+from service.app import ensure_ray  # noqa: E402
 from service.config import SECTIONS, Config, TrainerConfig, load_config  # noqa: E402
 from service.ps.publish import INLINE_PARAMS_BYTES  # noqa: E402
+from service.trainer import Trainer, inflight_for  # noqa: E402
 from workers.ingest.batcher import PowerOfTwoBatcher  # noqa: E402
 from workers.ingest.memory import (  # noqa: E402
     Dataset,

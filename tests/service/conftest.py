@@ -16,8 +16,8 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from service.app import Trainer, resolve_dataset
 from service.config import Config, load_config
+from service.trainer import Trainer, resolve_dataset
 from workers.ingest.memory import Dataset, MemoryStream
 
 # What ``ensure_ray`` starts for K=2 workers on this 2-core host: the driver's share plus

@@ -9,7 +9,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.app import coalesce_for, inflight_for
 from service.config import (
     Config,
     ConfigError,
@@ -23,6 +22,7 @@ from service.config import (
     overrides_from_args,
     redacted,
 )
+from service.trainer import coalesce_for, inflight_for
 from workers.nn.optimizers import get_optimizer
 
 

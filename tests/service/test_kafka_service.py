@@ -17,9 +17,9 @@ import ray
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
-from service.app import Trainer
 from service.checkpoint import latest_checkpoint, load_checkpoint
 from service.produce import dataset_examples, produce
+from service.trainer import Trainer
 from tests.kafka_broker import kb
 from workers.ingest.codec import Codec, RecordError, Schema, encode_binary, encode_json
 from workers.ingest.kafka import ensure_topic

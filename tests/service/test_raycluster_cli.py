@@ -24,9 +24,9 @@ import numpy as np
 import psutil
 import pytest
 
-from service.app import resolve_dataset
 from service.checkpoint import load_checkpoint
 from service.config import load_config
+from service.trainer import resolve_dataset
 from workers.ingest.memory import MemoryStream
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -7,10 +7,11 @@ import pytest
 import ray
 from prometheus_client import CollectorRegistry
 
-from service.app import coalesce_for, network_spec, resolve_dataset, run_demo
+from service.app import run_demo
 from service.checkpoint import latest_checkpoint, load_checkpoint
 from service.ps import ParameterServerActor, ServerConfig
 from service.ps.publish import INLINE_PARAMS_BYTES
+from service.trainer import coalesce_for, network_spec, resolve_dataset
 from workers.nn import Network
 from workers.transport.protocol import Status
 from workers.transport.ring import SHARED_MIN_BYTES, SHM_DIR

@@ -8,13 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from service.app import network_spec
 from service.checkpoint import list_checkpoints
 from service.config import load_config
 from service.ps import ParameterServer, ServerConfig, build_optimizer, publish
 from service.ps.publish import INLINE_PARAMS_BYTES
 from service.ps.rounds import AVERAGE_CHUNK, WeightedSum, pooled_statistics
 from service.ps.server import NORMS_EVERY_SECONDS
+from service.trainer import network_spec
 from workers.ingest.memory import MemoryStream, load_dataset
 from workers.nn import (
     SGD,
