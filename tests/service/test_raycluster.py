@@ -3,11 +3,12 @@ says (the GCS's answer stubbed). tests/service/test_raycluster_cli.py joins a re
 
 import grpc
 import pytest
+import ray
 
 from service import raycluster
 from service.raycluster import RayConnectError, Token, find_token, join_cluster
 
-GCS = "10.0.0.5:6391"
+GCS = "127.0.0.1:6391"
 
 
 def write_token(home, text):
@@ -168,6 +169,8 @@ def test_the_cli_prints_one_line_and_exits_2(tmp_path, cluster, monkeypatch, cap
     for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
+    # The suite's in-process Ray (another test's fixture) must not stand in for the cluster.
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
     argv = ["demo", "--trainer.ray-address", GCS, "--no-progress", "--out", str(tmp_path)]
     assert main(argv) == 2
     last, *before = reversed(capsys.readouterr().err.splitlines())
