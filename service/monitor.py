@@ -185,8 +185,10 @@ class TrainingMetrics:
             if math.isfinite(point.cost):
                 self.cost.set(point.cost)
                 self.cost_hist.observe(point.cost)
-        # The guard's EMA, the one that decides divergence and that its events quote.
-        self.cost_ema.set(stats.guard.ema)
+        # The guard's EMA, the one that decides divergence and that its events quote; it is
+        # undefined until a finite cost was seen (a NaN here would read as a non-finite cost).
+        if math.isfinite(stats.guard.ema):
+            self.cost_ema.set(stats.guard.ema)
         if stats.instance != self._instance:
             # A restarted server counts from zero again, even past the old instance's counts.
             self._instance = stats.instance

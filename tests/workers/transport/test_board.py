@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -88,10 +89,13 @@ def test_reads_racing_writes_are_each_one_whole_version(board):
     out = np.empty(N, np.float32)
     try:
         seen = set()
-        for _ in range(2000):
+        deadline = time.monotonic() + 30.0  # a loaded host may run the writer rarely
+        reads = 0
+        while reads < 2000 or (len(seen) <= 10 and time.monotonic() < deadline):
             version = reader.read(out)
             assert out[0] == out[-1] == version and np.all(out == version)
             seen.add(version)
+            reads += 1
     finally:
         stop.set()
         writer.join()
