@@ -801,14 +801,14 @@ class Featurizer:
 
     # -- columns ----------------------------------------------------------------------------
 
-    def _columns(self, events: list) -> list[list]:
+    def _columns(self, events: list) -> list:
         """Per field (and the label last, if any) the list of its values in the events."""
         m = len(events)
         if not m:
             return [[] for _ in self._keys]
         keys = self._keys
         rows = [list(map(e.get, keys)) for e in events]  # (m, fields)
-        columns = [list(c) for c in zip(*rows, strict=True)]  # transposed in C
+        columns: list = list(zip(*rows, strict=True))  # (fields, m) tuples, in C
         for j, dig in enumerate(self._dig):
             if dig is not None:
                 columns[j] = list(map(dig, columns[j]))
