@@ -79,13 +79,27 @@ def _serve(ns: argparse.Namespace) -> int:
 
 def _produce(ns: argparse.Namespace) -> int:
     from service.config import config_to_dict, load_config, overrides_from_args
-    from service.produce import dataset_examples, file_examples, produce
+    from service.produce import (
+        JSONL_SUFFIXES,
+        RAW_DATASETS,
+        clicks_lines,
+        dataset_examples,
+        file_examples,
+        jsonl_lines,
+        produce,
+    )
     from workers.ingest.kafka import client_settings
 
     cfg = load_config(ns.config, overrides=overrides_from_args(ns))
-    if ns.file:
+    if ns.file and Path(ns.file).suffix in JSONL_SUFFIXES:
+        examples = jsonl_lines(ns.file, ns.passes)
+        what = ns.file
+    elif ns.file:
         examples = file_examples(ns.file, ns.output, ns.label_column, ns.n_outputs, ns.passes)
         what = ns.file
+    elif ns.dataset in RAW_DATASETS:
+        examples = clicks_lines(ns.passes, ns.seed)
+        what = ns.dataset
     else:
         name = ns.dataset or "digits"
         examples = dataset_examples(name, ns.passes, ns.seed, cfg.stream.test_fraction)
@@ -192,11 +206,17 @@ def build_parser() -> argparse.ArgumentParser:
     what = p.add_mutually_exclusive_group()
     what.add_argument(
         "--dataset",
-        choices=("digits", "breast_cancer", "drift"),
+        choices=("digits", "breast_cancer", "drift", "clicks"),
         default=None,
-        help="a bundled data set's training split, or the drifting stream (default: digits)",
+        help="a bundled data set's training split, the drifting stream, or the raw click"
+        " events (200,000 per pass, drift half-way) (default: digits)",
     )
-    what.add_argument("--file", default=None, help="a CSV or .npy file of rows: features, label")
+    what.add_argument(
+        "--file",
+        default=None,
+        help="a CSV or .npy file of rows (features, label), or a .jsonl file of raw events"
+        " sent line by line as they are",
+    )
     p.add_argument(
         "--output",
         choices=("sigmoid", "softmax", "identity"),

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, cast
 
+from workers.ingest.features import FeatureSchema, SchemaError, load_schema
 from workers.nn.outputs import OUTPUTS, n_outputs_requirement
 
 ENV_PREFIX = "STREAMTRAIN_"
@@ -433,6 +434,29 @@ class ApiConfig(_Section):
 
 
 @dataclass(frozen=True)
+class FeaturesConfig(_Section):
+    """Raw events: the feature schema that turns them into the model's inputs."""
+
+    section: ClassVar[str] = "features"
+    schema_file: str = _opt(
+        "",
+        "TOML or JSON feature schema of raw events (docs/features.md); '' = the x/y vector"
+        " records of the codec",
+    )
+
+    def _validate(self) -> None:
+        if self.schema_file:
+            try:
+                load_schema(self.schema_file)
+            except SchemaError as err:
+                self._fail("schema_file", f"name a valid feature schema ({err})")
+
+    def feature_schema(self) -> FeatureSchema | None:
+        """The schema the file holds, or None for vector records."""
+        return load_schema(self.schema_file) if self.schema_file else None
+
+
+@dataclass(frozen=True)
 class LogConfig(_Section):
     """Logging level and format."""
 
@@ -462,6 +486,7 @@ class Config:
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 

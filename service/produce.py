@@ -1,7 +1,8 @@
 """``streamtrain produce``: write a data set into a Kafka topic as JSON or binary records.
 
 Sources: the bundled data sets (their training split), the drifting stream, or a CSV or
-``.npy`` file whose last column (or ``label_column``) is the label.
+``.npy`` file whose last column (or ``label_column``) is the label; and raw events, sent as
+JSON lines as they are: the ``clicks`` stream or a ``.jsonl`` file.
 """
 
 from __future__ import annotations
@@ -13,8 +14,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from workers.ingest import datasets
 from workers.ingest.codec import Codec, Schema
 from workers.ingest.memory import DATASETS, MemoryStream, load_dataset
+
+RAW_DATASETS = datasets.DATASETS  # raw-event streams: `--dataset clicks`
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
 CHUNK_ROWS = 4096  # rows encoded and sent per step (bounded memory for long streams)
 
@@ -25,6 +30,56 @@ class Examples(NamedTuple):
     chunks: Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]  # (x (k, n), y) blocks
     total: int
     schema: Schema
+
+
+class RawLines(NamedTuple):
+    """Raw events: message values sent as they are, in chunks of at most CHUNK_ROWS."""
+
+    chunks: Callable[[], Iterator[list[bytes]]]
+    total: int
+
+
+def _chunked(lines: Iterator[bytes]) -> Iterator[list[bytes]]:
+    chunk: list[bytes] = []
+    for line in lines:
+        chunk.append(line)
+        if len(chunk) == CHUNK_ROWS:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def clicks_lines(passes: int = 1, seed: int = 0) -> RawLines:
+    """The clicks stream: ``passes * CLICKS_LENGTH`` events, the drift half-way."""
+    if passes < 1:
+        raise ValueError(f"`passes` must be >= 1. Received: passes={passes}")
+    n = passes * datasets.CLICKS_LENGTH
+    return RawLines(lambda: _chunked(datasets.clicks_lines(n, seed)), n)
+
+
+def jsonl_lines(path: str | Path, passes: int = 1) -> RawLines:
+    """The non-blank lines of a JSON-lines file, each one message, sent byte for byte.
+
+    Nothing is parsed or checked here: bad lines are the consumers' dead letters.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no such file: {path}")
+    if passes < 1:
+        raise ValueError(f"`passes` must be >= 1. Received: passes={passes}")
+    with path.open("rb") as f:
+        count = sum(1 for line in f if line.strip())
+
+    def lines() -> Iterator[bytes]:
+        for _ in range(passes):
+            with path.open("rb") as f:
+                for line in f:
+                    line = line.rstrip(b"\r\n")
+                    if line.strip():
+                        yield line
+
+    return RawLines(lambda: _chunked(lines()), passes * count)
 
 
 def dataset_examples(name: str, passes: int = 1, seed: int = 0, test_fraction: float = 0.2):
@@ -105,7 +160,7 @@ def file_examples(
 
 
 def produce(
-    examples: Examples,
+    examples: Examples | RawLines,
     client: Mapping[str, Any],
     topic: str,
     format: str = "json",
@@ -119,7 +174,8 @@ def produce(
     """Send every example to ``topic`` (created with ``partitions`` if missing).
 
     Records go round-robin over the partitions; with ``ids`` each example carries its
-    index in the stream as ``id``. ``rate`` (examples/s, 0 = as fast as possible) paces
+    index in the stream as ``id``. ``RawLines`` go as they are (JSON only; ``ids`` and
+    ``block`` do not apply). ``rate`` (examples/s, 0 = as fast as possible) paces
     the sends.
 
     Returns:
@@ -135,8 +191,13 @@ def produce(
         raise ValueError(f"`block` must be >= 1. Received: block={block}")
     if rate < 0:
         raise ValueError(f"`rate` must be >= 0. Received: rate={rate}")
+    raw = isinstance(examples, RawLines)
+    if raw and format != "json":
+        raise ValueError(
+            f"raw events are JSON lines; `format` must be 'json'. Received: {format!r}"
+        )
     n_partitions, created = ensure_topic(client, topic, partitions)
-    codec = Codec(format, examples.schema)
+    codec = None if raw else Codec(format, examples.schema)
     # Batching on the producer side: ~3x the messages/s of kafka-python's defaults.
     producer = KafkaProducer(acks="all", linger_ms=linger_ms, batch_size=256 * 1024, **dict(client))
     bar = None
@@ -149,9 +210,14 @@ def produce(
     futures = []
     t0 = time.perf_counter()
     try:
-        for x, y in examples.chunks():
-            chunk_ids = np.arange(sent, sent + len(x), dtype=np.int64) if ids else None
-            for value in codec.encode(x, y, chunk_ids, block=block):
+        for chunk in examples.chunks():
+            if codec is None:
+                values, rows = chunk, len(chunk)
+            else:
+                x, y = chunk
+                chunk_ids = np.arange(sent, sent + len(x), dtype=np.int64) if ids else None
+                values, rows = codec.encode(x, y, chunk_ids, block=block), len(x)
+            for value in values:
                 futures.append(
                     (
                         records % n_partitions,
@@ -159,7 +225,7 @@ def produce(
                     )
                 )
                 records += 1
-            sent += len(x)
+            sent += rows
             if rate:  # pace: the sends of this chunk may not run ahead of the clock
                 ahead = sent / rate - (time.perf_counter() - t0)
                 if ahead > 0:
@@ -167,7 +233,7 @@ def produce(
             if len(futures) > 50_000:
                 _settle(futures, ends)
             if bar is not None:
-                bar.update(len(x))
+                bar.update(rows)
         producer.flush()
         _settle(futures, ends)
     finally:
@@ -192,4 +258,14 @@ def _settle(futures: list, ends: dict[int, int]) -> None:
     futures.clear()
 
 
-__all__ = ["DATASETS", "Examples", "dataset_examples", "file_examples", "produce"]
+__all__ = [
+    "DATASETS",
+    "RAW_DATASETS",
+    "Examples",
+    "RawLines",
+    "clicks_lines",
+    "dataset_examples",
+    "file_examples",
+    "jsonl_lines",
+    "produce",
+]
