@@ -82,6 +82,8 @@ def _produce(ns: argparse.Namespace) -> int:
     from service.produce import (
         JSONL_SUFFIXES,
         RAW_DATASETS,
+        Examples,
+        RawLines,
         clicks_lines,
         dataset_examples,
         file_examples,
@@ -91,6 +93,7 @@ def _produce(ns: argparse.Namespace) -> int:
     from workers.ingest.kafka import client_settings
 
     cfg = load_config(ns.config, overrides=overrides_from_args(ns))
+    examples: Examples | RawLines
     if ns.file and Path(ns.file).suffix in JSONL_SUFFIXES:
         examples = jsonl_lines(ns.file, ns.passes)
         what = ns.file

@@ -197,7 +197,7 @@ def produce(
             f"raw events are JSON lines; `format` must be 'json'. Received: {format!r}"
         )
     n_partitions, created = ensure_topic(client, topic, partitions)
-    codec = None if raw else Codec(format, examples.schema)
+    codec = None if isinstance(examples, RawLines) else Codec(format, examples.schema)
     # Batching on the producer side: ~3x the messages/s of kafka-python's defaults.
     producer = KafkaProducer(acks="all", linger_ms=linger_ms, batch_size=256 * 1024, **dict(client))
     bar = None

@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from itertools import chain
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 
@@ -427,7 +427,7 @@ class Moments(NamedTuple):
     (biased, as batch norm and scikit-learn's StandardScaler).
     """
 
-    count: np.ndarray
+    count: np.ndarray  # type: ignore[assignment]  # the statistic's name; tuple.count unused
     mean: np.ndarray
     M2: np.ndarray
 
@@ -623,7 +623,7 @@ class _Table:
         get = self.cache.get
         out = list(map(get, values))
         if None not in out:
-            return out
+            return cast(list[int], out)
         if self.spec.vocabulary:
             oov = self.oov
             return [oov if r is None else r for r in out]
@@ -973,6 +973,8 @@ class Featurizer:
 
     def _labels(self, column: list, rejects: _Rejects) -> np.ndarray:
         label = self.schema.label
+        if label is None:
+            raise ValueError("the schema has no label: there is nothing to decode")
         m, path, n = len(column), label.field, label.n_outputs
         types = set(map(type, column))
         if type(None) in types:

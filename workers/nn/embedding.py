@@ -95,7 +95,7 @@ def embedding_backward(da: np.ndarray, cache: EmbeddingCache) -> tuple[None, Row
         ``(None, RowGradient)``: ids have no gradient; the table's gradient on the unique
         rows used (duplicates summed), float in da's dtype.
     """
-    if cache.owner is None:
+    if cache.owner is None or cache.inv_count is None:
         contrib = da  # (nnz, d), nnz == m
     else:
         contrib = da[cache.owner] * cache.inv_count[cache.owner][:, None]  # (nnz, d)
