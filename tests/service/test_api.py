@@ -33,7 +33,7 @@ from service.api import (
     start_api,
     trainer_info,
 )
-from service.api.app import _plain_x
+from service.api.middleware import _plain_x
 from service.checkpoint import Checkpoint, save_checkpoint
 from service.config import ApiConfig, ConfigError
 from workers.ingest.memory import load_dataset
