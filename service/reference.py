@@ -163,7 +163,7 @@ def metrics_markdown() -> str:
     api_registry = CollectorRegistry()
     api = ApiMetrics(api_registry, lambda: -1.0)
     out = [
-        *_banner("the series of `service/monitor.py` and `service/api.py`"),
+        *_banner("the series of `service/monitor.py` and `service/api/middleware.py`"),
         "# Metrics",
         "",
         "`streamtrain demo` and `streamtrain serve` expose one `/metrics` endpoint on",
@@ -191,8 +191,8 @@ def metrics_markdown() -> str:
         "",
         "## HTTP API",
         "",
-        "Recorded by the API's request middleware (`service/api.py`, `ApiMetrics`), in the same",
-        "registry as the training series when the API runs beside training.",
+        "Recorded by the API's request middleware (`service/api/middleware.py`, `ApiMetrics`), in",
+        "the same registry as the training series when the API runs beside training.",
         "",
         *_table(header, _metric_rows(_collect(api_registry, api))),
         "",

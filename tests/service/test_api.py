@@ -28,12 +28,12 @@ from service.api import (
     MAX_FEATURE_BOUND,
     ModelCache,
     PredictRequest,
-    _plain_x,
     feature_bound,
     max_body_bytes,
     start_api,
     trainer_info,
 )
+from service.api.middleware import _plain_x
 from service.checkpoint import Checkpoint, save_checkpoint
 from service.config import ApiConfig, ConfigError
 from workers.ingest.memory import load_dataset

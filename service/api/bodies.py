@@ -1,0 +1,173 @@
+"""What requests and responses carry: the pydantic bodies, the ``Problem`` every error
+answers with, and the messages that say what was wrong with a request body.
+Imports nothing else of the API."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Any
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_ERRORS_SHOWN = 3  # validation errors quoted in one 422 message
+# pydantic's names of the two shapes of `x` in error locations.
+_SINGLE, _BATCH = "list[float]", "list[list[float]]"
+SHOWN_CHARS = 40  # longest repr of a bad value quoted in a message
+
+# Strict: JSON true or "1.5" is not a feature value. Python's json module reads NaN and
+# Infinity (and 1e400 as inf); they are refused here with the other non-finite numbers.
+Feature = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+
+
+class PredictRequest(BaseModel):
+    """One example (a list of features) or a batch (a list of such lists)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"x": [0.1, -1.2, 0.5]}, {"x": [[0.1, -1.2], [1, 0]]}]},
+    )
+    x: (
+        Annotated[list[Feature], Field(min_length=1)]
+        | Annotated[list[Annotated[list[Feature], Field(min_length=1)]], Field(min_length=1)]
+    ) = Field(
+        description="Standardized features: one example of `input_dim` numbers, or a batch "
+        "of at most `api.max_batch` such rows. Finite numbers only."
+    )
+
+
+class Prediction(BaseModel):
+    """The prediction for one row; only the fields of the model's output kind are present."""
+
+    model_config = ConfigDict(populate_by_name=True)
+    probability: float | None = Field(None, description="sigmoid with one output: P(class 1)")
+    probabilities: list[float] | None = Field(
+        None, description="softmax: one probability per class; sigmoid with several outputs"
+    )
+    values: list[float] | None = Field(None, description="identity: the regression outputs")
+    class_: int | None = Field(
+        None,
+        alias="class",
+        description="softmax: the most probable class; sigmoid with one output: 1 if p > 0.5",
+    )
+
+
+class PredictResponse(BaseModel):
+    version: int = Field(description="model version that made the predictions")
+    output: str = Field(description="output activation", examples=["softmax"])
+    predictions: list[Prediction] = Field(description="one per row of `x`, in order")
+
+
+class Problem(BaseModel):
+    detail: str = Field(description="what was wrong, naming the bad value")
+
+
+class Health(BaseModel):
+    status: str = Field(examples=["ok"])
+
+
+class Readiness(BaseModel):
+    status: str = Field(description="ready | not ready")
+    version: int | None = Field(None, description="model version served")
+    reason: str | None = Field(None, description="why the API is not ready")
+
+
+class Architecture(BaseModel):
+    input_dim: int
+    hidden: list[int]
+    output: str
+    n_outputs: int
+    activation: str
+    bn_epsilon: float
+    bn_momentum: float
+    dtype: str
+
+
+class ModelInfo(BaseModel):
+    version: int
+    examples: int = Field(description="examples trained into this version")
+    architecture: Architecture
+    n_params: int
+    optimizer: dict[str, Any] | None = Field(None, description="optimizer and hyperparameters")
+    checkpoint: str | None = Field(None, description="newest checkpoint written")
+    source: str | None = Field(None, description="parameter server | checkpoint | model")
+    age_seconds: float = Field(description="seconds since this snapshot was fetched")
+    refresh_error: str | None = Field(None, description="last failed refresh, if the last failed")
+
+
+def problem(status: int, detail: str) -> JSONResponse:
+    """The answer to an error: ``status`` with a ``Problem`` body saying what was wrong."""
+    return JSONResponse({"detail": detail}, status_code=status)
+
+
+def _location(loc: tuple) -> str:
+    """``('body', 'x', 'list[list[float]]', 2, 5)`` -> ``x[2][5]`` (union branch dropped)."""
+    parts = [p for p in loc if p not in ("body", _BATCH, _SINGLE)]
+    text = ""
+    for p in parts:
+        text += f"[{p}]" if isinstance(p, int) else (f".{p}" if text else str(p))
+    return text or "body"
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)``, its middle cut out when longer than ``SHOWN_CHARS``."""
+    text = repr(value)
+    if len(text) <= SHOWN_CHARS:
+        return text
+    return f"{text[: SHOWN_CHARS // 2]}...{text[-SHOWN_CHARS // 4 :]} ({len(text)} characters)"
+
+
+def unreadable(cause: BaseException | None) -> str:
+    """Why a /predict body could not be parsed as JSON, from the parser's exception (the
+    cause of FastAPI's 400 "There was an error parsing the body")."""
+    if isinstance(cause, RecursionError):
+        return (
+            "the JSON nests arrays or objects too deeply to parse "
+            "(x is a list of numbers, or a list of such lists)"
+        )
+    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        return (
+            f"the JSON holds an integer of more than {sys.get_int_max_str_digits()} digits, "
+            "too long to convert to a number"
+        )
+    if isinstance(cause, UnicodeDecodeError):
+        return (
+            f"the body must be UTF-8 encoded JSON ({cause.reason}: byte "
+            f"{cause.object[cause.start : cause.start + 1]!r} at position {cause.start})"
+        )
+    if cause is None:
+        return "the body must be UTF-8 encoded JSON"
+    return f"{type(cause).__name__}: {cause}"
+
+
+def validation_message(errors: list[dict[str, Any]], body: Any) -> str:
+    """One readable sentence for pydantic's errors on a request body."""
+    for e in errors:
+        if e.get("type") == "json_invalid":
+            return (
+                f"malformed JSON at character {e['loc'][-1]}: "
+                f"{e.get('ctx', {}).get('error', 'invalid')}"
+            )
+    if isinstance(body, bytes | str):  # FastAPI parses JSON only when the request says so
+        return "the body must be a JSON object sent with Content-Type: application/json"
+    x = body.get("x") if isinstance(body, dict) else None
+    if isinstance(body, dict) and "x" in body and not isinstance(x, list):
+        return f"x must be a list of numbers (one example) or of rows (a batch). Received: {x!r}"
+    if x == []:
+        return "x is empty: send one example or a batch of at least one row"
+    # x is a union: keep the errors of the branch the input looks like.
+    branch = _BATCH if x and isinstance(x[0], list) else _SINGLE
+    kept = [e for e in errors if not ({_BATCH, _SINGLE} & set(e["loc"])) or branch in e["loc"]]
+    shown: list[str] = []
+    for e in kept or errors:
+        got = e.get("input")
+        if type(got) is int and e.get("type") == "float_type":  # beyond a double's range
+            line = f"{_location(e['loc'])}: an integer of {len(str(abs(got)))} digits is "
+            line += "too large for a number"
+        else:
+            value = "" if isinstance(got, dict | list) or got is None else f" (got {_shown(got)})"
+            line = f"{_location(e['loc'])}: {e['msg']}{value}"
+        if line not in shown:
+            shown.append(line)
+    more = len(shown) - MAX_ERRORS_SHOWN
+    return "; ".join(shown[:MAX_ERRORS_SHOWN]) + (f" (and {more} more)" if more > 0 else "")

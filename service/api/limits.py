@@ -1,0 +1,133 @@
+"""The served model's limits: the request body's size, the feature bound within which its
+outputs stay finite, and the request shape that the OpenAPI schema publishes."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from service.api.cache import Snapshot
+from service.config import ApiConfig
+
+# The automatic body limit (api.max_body_bytes = 0). A feature written as JSON takes at most
+# 24 characters as Python and JavaScript write a double (-2.2250738585072014e-308), or as an
+# integer the published schema allows (MAX_FEATURE_BOUND: 16 digits and a sign), and ", "
+# after it; 32 leaves room for whitespace. A row adds its brackets and separator, and the
+# body its object around x.
+FEATURE_BYTES, ROW_BYTES, BODY_BYTES = 32, 8, 1024
+# The published feature bound is at most this: integers up to it are exact in a double, so
+# they take the fast path, and their text fits FEATURE_BYTES.
+MAX_FEATURE_BOUND = 1e15
+
+
+def needed_body_bytes(max_batch: int, input_dim: int) -> int:
+    """Bytes that ``max_batch`` rows of ``input_dim`` numbers may take as a JSON body."""
+    return BODY_BYTES + max_batch * (ROW_BYTES + FEATURE_BYTES * input_dim)
+
+
+def max_body_bytes(cfg_api: ApiConfig, input_dim: int) -> int:
+    """The request body limit while a model of ``input_dim`` features is served:
+    ``api.max_body_bytes`` when set (it wins, even below what ``api.max_batch`` rows
+    need), else (0, automatic) ``needed_body_bytes(api.max_batch, input_dim)``."""
+    return cfg_api.max_body_bytes or needed_body_bytes(cfg_api.max_batch, input_dim)
+
+
+def feature_bound(snap: Snapshot) -> float | None:
+    """A magnitude B such that any row of features in [-B, B] gets finite outputs from
+    ``snap``'s model: a power of ten, at most ``MAX_FEATURE_BOUND``. None when no B > 0
+    is certain (non-finite parameters, or a model that overflows even at x = 0).
+
+    Each unit's magnitude is bounded through the layers as ``a * B + c`` (float64) and
+    kept below a quarter of the dtype's largest value: softmax subtracts the largest logit
+    from the others, which must stay finite too, and float rounding has room.
+    """
+    if not snap.finite:
+        return None
+    net, params, moving = snap.net, snap.params, snap.moving
+    limit = float(np.finfo(net.dtype).max) / 4
+    bound = MAX_FEATURE_BOUND
+    a, c = np.ones(net.input_dim), np.zeros(net.input_dim)  # |x_j| <= a_j * B + c_j
+
+    def keep_below_limit(a: np.ndarray, c: np.ndarray) -> bool:
+        nonlocal bound
+        if not (c < limit).all():  # also catches nan
+            return False
+        grows = a > 0
+        if grows.any():
+            bound = min(bound, float(((limit - c[grows]) / a[grows]).min()))
+        return True
+
+    with np.errstate(over="ignore", invalid="ignore"):  # inf and nan fail the checks
+        for i in range(len(net.hidden)):
+            w = np.abs(params[f"dense{i}.W"].astype(np.float64))
+            a, c = a @ w, c @ w  # (n_in,) @ (n_in, n) -> (n,): bounds of z
+            if not keep_below_limit(a, c):
+                return None
+            # batchnorm_inference: z * scale + (beta - mean * scale), each term bounded.
+            gamma = params[f"bn{i}.gamma"].astype(np.float64)
+            scale = gamma / np.sqrt(moving[f"bn{i}.var"].astype(np.float64) + net.bn_epsilon)
+            shift = np.abs(params[f"bn{i}.beta"] - moving[f"bn{i}.mean"] * scale)  # (n,)
+            a, c = np.abs(scale) * a, np.abs(scale) * c + shift
+            if not keep_below_limit(a, c):
+                return None
+            if net.activation != "relu":  # tanh and sigmoid stay in [-1, 1]
+                a, c = np.zeros_like(a), np.ones_like(c)
+        w = np.abs(params["out.W"].astype(np.float64))
+        a, c = a @ w, c @ w + np.abs(params["out.b"])  # (n_in,) @ (n_in, k) -> (k,): logits
+        if not keep_below_limit(a, c) or not bound > 0:
+            return None
+    return float(10.0 ** math.floor(math.log10(bound)))
+
+
+class RequestShape(NamedTuple):
+    """What the OpenAPI schema publishes of the served model."""
+
+    input_dim: int
+    bound: float | None  # feature_bound
+
+
+def publish_request_shape(schema: dict[str, Any], shape: RequestShape, cfg_api: ApiConfig) -> None:
+    """Write the served model's request shape into FastAPI's OpenAPI ``schema`` (in place):
+    ``x`` as one row of exactly ``input_dim`` numbers or 1 to ``api.max_batch`` such rows,
+    each number within the feature bound, and the body limit in /predict's description."""
+    d, max_batch = shape.input_dim, cfg_api.max_batch
+    number: dict[str, Any] = {"type": "number"}
+    if shape.bound is not None:
+        number |= {"minimum": -shape.bound, "maximum": shape.bound}
+        within = (
+            f" Features within [-{shape.bound:g}, {shape.bound:g}] always give finite "
+            "outputs; larger magnitudes may overflow the model (422)."
+        )
+    else:
+        within = ""
+    row = {"type": "array", "items": number, "minItems": d, "maxItems": d}
+    request = schema["components"]["schemas"]["PredictRequest"]
+    request["properties"]["x"] = {
+        "anyOf": [
+            {"title": "One example", **row},
+            {
+                "title": "A batch",
+                "type": "array",
+                "items": row,
+                "minItems": 1,
+                "maxItems": max_batch,
+            },
+        ],
+        "title": "X",
+        "description": f"Standardized features: one example (input_dim={d} numbers), or a batch of "
+        f"1 to {max_batch} such rows. Finite numbers only.{within}",
+    }
+    request["examples"] = [{"x": [0.0] * d}, {"x": [[0.0] * d, [1.0] * d]}]
+    limit = max_body_bytes(cfg_api, d)
+    predict = schema["paths"]["/predict"]["post"]
+    predict["description"] = (
+        f"Inference-mode batch norm (moving statistics). At most {max_batch} rows of "
+        f"input_dim={d} features and {limit} bytes per request."
+    )
+    predict["responses"]["413"]["description"] = f"Request body larger than {limit} bytes" + (
+        f" (`api.max_body_bytes`={cfg_api.max_body_bytes})"
+        if cfg_api.max_body_bytes
+        else f" (`api.max_body_bytes`=0, automatic: room for {max_batch} rows of input_dim={d})"
+    )

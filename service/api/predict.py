@@ -1,0 +1,65 @@
+"""The answer to ``POST /predict``: the cached model's predictions, or a problem naming what
+is wrong. Shared by the endpoint (``app``) and its fast path (``middleware``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from fastapi.responses import JSONResponse
+
+from service.api.bodies import problem
+from service.api.cache import ModelCache
+
+
+def _prediction_rows(output: str, y: np.ndarray) -> list[dict[str, Any]]:
+    """``Network.predict``'s (m, n_outputs) array as one JSON object per row."""
+    if output == "softmax":
+        classes = y.argmax(axis=1).tolist()  # (m, C) -> (m,)
+        return [{"probabilities": p, "class": c} for p, c in zip(y.tolist(), classes, strict=True)]
+    if output == "sigmoid" and y.shape[1] == 1:
+        return [{"probability": p, "class": int(p > 0.5)} for p in y[:, 0].tolist()]
+    if output == "sigmoid":
+        return [{"probabilities": p} for p in y.tolist()]
+    return [{"values": v} for v in y.tolist()]
+
+
+def predict_response(cache: ModelCache, max_batch: int, x: list) -> JSONResponse:
+    """The answer to ``POST /predict`` for a validated ``x`` (``PredictRequest.x``): the
+    predictions of the cached snapshot, or a 503/422 problem naming what is wrong."""
+    snap = cache.snapshot
+    if snap is None:
+        return problem(503, "no model loaded yet")
+    if not snap.finite:
+        return problem(503, f"model version {snap.version} has non-finite parameters")
+    single = not isinstance(x[0], list)
+    rows = [x] if single else x
+    if len(rows) > max_batch:
+        return problem(422, f"x has {len(rows)} rows; at most api.max_batch={max_batch}")
+    dim = snap.net.input_dim
+    for i, row in enumerate(rows):
+        if len(row) != dim:
+            where = "x" if single else f"x[{i}]"
+            return problem(422, f"{where} has {len(row)} features; the model takes {dim}")
+    # (m, input_dim) in the model's dtype; finite doubles may overflow float32.
+    with np.errstate(over="ignore"):  # out-of-range values become inf, refused below
+        xs = np.asarray(rows, np.float64).astype(snap.net.dtype)
+    if not np.isfinite(xs).all():
+        i = int(np.flatnonzero(~np.isfinite(xs).all(axis=1))[0])
+        return problem(422, f"x[{i}] holds a value outside the {snap.net.dtype} range")
+    with np.errstate(all="ignore"):  # overflow shows as a non-finite output, below
+        y = snap.net.predict(snap.params, snap.moving, xs)  # (m, n_outputs)
+    bad = np.flatnonzero(~np.isfinite(y).all(axis=1))
+    if bad.size:
+        return problem(
+            422,
+            f"rows {bad[:5].tolist()} give non-finite outputs: their features are too "
+            "large in magnitude for the model",
+        )
+    return JSONResponse(
+        {
+            "version": snap.version,
+            "output": snap.net.output,
+            "predictions": _prediction_rows(snap.net.output, y),
+        }
+    )
