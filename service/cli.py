@@ -270,6 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ins.add_argument("path", help="a checkpoint file, or a directory (its newest checkpoint)")
     ins.add_argument("--json", action="store_true", help="JSON instead of text")
+    ins.add_argument(
+        "--spans",
+        action="store_true",
+        help="also the applied spans per partition and whether they tile it once",
+    )
     ins.set_defaults(run=ops.run_checkpoint_inspect)
     exp = k_sub.add_parser("export", help="write the model as a plain .npz that numpy alone loads")
     exp.add_argument("path", help="a checkpoint file, or a directory (its newest checkpoint)")

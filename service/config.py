@@ -205,6 +205,11 @@ class BatchingConfig(_Section):
     max_batch: int = _opt(1024, "largest batch emitted (a power of two)")
     max_latency_ms: float = _opt(50.0, "longest wait before a partial batch is emitted")
     adaptive: bool = _opt(False, "let the target follow the arrival rate")
+    idle_flush_ms: float = _opt(
+        5000.0,
+        "a quiet stream's remainder (fewer than min_batch examples) is trained after waiting "
+        "this long, as the largest powers of two it holds (0 = it waits for more examples)",
+    )
 
     def _validate(self) -> None:
         for key in ("batch_size", "min_batch", "max_batch"):
@@ -217,6 +222,7 @@ class BatchingConfig(_Section):
             f"be in [min_batch, max_batch] = [{self.min_batch}, {self.max_batch}]",
         )
         self._positive("max_latency_ms")
+        self._non_negative("idle_flush_ms")
 
 
 @dataclass(frozen=True)

@@ -355,7 +355,57 @@ def _optimizer_summary(ckpt: Checkpoint) -> dict[str, Any]:
     }
 
 
-def inspect_checkpoint(path_or_dir: str | Path) -> dict[str, Any]:
+PASSED_VERSION = -1  # the history's version of a span of dead-lettered records only
+
+
+def checkpoint_spans(ckpt: Checkpoint, blocks: bool) -> list[dict[str, Any]]:
+    """The applied-span history of a checkpoint, per partition, and whether it tiles.
+
+    The history holds one row ``(partition_index, start, end, version)`` per partition a
+    batch covered (``service/ps/ledger.py``); ``version`` is the model version its update
+    was applied to, or -1 for a span of dead-lettered records only (no update).
+
+    Returns:
+        Per partition of the history: ``topic``, ``partition``, ``position`` (the
+        checkpoint's, shown), ``first`` and ``end`` (shown), ``tiled`` (each span starts
+        where the one before ended: every record between ``first`` and ``end`` once),
+        ``reaches_position`` (``end`` is the checkpoint's position), ``gaps`` and
+        ``overlaps`` (``[end shown, next start shown]`` pairs), and ``spans``:
+        ``[start shown, end shown, version]`` sorted by start. ``first`` is above 0
+        when the history's oldest rows were dropped (``checkpoint.history``).
+    """
+    history = ckpt.history
+    topics = [(str(t), int(p)) for t, p in ckpt.meta.get("topics", [])]
+    out = []
+    for index, tp in sorted(enumerate(topics), key=lambda item: item[1]):
+        rows = history[history[:, 0] == index]
+        if not len(rows):
+            continue
+        rows = rows[np.argsort(rows[:, 1], kind="stable")]  # (n, 4) by start
+
+        def shown(position: Any) -> str:
+            return format_position(int(position), blocks)
+
+        bounds = list(zip(rows[:-1, 2], rows[1:, 1], strict=True))  # (end, next start)
+        position = ckpt.offsets.get(tp)
+        out.append(
+            {
+                "topic": tp[0],
+                "partition": tp[1],
+                "position": None if position is None else shown(position),
+                "first": shown(rows[0, 1]),
+                "end": shown(rows[-1, 2]),
+                "tiled": all(a == b for a, b in bounds),
+                "reaches_position": position is not None and int(rows[-1, 2]) == position,
+                "gaps": [[shown(a), shown(b)] for a, b in bounds if b > a],
+                "overlaps": [[shown(a), shown(b)] for a, b in bounds if b < a],
+                "spans": [[shown(r[1]), shown(r[2]), int(r[3])] for r in rows],
+            }
+        )
+    return out
+
+
+def inspect_checkpoint(path_or_dir: str | Path, spans: bool = False) -> dict[str, Any]:
     """What a checkpoint holds (the newest of a directory), as JSON-able data.
 
     Returns:
@@ -363,7 +413,8 @@ def inspect_checkpoint(path_or_dir: str | Path) -> dict[str, Any]:
         ``network`` (the spec), ``n_params``, ``optimizer`` (name, hyperparameters,
         lr_factor, iterations, state slots), ``offsets`` (per partition: ``topic``,
         ``partition``, ``position`` as stored, ``offset`` and ``row`` of a Kafka stream
-        position, ``shown``), ``history_rows`` and ``config`` (secrets redacted).
+        position, ``shown``), ``history_rows`` and ``config`` (secrets redacted); with
+        ``spans``, also ``spans``: ``checkpoint_spans``.
     """
     path = resolve_checkpoint(path_or_dir)
     ckpt = load_checkpoint(path)
@@ -385,7 +436,7 @@ def inspect_checkpoint(path_or_dir: str | Path) -> dict[str, Any]:
         spec: dict[str, Any] | None = network_spec(ckpt)
     except ValueError:
         spec = None
-    return {
+    info: dict[str, Any] = {
         "path": str(path),
         "version": ckpt.version,
         "created_at": _iso(ckpt.meta.get("created_at")),
@@ -399,6 +450,9 @@ def inspect_checkpoint(path_or_dir: str | Path) -> dict[str, Any]:
         "history_rows": int(len(ckpt.history)),
         "config": redacted(ckpt.config),
     }
+    if spans:
+        info["spans"] = checkpoint_spans(ckpt, blocks)
+    return info
 
 
 def _network_text(spec: dict[str, Any] | None, n_params: int) -> str:
@@ -459,12 +513,32 @@ def format_inspection(info: dict[str, Any]) -> str:
     summary = _config_summary(info["config"])
     lines.append("config      " + (summary[0] if summary else "-"))
     lines += [f"            {line}" for line in summary[1:]]
+    if "spans" in info:
+        lines += _spans_text(info["spans"])
     return "\n".join(lines) + "\n"
+
+
+def _spans_text(partitions: list[dict[str, Any]]) -> list[str]:
+    lines = ["spans       [start, end) per partition, by start: the version its update was "
+             "applied to, or 'dead letters' (records passed without an update)"]  # fmt: skip
+    for p in partitions:
+        verdict = "tiled once" if p["tiled"] else (
+            f"{len(p['gaps'])} gaps, {len(p['overlaps'])} overlaps"
+        )  # fmt: skip
+        at = "at" if p["reaches_position"] else "NOT at"
+        lines.append(
+            f"  {p['topic']}/{p['partition']}: [{p['first']}, {p['end']}) {verdict}, "
+            f"{len(p['spans'])} spans, end {at} the position {p['position']}"
+        )
+        for start, end, version in p["spans"]:
+            what = "dead letters" if version == PASSED_VERSION else f"version {version}"
+            lines.append(f"    [{start}, {end})  {what}")
+    return lines
 
 
 def run_checkpoint_inspect(ns: argparse.Namespace) -> int:
     """``streamtrain checkpoint inspect PATH_OR_DIR [--json]``."""
-    info = inspect_checkpoint(ns.path)
+    info = inspect_checkpoint(ns.path, spans=ns.spans)
     sys.stdout.write(json.dumps(info, indent=2) + "\n" if ns.json else format_inspection(info))
     return 0
 

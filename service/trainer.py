@@ -203,6 +203,7 @@ class Trainer:
             "max_batch": cfg.batching.max_batch,
             "max_latency_ms": cfg.batching.max_latency_ms,
             "adaptive": cfg.batching.adaptive,
+            "idle_flush_ms": cfg.batching.idle_flush_ms,
         }
         n_params = Network(**self.net_spec).n_params
         inflight = inflight_for(cfg, n_params)

@@ -332,9 +332,19 @@ class GradientWorker:
         self._params = self.net.layout.views(flat)  # read-only from the object store
 
     def _submit(self, batches: list[Batch], recomputed: bool = False) -> _InFlight:
-        """Compute the batches' gradients on the current parameters; push them in one call."""
+        """Compute the batches' gradients on the current parameters; push them in one call.
+
+        A batch of no example (a pass over dead-lettered records, ``PowerOfTwoBatcher``)
+        travels as a zero row: the server only fences its spans and moves its positions.
+        """
         grads, stats, losses, ns, correct = [], [], [], [], 0.0
         for batch in batches:
+            if not len(batch.x):
+                grads.append(np.zeros(self.net.n_params, self.net.dtype))
+                stats.append(np.zeros(self.net.moving_layout.size, self.net.dtype))
+                losses.append(0.0)
+                ns.append(0)
+                continue
             loss, g, st, logits = self.net.loss_and_grads(
                 self._params, batch.x, batch.y, return_logits=True
             )
@@ -349,7 +359,7 @@ class GradientWorker:
                 self._counts["examples"] += n
                 self._sizes[n] = self._sizes.get(n, 0) + 1
         report = WorkerReport(
-            accuracy=correct / sum(ns),
+            accuracy=correct / sum(ns) if sum(ns) else float("nan"),
             push_seconds=tuple(self._push_seconds),
             lag=self.source.lag(self.batcher.cursors()),
         )

@@ -9,9 +9,14 @@ from pathlib import Path
 
 from service.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 
+TIMER_MAX_WAIT_SECONDS = 1.0  # longest the timer sleeps between two looks at the clock
+
 
 class CheckpointPolicy:
     """Checkpoints every ``every_updates`` versions or ``every_seconds`` (0: off).
+
+    ``due`` is asked after each update; ``due_by_time`` by the server's timer, so that
+    ``every_seconds`` holds on a quiet stream too, where no update comes to ask.
 
     Args:
         directory: where checkpoints go; None writes none (and restores none).
@@ -60,6 +65,22 @@ class CheckpointPolicy:
         if self.every_updates and version - self.last_version >= self.every_updates:
             return True
         return bool(self.every_seconds) and self.age() >= self.every_seconds
+
+    @property
+    def timed(self) -> bool:
+        """Whether checkpoints are also due by time (a directory and ``every_seconds``)."""
+        return self.directory is not None and bool(self.every_seconds)
+
+    def due_by_time(self, moved: bool) -> bool:
+        """Whether ``every_seconds`` have passed since the last checkpoint, for a state that
+        ``moved`` since it (a new version, or positions passed)."""
+        return moved and self.timed and self.age() >= self.every_seconds
+
+    def next_check(self) -> float:
+        """Seconds the timer may sleep before ``due_by_time`` can turn true."""
+        if not self.timed:
+            return TIMER_MAX_WAIT_SECONDS
+        return min(TIMER_MAX_WAIT_SECONDS, max(0.01, self.every_seconds - self.age()))
 
     def age(self) -> float:
         """Seconds since the last checkpoint (or since start-up)."""

@@ -2,9 +2,16 @@
 
 It fences pushes (a batch must start at its partition's next offset), holds the spans a
 pending sync round reserved, records the applied history (which spans made which
-version), the bad-record watermarks (each bad record is reported once), and the offsets
-of the newest checkpoint (what consumers may commit). Plain data: no lock, no Ray; the
-server calls it under its own lock.
+version, and which passed dead-lettered records), the bad-record watermarks (each bad
+record is reported once while the server lives), and the offsets of the newest
+checkpoint (what consumers may commit). Plain data: no lock, no Ray; the server calls it
+under its own lock.
+
+History rows are ``(partition_index, start, end, version)``, int64, one per partition a
+batch covered: ``[start, end)`` in stream positions (Kafka: ``offset * ROWS_PER_OFFSET +
+row``), ``version`` the model version the batch's update was applied to (it made
+``version + 1``), or ``PASSED`` for a span of dead-lettered records only, which no
+update applied. A partition's rows, sorted by ``start``, tile its offsets exactly once.
 """
 
 from __future__ import annotations
@@ -15,7 +22,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from workers.ingest.source import ROWS_PER_OFFSET
 from workers.transport.protocol import Progress, Spans, TopicPartition
+
+PASSED = -1  # the version column of a history row that passed dead-lettered records
 
 
 class LedgerSnapshot(NamedTuple):
@@ -81,11 +91,36 @@ class OffsetLedger:
         for tp, (start, end) in spans.items():
             self.offsets[tp] = end
             if applied:
-                index = self._tp_index.get(tp)
-                if index is None:
-                    index = self._tp_index[tp] = len(self.tps)
-                    self.tps.append(tp)
-                self.history.append((index, start, end, version))
+                self._record(tp, start, end, version)
+
+    def _record(self, tp: TopicPartition, start: int, end: int, version: int) -> None:
+        index = self._tp_index.get(tp)
+        if index is None:
+            index = self._tp_index[tp] = len(self.tps)
+            self.tps.append(tp)
+        self.history.append((index, start, end, version))
+
+    def pass_rejected(self, spans: Spans) -> dict[TopicPartition, int] | None:
+        """Move positions over spans of dead-lettered records only (a batch of no example).
+
+        Fencing as for a batch: each span must start at its partition's position. It must
+        also end within the records already claimed as bad (``claim_rejections``), and
+        no pending sync round may hold the partition (its reservation would move the
+        position back when it applies). Passed spans join the history as ``PASSED``.
+
+        Returns:
+            None when passed, else the positions the spans must start at (the caller
+            refuses them as fenced; the worker reads again from there).
+        """
+        expected = self.expected(spans)
+        for tp, (start, end) in spans.items():
+            claimed = self.rejected_next.get(tp, 0) * ROWS_PER_OFFSET
+            if tp in self.reserved or start != expected[tp] or not start < end <= claimed:
+                return expected
+        for tp, (start, end) in spans.items():
+            self.offsets[tp] = end
+            self._record(tp, start, end, PASSED)
+        return None
 
     def applied_history(self) -> tuple[np.ndarray, list[TopicPartition]]:
         """(n, 4) int64 rows ``(partition_index, start, end, version)``, and the partitions."""
@@ -122,11 +157,18 @@ class OffsetLedger:
         return self.offsets != self.durable
 
     def snapshot(self) -> LedgerSnapshot:
+        """What a checkpoint keeps. Its bad-record watermarks go no further than its
+        positions: a dead letter claimed past them may not have reached Kafka yet when a
+        crash comes, so after a restart it is reported again (at least once)."""
+        watermarks = {
+            tp: min(o, -(-self.offsets.get(tp, 0) // ROWS_PER_OFFSET))
+            for tp, o in self.rejected_next.items()
+        }
         return LedgerSnapshot(
             offsets=dict(self.offsets),
             topics=[list(tp) for tp in self.tps],
             history=np.array(self.history, np.int64).reshape(-1, 4),
-            rejected_next=[[t, p, o] for (t, p), o in self.rejected_next.items()],
+            rejected_next=[[t, p, o] for (t, p), o in watermarks.items()],
         )
 
     def made_durable(self, offsets: Mapping[TopicPartition, int]) -> None:

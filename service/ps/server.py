@@ -9,6 +9,7 @@ the checkpoint policy. The service process only reads ``stats()``.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -51,6 +52,8 @@ from workers.transport.protocol import (
     WorkerReport,
 )
 from workers.transport.ring import SharedGradientReader, SharedGradients
+
+log = logging.getLogger("streamtrain.ps")
 
 ORDER_WAIT_SECONDS = 2.0  # longest a push waits for its worker's previous one
 # The update and parameter norms (the update-ratio gauge, the detector's parameter norm)
@@ -211,6 +214,8 @@ class ParameterServer:
         self._norms_at = -math.inf  # clock() of the last update whose norms were computed
         self._param_norm = math.nan  # of the parameters then
         self._channel: PushServer | None = None  # node-local pushes
+        self._timer: threading.Thread | None = None  # checkpoints of a quiet stream
+        self._timer_stop = threading.Event()
         if self.checkpoints.enabled and self.checkpoints.newest() is None:
             self._checkpoint()  # the healthy state a rollback can always return to
 
@@ -232,6 +237,33 @@ class ParameterServer:
             ckpt.meta.get("rejected_next", []),
         )  # fmt: skip
         self.guard.restore(ckpt.meta.get("guard"), lr_factor)
+
+    def checkpoint_if_due(self) -> str | None:
+        """Checkpoint when ``checkpoint.every_seconds`` have passed since the last one and
+        the model or its positions moved meanwhile; returns the path written, if any.
+
+        Updates check the policy themselves; this is what honours it on a quiet stream,
+        where no update comes to check (``start_timer`` calls it).
+        """
+        with self._lock:
+            moved = self.version != self.checkpoints.last_version
+            if not self.checkpoints.due_by_time(moved or self.ledger.moved_since_durable()):
+                return None
+            return self._checkpoint()
+
+    def start_timer(self) -> None:
+        """Call ``checkpoint_if_due`` from a thread of its own until ``close``."""
+        if self._timer is not None or not self.checkpoints.timed:
+            return
+        self._timer = threading.Thread(target=self._tick, name="checkpoint-timer", daemon=True)
+        self._timer.start()
+
+    def _tick(self) -> None:
+        while not self._timer_stop.wait(self.checkpoints.next_check()):
+            try:
+                self.checkpoint_if_due()
+            except (OSError, ValueError) as exc:  # a full disk: tried again at the next tick
+                log.error("timed checkpoint failed: %s", exc)
 
     def checkpoint(self, healthy: bool | None = None) -> str | None:
         """Write a checkpoint now; returns its path (None without a checkpoint dir)."""
@@ -312,6 +344,7 @@ class ParameterServer:
 
     def close(self) -> None:
         """Close the local channel and the parameter board (an actor just exits)."""
+        self._timer_stop.set()
         with self._lock:
             channel, self._channel = self._channel, None
             self.publisher.close()
@@ -436,6 +469,11 @@ class ParameterServer:
                 self.counts["pushes"] += 1
                 self.counts["local_pushes"] += local
                 self.counts["recomputed"] += bool(push.recomputed)
+                if not push.ns[i]:  # a pass over dead-lettered records: no update
+                    refusal = self._pass(spans, local)
+                    if refusal is not None:
+                        return refusal._replace(handled=i)
+                    continue
                 refusal = self._refusal(push.base_version, spans, local)
                 if refusal is not None:
                     return refusal._replace(handled=i)
@@ -447,6 +485,21 @@ class ParameterServer:
                 if self._apply([item]) == Status.NONFINITE:
                     status = Status.NONFINITE
             return self._reply(status, push.base_version, k, local)
+
+    def _pass(self, spans: Spans, local: bool) -> PushReply | None:
+        """Move the positions over a batch of no example (``OffsetLedger.pass_rejected``);
+        the fenced refusal when it does not line up. Staleness does not matter: nothing
+        is applied."""
+        if self.guard.paused:
+            return self._refusal(self.version, spans, local)
+        expected = self.ledger.pass_rejected(spans)
+        if expected is None:
+            return None
+        self.counts["fenced"] += 1
+        version, params = self.publisher.params(
+            self.version, self.params.flat, fresh=True, local=local
+        )
+        return PushReply(Status.FENCED, self.version, params, expected, 0, version)
 
     def _refusal(self, base_version: int, spans: Spans, local: bool) -> PushReply | None:
         """The reply refusing a push, or None when it may be applied."""
@@ -667,6 +720,7 @@ class _RemoteParameterServer(ParameterServer):
     ):
         node_id = ray.get_runtime_context().get_node_id()
         super().__init__(net_spec, config, publish=publish_params, clock=clock, node_id=node_id)
+        self.start_timer()
 
 
 ParameterServerActor = ray.remote(_RemoteParameterServer)

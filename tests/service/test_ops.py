@@ -1,5 +1,6 @@
 """`streamtrain config show`, `streamtrain checkpoint list|inspect|export` and service/logs.py."""
 
+import dataclasses
 import io
 import json
 import logging
@@ -566,3 +567,34 @@ def test_config_is_logged_once_redacted(root_logger, monkeypatch):
     assert logs.log_config_once(other) is True
     assert SECRET not in plain.getvalue()
     assert '"workers": 4' in plain.getvalue()
+
+
+def test_checkpoint_inspect_spans_shows_each_partitions_tiling(capsys, tmp_path):
+    """The history per partition: updates' spans, dead-lettered spans (version -1), and
+    whether they tile [first, end) once and end at the checkpoint's position."""
+    ckpt, _ = make_checkpoint(8)
+    history = np.array(
+        [[0, 0, 5 * BLOCK, 0], [1, 0, 7 * BLOCK, 1], [0, 5 * BLOCK, 12 * BLOCK + 40, 2],
+         [1, 7 * BLOCK, 9 * BLOCK, -1]],
+        np.int64,
+    )  # fmt: skip
+    ckpt = dataclasses.replace(ckpt, history=history)
+    save_checkpoint(tmp_path, ckpt)
+    code, out, _ = run(capsys, "checkpoint", "inspect", str(tmp_path), "--spans")
+    assert code == 0
+    assert "streamtrain/0: [0, 12+40) tiled once, 2 spans, end at the position 12+40" in out
+    assert "streamtrain/1: [0, 9) tiled once, 2 spans, end NOT at the position 7" in out
+    assert re.search(r"^    \[5, 12\+40\)  version 2$", out, re.M)
+    assert re.search(r"^    \[7, 9\)  dead letters$", out, re.M)
+    code, out, _ = run(capsys, "checkpoint", "inspect", str(tmp_path), "--json", "--spans")
+    spans = json.loads(out)["spans"]
+    assert spans[0]["spans"] == [["0", "5", 0], ["5", "12+40", 2]]
+    assert spans[0]["tiled"] and spans[0]["reaches_position"] and spans[0]["gaps"] == []
+    assert spans[1]["spans"][-1] == ["7", "9", -1]
+    # A gap and an overlap are named by their ends.
+    broken = np.array([[0, 0, 4 * BLOCK, 0], [0, 5 * BLOCK, 8 * BLOCK, 1],
+                       [0, 7 * BLOCK, 9 * BLOCK, 2]], np.int64)  # fmt: skip
+    save_checkpoint(tmp_path, dataclasses.replace(make_checkpoint(9)[0], history=broken))
+    code, out, _ = run(capsys, "checkpoint", "inspect", str(tmp_path), "--json", "--spans")
+    (part,) = json.loads(out)["spans"]
+    assert not part["tiled"] and part["gaps"] == [["4", "5"]] and part["overlaps"] == [["8", "7"]]

@@ -62,6 +62,18 @@ class PowerOfTwoBatcher:
     Chunks are kept as arrays and only sliced and concatenated when a batch is taken, so
     the cost is per chunk and per batch, not per record.
 
+    A quiet stream: once the oldest buffered record has waited `idle_flush_ms` (when > 0),
+    fewer than `min_batch` records are emitted too, as the largest power of two buffered
+    (called again: the next largest, down to 1), so that a topic that goes quiet leaves no
+    example untrained. While records flow, `min_batch` holds.
+
+    Records that yield no example (dead-lettered ones: a chunk's `end` past its last row)
+    still belong to the partition's positions. Behind buffered records they are covered
+    by the next batch's span, which starts at the cursor; when nothing of the partition
+    is buffered after them, they are emitted once they have waited `max_latency_ms` as a
+    batch of no example whose span passes them (a "pass"), so that a partition's position
+    reaches its end even when it ends with such records.
+
     With `adaptive=True`, `target` follows the arrival rate measured over recent `add()`
     calls: the largest power of two in `[min_batch, max_batch]` that the stream fills
     within the latency bound, or at once the largest that the records already buffered
@@ -74,6 +86,8 @@ class PowerOfTwoBatcher:
         max_batch: largest size ever emitted, a power of two.
         max_latency_ms: how long the oldest record may wait before a partial batch, > 0.
         adaptive: let the target follow the measured arrival rate.
+        idle_flush_ms: how long the oldest record of a remainder below `min_batch` waits
+            before it is emitted anyway; 0 keeps it until more records arrive.
         clock: seconds, monotonic; injected so tests can drive time.
     """
 
@@ -84,6 +98,7 @@ class PowerOfTwoBatcher:
         max_batch: int = 1024,
         max_latency_ms: float = 50.0,
         adaptive: bool = False,
+        idle_flush_ms: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         for name, value in (
@@ -109,12 +124,19 @@ class PowerOfTwoBatcher:
                 "`max_latency_ms` must be a finite number > 0."
                 f" Received: max_latency_ms={max_latency_ms!r}"
             )
+        if not (isinstance(idle_flush_ms, int | float) and 0 <= idle_flush_ms < math.inf):
+            raise ValueError(
+                "`idle_flush_ms` must be a finite number >= 0."
+                f" Received: idle_flush_ms={idle_flush_ms!r}"
+            )
         self.min_batch = int(min_batch)
         self.max_batch = int(max_batch)
         self.max_latency_ms = float(max_latency_ms)
         self.adaptive = bool(adaptive)
         self._clock = clock
         self._latency_s = self.max_latency_ms / 1000.0
+        self.idle_flush_ms = float(idle_flush_ms)
+        self._idle_s = self.idle_flush_ms / 1000.0
         self._target = int(batch_size)
         self._segments: deque[_Segment] = deque()
         self._pending = 0
@@ -123,6 +145,13 @@ class PowerOfTwoBatcher:
         self._cursor: dict[TopicPartition, int] = {}
         # Next offset expected from the source: the cursor plus what is buffered.
         self._next: dict[TopicPartition, int] = {}
+        # Per partition, [end, arrival] of records read past the last buffered row that
+        # yield no example (see the class docstring): the span of a pass.
+        self._tails: dict[TopicPartition, list[float]] = {}
+        self._empty: tuple[np.ndarray, np.ndarray] = (
+            np.empty((0, 0), np.float32),
+            np.empty(0, np.float32),
+        )  # x[:0], y[:0] of the newest chunk: a pass's arrays
         self._stale = 0
         self._last_add: float | None = None
         self._ema_count = 0.0
@@ -153,6 +182,11 @@ class PowerOfTwoBatcher:
     def pending(self) -> int:
         """Number of buffered records."""
         return self._pending
+
+    def unpassed(self) -> dict[TopicPartition, int]:
+        """Per partition, the end of records read that yield no example and that no
+        batch has passed yet (dead-lettered records after the last buffered row)."""
+        return {tp: int(tail[0]) for tp, tail in self._tails.items()}
 
     def cursors(self) -> dict[TopicPartition, int]:
         """Per partition, the offset the next batch's span will start at."""
@@ -212,6 +246,8 @@ class PowerOfTwoBatcher:
             self._next.pop(tp, None)
 
     def _drop(self, tps: set[TopicPartition]) -> None:
+        for tp in tps:
+            self._tails.pop(tp, None)
         if not any(self._buffered.get(tp) for tp in tps):
             for tp in tps:
                 self._buffered.pop(tp, None)
@@ -250,14 +286,16 @@ class PowerOfTwoBatcher:
                     f"the same length. Received: {offsets.shape}, {np.shape(chunk.x)}, "
                     f"{np.shape(chunk.y)}"
                 )
+            tp = (chunk.topic, int(chunk.partition))
             if k == 0:
+                self._read_past(tp, int(chunk.end), now)
                 continue
+            self._empty = (chunk.x[:0], chunk.y[:0])
             if k > 1 and not np.all(offsets[1:] > offsets[:-1]):
                 raise ValueError(
                     f"chunk of {chunk.topic!r}/{chunk.partition}: offsets must be strictly "
                     f"increasing. Received: {offsets[:8].tolist()}..."
                 )
-            tp = (chunk.topic, int(chunk.partition))
             expected = self._next.get(tp)
             first = 0
             if expected is None:
@@ -266,14 +304,28 @@ class PowerOfTwoBatcher:
                 first = int(np.searchsorted(offsets, expected, side="left"))
                 self._stale += first
                 if first == k:
+                    self._read_past(tp, int(chunk.end), now)
                     continue
+            self._tails.pop(tp, None)  # rows follow: the next batch's span covers the tail
             self._next[tp] = int(offsets[-1]) + 1
             self._segments.append(_Segment(tp, offsets, chunk.x, chunk.y, first, now))
             self._pending += k - first
             self._buffered[tp] = self._buffered.get(tp, 0) + k - first
             added += k - first
+            self._read_past(tp, int(chunk.end), now)
         self._observe_arrivals(added, now)
         return added
+
+    def _read_past(self, tp: TopicPartition, end: int, now: float) -> None:
+        """Records up to ``end`` were read, the last ones yielding no example."""
+        if tp not in self._cursor or end <= self._next[tp]:
+            return  # nothing new (or no position known yet to pass them from)
+        self._next[tp] = end
+        tail = self._tails.get(tp)
+        if tail is None:
+            self._tails[tp] = [end, now]
+        else:
+            tail[0] = end
 
     def _observe_arrivals(self, count: int, now: float) -> None:
         if self._last_add is not None:
@@ -305,19 +357,25 @@ class PowerOfTwoBatcher:
 
         A full batch of `target` records when that many are buffered; otherwise, once
         the oldest buffered record has waited `max_latency_ms`, the largest power of
-        two >= `min_batch` that is buffered. Call it until it returns None.
+        two >= `min_batch` that is buffered, or once it has waited `idle_flush_ms`, the
+        largest power of two buffered; otherwise a pass of the tails that have waited
+        `max_latency_ms` (a batch of no example). Call it until it returns None.
 
         Args:
             now: current time; defaults to the clock.
         """
         if self._pending >= self._target:
             return self._take(self._target)
-        if self._pending < self.min_batch:
+        if self._pending == 0 and not self._tails:
             return None
         now = self._clock() if now is None else now
-        if now - self._segments[0].arrival >= self._latency_s:
-            return self._take(floor_power_of_two(self._pending))
-        return None
+        if self._pending:
+            waited = now - self._segments[0].arrival
+            if self._pending >= self.min_batch and waited >= self._latency_s:
+                return self._take(floor_power_of_two(self._pending))
+            if self._idle_s and waited >= self._idle_s:  # a quiet stream's remainder
+                return self._take(floor_power_of_two(self._pending))
+        return self._pass(now - self._latency_s)
 
     def flush_all(self, include_tail: bool = True) -> list[Batch]:
         """Empty the buffer at the end of a finite stream, regardless of latency.
@@ -325,8 +383,9 @@ class PowerOfTwoBatcher:
         Emits power-of-two batches of at most `target` and at least `min_batch` while
         that many are buffered. The remainder, fewer than `min_batch` records, is then
         emitted as the largest powers of two down to 1 (its binary decomposition) so
-        that no example is ever lost: these tail batches are the only ones ever
-        smaller than `min_batch`. With `include_tail=False` the remainder stays buffered.
+        that no example is ever lost (as after `idle_flush_ms`), and a pass of the
+        records read that yield no example follows. With `include_tail=False` the
+        remainder stays buffered.
         """
         batches = []
         while self._pending >= self.min_batch:
@@ -334,7 +393,23 @@ class PowerOfTwoBatcher:
         if include_tail:
             while self._pending:
                 batches.append(self._take(floor_power_of_two(self._pending)))
+            passed = self._pass(math.inf)
+            if passed is not None:
+                batches.append(passed)
         return batches
+
+    def _pass(self, arrived_by: float) -> Batch | None:
+        """A batch of no example whose spans pass the tails that arrived by ``arrived_by``
+        and have nothing buffered before them; None when there is none."""
+        spans = {}
+        for tp, (end, arrival) in list(self._tails.items()):
+            if arrival <= arrived_by and not self._buffered.get(tp):
+                spans[tp] = (self._cursor[tp], int(end))
+                self._cursor[tp] = int(end)
+                del self._tails[tp]
+        if not spans:
+            return None
+        return Batch(self._empty[0], self._empty[1], spans)
 
     def _take(self, n: int) -> Batch:
         xs: list[np.ndarray] = []

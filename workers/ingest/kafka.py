@@ -3,6 +3,7 @@
 Positions are the parameter server's, never Kafka's committed offsets: a newly assigned
 partition is sought to where the model's history ends, and only offsets a durable
 checkpoint covers are committed back (so standard Kafka tooling shows the lag).
+Dead letters are sent at least once, keyed ``<topic>/<partition>/<offset>``.
 """
 
 from __future__ import annotations
@@ -279,6 +280,7 @@ class KafkaSource:
             time.sleep(min(timeout_s, 0.5))
             return []
         chunks = []
+        sent = self.dead_letters
         for ktp, records in polled.items():
             if not records:
                 continue
@@ -286,6 +288,10 @@ class KafkaSource:
             chunk = self._decode(tp, records)
             if chunk is not None:
                 chunks.append(chunk)
+        if self.dead_letters != sent:
+            # Acknowledged before the records after them reach a batch: no position, hence
+            # no checkpoint, ever passes a dead letter that could still be lost.
+            self._flush_dead_letters()
         if polled:
             self._last_record = time.monotonic()
         return chunks
@@ -296,8 +302,11 @@ class KafkaSource:
         if decoded.errors:
             self._reject(tp, [(records[i], error) for i, error in decoded.errors])
         rows = decoded.rows
+        # Records past the last row (dead-lettered ones) are read too: the chunk's end
+        # passes them, so the partition's position can (PowerOfTwoBatcher).
+        end = (int(records[-1].offset) + 1) * ROWS_PER_OFFSET
         if not len(decoded.x):
-            return None
+            return Chunk(tp[0], tp[1], np.empty(0, np.int64), decoded.x, decoded.y, end)
         offsets = np.fromiter((r.offset for r in records), np.int64, len(records))
         # Every row its own position: the block's offset scaled, plus the row within it;
         # a record's last row takes the last position of its offset, so a batch ending
@@ -311,16 +320,16 @@ class KafkaSource:
         if skip is not None:  # a seek into a block: its earlier rows are in the model already
             keep = positions >= skip
             positions, x, y = positions[keep], x[keep], y[keep]
-            if not len(positions):
-                return None
-        return Chunk(tp[0], tp[1], positions, x, y)
+        return Chunk(tp[0], tp[1], positions, x, y, end)
 
     def _reject(self, tp: TopicPartition, bad: list) -> None:
         """Dead-letter and count bad records, each once although it may be read again.
 
         A seek back (a resync after a refused push) or a rebalance makes a consumer read
         records again; ``claim`` (the parameter server's, when given) says which offsets
-        nobody has reported yet, else this consumer remembers what it reported.
+        nobody has reported yet, else this consumer remembers what it reported. After a
+        crash the records past the restored positions are reported again (at least once):
+        each dead letter's key, ``<topic>/<partition>/<offset>``, tells a repeat apart.
         """
         if self._claim is not None:
             fresh = self._claim([(tp, int(r.offset), e.reason) for r, e in bad])
@@ -347,10 +356,12 @@ class KafkaSource:
             ("partition", str(record.partition).encode()),
             ("offset", str(record.offset).encode()),
         ]
+        if record.key is not None:
+            headers.append(("key", record.key))  # the record's own key
         self._producer.send(
             self.dead_letter_topic,
             value=record.value if record.value is not None else b"",
-            key=record.key,
+            key=dead_letter_key(record.topic, record.partition, record.offset),
             headers=headers,
         )
         self.dead_letters += 1
@@ -416,7 +427,8 @@ class KafkaSource:
         return True
 
     def complete(self, progress: Progress) -> bool:
-        """True when the model has passed the end of every partition of the topic.
+        """True when the model's positions have passed the end of every partition of the
+        topic (dead-lettered records included: a partition's position passes them).
 
         Args:
             progress: the parameter server's ``progress()``: next stream positions and the
@@ -430,11 +442,9 @@ class KafkaSource:
             return False
         if not ends:  # the topic's partitions not known (metadata being refreshed): not yet
             return False
-        positions, rejected = progress.positions, progress.rejected
         for ktp, end in ends.items():
             tp = (ktp.topic, ktp.partition)
-            trained = max(split_position(positions.get(tp, 0))[0], rejected.get(tp, 0))
-            if trained < end:
+            if split_position(progress.positions.get(tp, 0))[0] < end:
                 return False
         return True
 
@@ -484,6 +494,12 @@ class KafkaSource:
         if self._producer is not None:
             self._producer.close(timeout=10)
         self.consumer.close(autocommit=False)
+
+
+def dead_letter_key(topic: str, partition: int, offset: int) -> bytes:
+    """The key of a bad record's dead letter: the same each time it is sent, so that a
+    consumer (or a compacted dead-letter topic) can drop the repeats a crash may cause."""
+    return f"{topic}/{int(partition)}/{int(offset)}".encode()
 
 
 def _admin(client: Mapping[str, Any], timeout_s: float):

@@ -44,6 +44,10 @@ class Chunk(NamedTuple):
             transaction markers), so `offsets[-1] - offsets[0] + 1 >= k`.
         x: (k, n_features) float32 features.
         y: (k,) labels (float32 0/1 or int64 class ids) or (k, n_outputs) float32 targets.
+        end: the position after the last record read, -1 when that is the last row's
+            position + 1. Past it when the read ended with records that yield no example
+            (dead-lettered): the partition's position may pass them although no batch
+            holds them (``PowerOfTwoBatcher``). k may then be 0.
     """
 
     topic: str
@@ -51,13 +55,15 @@ class Chunk(NamedTuple):
     offsets: np.ndarray
     x: np.ndarray
     y: np.ndarray
+    end: int = -1
 
 
 class Batch(NamedTuple):
     """A training batch and the offsets it covers.
 
     Attributes:
-        x: (m, n_features) float32, m a power of two (see PowerOfTwoBatcher).
+        x: (m, n_features) float32, m a power of two (see PowerOfTwoBatcher), or 0 for a
+            pass: spans over records that yield no example (dead-lettered ones).
         y: (m,) or (m, n_outputs) labels, row-aligned with x.
         spans: per partition, the half-open offset range `[start, end)` this batch
             covers: `start` is where the partition's previous batch ended (or the

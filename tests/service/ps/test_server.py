@@ -823,3 +823,54 @@ def test_without_the_board_a_large_models_workers_stay_on_ray_calls(monkeypatch)
         assert info is None and endpoint.address.startswith("\0")
     finally:
         small.close()
+
+
+# -- dead-lettered records and a quiet stream -------------------------------------------------
+
+
+def test_a_batch_of_no_example_passes_claimed_bad_records_without_an_update():
+    server, batches = make_server(), Batches()
+    tp, r = (TOPIC, 0), 1 << 16
+    assert push(server, batches, "w", {tp: (0, 8 * r)}).status == APPLIED
+    server.claim_rejections([(tp, 8, "bad_json"), (tp, 9, "bad_json")])
+    version, flat = server.current()
+    zero = np.zeros_like(flat)
+    stats = np.zeros(Network(**SMALL_NET).moving_layout.size, np.float32)
+    # Based on an old version: staleness does not matter, nothing is applied.
+    reply = server.push("w", 0, zero, 0, 0.0, stats, {tp: (8 * r, 10 * r)})
+    assert reply.status == APPLIED and reply.version == version
+    assert server.positions() == {tp: 10 * r} and server.model()["examples"] == 8
+    history, _ = server.applied_history()
+    assert history[:, 1:].tolist() == [[0, 8 * r, 0], [8 * r, 10 * r, -1]]
+    refused = server.push("w", version, zero, 0, 0.0, stats, {tp: (10 * r, 11 * r)})
+    assert refused.status == FENCED and refused.expected == {tp: 10 * r}  # 10 not claimed
+
+
+def test_the_timer_checkpoints_a_quiet_stream_after_every_seconds(tmp_path):
+    t = [0.0]
+    server = make_server(
+        tmp_path, clock=lambda: t[0], **{"checkpoint.every_seconds": 2.0,
+                                         "checkpoint.every_updates": 500}
+    )  # fmt: skip
+    batches = Batches()
+    assert push(server, batches, "w", {(TOPIC, 0): (0, 8)}).status == APPLIED
+    t[0] = 1.9
+    assert server.checkpoint_if_due() is None  # too early
+    t[0] = 2.0
+    path = server.checkpoint_if_due()
+    assert path is not None and path.endswith("ckpt-000000000001.npz")
+    assert server.durable_positions() == {(TOPIC, 0): 8}
+    t[0] = 10.0
+    assert server.checkpoint_if_due() is None  # nothing moved since
+
+
+def test_the_actor_timer_thread_writes_the_checkpoint_by_itself(tmp_path):
+    server = make_server(tmp_path, **{"checkpoint.every_seconds": 0.2,
+                                      "checkpoint.every_updates": 500})  # fmt: skip
+    try:
+        server.start_timer()
+        assert push(server, Batches(), "w", {(TOPIC, 0): (0, 8)}).status == APPLIED
+        wait_for(lambda: [p.name for p in list_checkpoints(tmp_path)][-1:]
+                 == ["ckpt-000000000001.npz"])  # fmt: skip
+    finally:
+        server.close()

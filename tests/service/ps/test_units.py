@@ -212,3 +212,55 @@ def test_checkpoints_are_due_by_updates_or_by_time_once_the_model_moved(tmp_path
     assert policy.due(4)
     off = CheckpointPolicy(None, every_updates=1, every_seconds=1.0, keep=1)
     assert not off.enabled and not off.due(100) and off.newest() is None
+
+
+# -- passes over dead-lettered records ------------------------------------------------------
+
+R = 1 << 16  # ROWS_PER_OFFSET: Kafka stream positions
+
+
+def test_a_pass_over_claimed_bad_records_moves_the_position_when_it_lines_up():
+    ledger = OffsetLedger(history_limit=100)
+    ledger.advance({A: (0, 3 * R)}, version=0, applied=True)
+    ledger.claim_rejections([(A, 3, "bad_json"), (A, 4, "bad_label")])
+    assert ledger.pass_rejected({A: (2 * R, 5 * R)}) == {A: 3 * R}  # not where A ends
+    assert ledger.pass_rejected({A: (3 * R, 6 * R)}) == {A: 3 * R}  # record 5 not claimed
+    assert ledger.pass_rejected({A: (3 * R, 5 * R)}) is None
+    assert ledger.next_offsets() == {A: 5 * R}
+    history, _ = ledger.applied_history()
+    assert history.tolist() == [[0, 0, 3 * R, 0], [0, 3 * R, 5 * R, -1]]
+    assert ledger.pass_rejected({A: (3 * R, 5 * R)}) == {A: 5 * R}  # once only
+
+
+def test_a_pass_waits_for_a_pending_sync_round_on_its_partition():
+    ledger = OffsetLedger(history_limit=100)
+    ledger.claim_rejections([(A, 1, "bad_json")])
+    ledger.reserve({A: (0, 1 * R)})
+    assert ledger.pass_rejected({A: (1 * R, 2 * R)}) == {A: 1 * R}
+    ledger.advance({A: (0, 1 * R)}, version=0, applied=True)
+    ledger.release()
+    assert ledger.pass_rejected({A: (1 * R, 2 * R)}) is None
+    assert ledger.next_offsets() == {A: 2 * R}
+
+
+def test_a_checkpoint_keeps_bad_record_watermarks_no_further_than_its_positions():
+    """A dead letter claimed past the positions may be lost in a crash before it reaches
+    Kafka: after a restart it must be reported again, never skipped."""
+    ledger = OffsetLedger(history_limit=100)
+    ledger.advance({A: (0, 2 * R)}, version=0, applied=True)
+    ledger.claim_rejections([(A, 1, "bad_json"), (A, 7, "bad_json"), (B, 4, "bad_json")])
+    snap = ledger.snapshot()
+    assert sorted(snap.rejected_next) == [["t", 0, 2], ["t", 1, 0]]
+    restarted = OffsetLedger(history_limit=100)
+    restarted.restore(snap.offsets, snap.topics, snap.history, snap.rejected_next)
+    assert restarted.claim_rejections([(A, 7, "bad_json"), (B, 4, "bad_json")]) == [True, True]
+
+
+def test_the_timer_checkpoints_a_moved_state_once_every_seconds_have_passed(tmp_path):
+    t = [0.0]
+    policy = CheckpointPolicy(str(tmp_path), 500, 2.0, 3, clock=lambda: t[0])
+    assert policy.timed and not policy.due_by_time(moved=True)
+    assert policy.next_check() == 1.0  # it looks at least once a second
+    t[0] = 2.0
+    assert policy.due_by_time(moved=True) and not policy.due_by_time(moved=False)
+    assert not CheckpointPolicy(str(tmp_path), 500, 0.0, 3).timed

@@ -379,3 +379,84 @@ def test_memory_stream_through_batcher_loses_nothing():
             assert start == covered[tp]
             covered[tp] = end
     assert covered == ends
+
+
+# -- records that yield no example, and a quiet stream ------------------------------------
+
+
+def bad_tail(partition: int, end: int) -> Chunk:
+    """A read whose records all went to the dead letters: no row, but an end."""
+    return Chunk(TOPIC, partition, np.empty(0, np.int64), np.empty((0, 2), np.float32),
+                 np.empty(0, np.float32), end)  # fmt: skip
+
+
+def test_a_tail_of_dead_lettered_records_is_passed_after_the_latency_bound():
+    clock = FakeClock()
+    b = PowerOfTwoBatcher(batch_size=4, min_batch=2, max_batch=4, max_latency_ms=10, clock=clock)
+    b.seek({(TOPIC, 0): 0})
+    chunk = make_chunk(0, [0, 1, 2, 3])
+    b.add([chunk._replace(end=7)])  # records 4, 5, 6 were read and rejected
+    assert b.next_batch().spans == {(TOPIC, 0): (0, 4)}
+    assert b.unpassed() == {(TOPIC, 0): 7}
+    assert b.next_batch() is None  # the tail waits as a partial batch would
+    clock.t = 0.01
+    passed = b.next_batch()
+    assert len(passed.x) == 0 and passed.spans == {(TOPIC, 0): (4, 7)}
+    assert b.unpassed() == {} and b.cursors() == {(TOPIC, 0): 7} and b.next_batch() is None
+    b.add([make_chunk(0, [5, 6, 7, 8])])  # read again after a seek back: stale but 7, 8
+    assert b.pending() == 2 and b.stale_records == 2
+
+
+def test_a_tail_behind_buffered_rows_joins_the_next_batch_when_rows_follow_it():
+    clock = FakeClock()
+    b = PowerOfTwoBatcher(batch_size=4, min_batch=4, max_batch=4, max_latency_ms=10, clock=clock)
+    b.seek({(TOPIC, 0): 0})
+    b.add([make_chunk(0, [0, 1])._replace(end=3), bad_tail(0, 5)])
+    clock.t = 1.0
+    assert b.next_batch() is None  # two rows are below min_batch; the tail is behind them
+    b.add([make_chunk(0, [5, 6])])  # rows after the tail: their batch's span covers it
+    assert b.unpassed() == {}
+    assert b.next_batch().spans == {(TOPIC, 0): (0, 7)}
+
+
+def test_flush_all_passes_every_tail_and_seek_forgets_them():
+    b = PowerOfTwoBatcher(batch_size=4, min_batch=4, max_batch=4, max_latency_ms=10)
+    b.seek({(TOPIC, 0): 0, (TOPIC, 1): 5})
+    b.add([make_chunk(0, [0, 1, 2])._replace(end=9), bad_tail(1, 8)])
+    batches = b.flush_all()
+    assert [len(x.x) for x in batches] == [2, 1, 0]
+    assert batches[-1].spans == {(TOPIC, 0): (3, 9), (TOPIC, 1): (5, 8)}
+    b.add([bad_tail(0, 12)])
+    b.seek({(TOPIC, 0): 9})
+    assert b.unpassed() == {} and b.flush_all() == []
+
+
+def test_a_tail_without_a_known_position_is_not_passed():
+    b = PowerOfTwoBatcher(batch_size=4, min_batch=4, max_batch=4)
+    b.add([bad_tail(0, 3)])  # no seek, no row: where it starts is unknown
+    assert b.unpassed() == {} and b.flush_all() == []
+
+
+def test_idle_flush_trains_a_quiet_streams_remainder_as_powers_of_two():
+    clock = FakeClock()
+    b = PowerOfTwoBatcher(
+        batch_size=32, min_batch=32, max_batch=64, max_latency_ms=50, idle_flush_ms=1000,
+        clock=clock,
+    )  # fmt: skip
+    b.add([make_chunk(0, range(7))])
+    clock.t = 0.999
+    assert b.next_batch() is None  # below min_batch: waits while the stream may go on
+    clock.t = 1.0
+    sizes = []
+    while (batch := b.next_batch()) is not None:
+        sizes.append(len(batch.x))
+    assert sizes == [4, 2, 1] and b.pending() == 0
+    off = PowerOfTwoBatcher(batch_size=32, min_batch=32, max_batch=64, clock=clock)
+    off.add([make_chunk(0, range(7))])
+    clock.t = 1e6
+    assert off.next_batch() is None  # idle_flush_ms = 0: the remainder waits for more
+
+
+def test_idle_flush_must_be_finite_and_not_negative():
+    with pytest.raises(ValueError, match="idle_flush_ms"):
+        PowerOfTwoBatcher(idle_flush_ms=-1)
