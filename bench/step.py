@@ -171,6 +171,88 @@ class NumpyStep:
         )
 
 
+class PlainStep:
+    """The plain-numpy baseline: one function per step, no abstractions, the same math.
+
+    What numpy alone does for the network of ``NumpyStep`` (Dense -> BN -> relu twice,
+    Dense with bias, sigmoid and binary cross-entropy, float32): forward with batch
+    statistics, backward, the moving statistics, global-norm clipping and Keras's Adam,
+    written as one would write it in a notebook, with arrays allocated as it goes. Only
+    Adam and global-norm clipping are written out (the default configuration); other
+    optimizers are not measured on this side.
+    """
+
+    def __init__(self, config: Config, clip: float | None, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        sizes = (config.input_dim, *HIDDEN, 1)
+        self.W = []
+        for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True):
+            limit = np.sqrt(6.0 / (n_in + n_out))
+            self.W.append(rng.uniform(-limit, limit, (n_in, n_out)).astype(np.float32))
+        self.gamma = [np.ones(n, np.float32) for n in HIDDEN]
+        self.beta = [np.zeros(n, np.float32) for n in HIDDEN]
+        self.b = np.zeros(1, np.float32)
+        self.mean = [np.zeros(n, np.float32) for n in HIDDEN]
+        self.var = [np.ones(n, np.float32) for n in HIDDEN]
+        params = self.W + self.gamma + self.beta + [self.b]
+        self.m = [np.zeros_like(p) for p in params]
+        self.v = [np.zeros_like(p) for p in params]
+        self.t = 0
+        self.clip = clip
+        data = np.random.default_rng(seed)
+        self.x = data.standard_normal((config.batch, config.input_dim), dtype=np.float32)
+        self.y = (data.random((config.batch, 1)) < 0.5).astype(np.float32)
+
+    def step(self) -> None:
+        """Forward, backward, moving statistics, clipping and Adam, all in this function."""
+        lr, b1, b2, eps, momentum = 1e-3, 0.9, 0.999, 1e-7, BN_MOMENTUM
+        m = len(self.x)
+        # forward
+        a, caches = self.x, []
+        for i in range(len(HIDDEN)):
+            z = a @ self.W[i]
+            mu = z.mean(axis=0)
+            var = z.var(axis=0)
+            inv_std = 1.0 / np.sqrt(var + BN_EPSILON)
+            zn = (z - mu) * inv_std
+            out = np.maximum(zn * self.gamma[i] + self.beta[i], 0)
+            self.mean[i] = self.mean[i] * momentum + mu * (1 - momentum)
+            self.var[i] = self.var[i] * momentum + var * (1 - momentum)
+            caches.append((a, zn, inv_std, out))
+            a = out
+        logits = a @ self.W[-1] + self.b
+        _loss = np.mean(np.maximum(logits, 0) - logits * self.y + np.log1p(np.exp(-np.abs(logits))))
+        # backward
+        dlogits = (1.0 / (1.0 + np.exp(-logits)) - self.y) / m
+        dW = [None] * (len(HIDDEN) + 1)
+        dW[-1] = a.T @ dlogits
+        db = dlogits.sum(axis=0)
+        da = dlogits @ self.W[-1].T
+        dgamma, dbeta = [None] * len(HIDDEN), [None] * len(HIDDEN)
+        for i in reversed(range(len(HIDDEN))):
+            a_in, zn, inv_std, out = caches[i]
+            dy = da * (out > 0)
+            dbeta[i] = dy.sum(axis=0)
+            dgamma[i] = (dy * zn).sum(axis=0)
+            dz = self.gamma[i] * inv_std * (dy - dbeta[i] / m - zn * dgamma[i] / m)
+            dW[i] = a_in.T @ dz
+            if i > 0:
+                da = dz @ self.W[i].T
+        grads = dW + dgamma + dbeta + [db]
+        # global-norm clipping, then Adam (Keras's form)
+        if self.clip is not None:
+            norm = np.sqrt(sum(float(np.sum(g * g)) for g in grads))
+            if norm > self.clip:
+                grads = [g * (self.clip / norm) for g in grads]
+        self.t += 1
+        lr_t = lr * np.sqrt(1 - b2**self.t) / (1 - b1**self.t)
+        params = self.W + self.gamma + self.beta + [self.b]
+        for p, g, m1, v1 in zip(params, grads, self.m, self.v, strict=True):
+            m1 += (1 - b1) * (g - m1)
+            v1 += (1 - b2) * (g * g - v1)
+            p -= lr_t * m1 / (np.sqrt(v1) + eps)
+
+
 class TorchWorker:
     """The parent's handle on the `--torch-worker` subprocess, which speaks JSON lines."""
 

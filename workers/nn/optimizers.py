@@ -141,7 +141,7 @@ _LAYOUTS: dict[tuple, Layout] = {}
 
 def _layout_of(params: Params) -> Layout:
     layout = getattr(params, "layout", None)
-    if layout is not None and layout._is_view_set(params, params.flat):
+    if layout is not None and layout.is_view_set(params):
         return layout
     key = tuple((k, np.shape(v), np.asarray(v).dtype.str) for k, v in params.items())
     layout = _LAYOUTS.get(key)
