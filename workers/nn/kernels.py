@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import operator
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -173,6 +174,7 @@ class FusedLibrary:
     def __init__(self, path: str):
         self.path = path
         self._lib = ctypes.CDLL(path)
+        self._kernels: dict[tuple[str, object], Callable[..., None] | None] = {}
         size, ptr, i32 = ctypes.c_size_t, ctypes.c_void_p, ctypes.c_int
         for suffix, real in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
             signatures = {
@@ -191,14 +193,23 @@ class FusedLibrary:
                 function = getattr(self._lib, f"{name}_{suffix}")
                 function.argtypes = None
                 function.restype = None
+            # Called with plain addresses (``cached_address``), converted by its argtypes.
+            function = getattr(self._lib, f"moving_update_{suffix}")
+            function.argtypes = [size, ptr, ptr, ctypes.c_double, ptr]
 
     def __repr__(self) -> str:
         return f"FusedLibrary({self.path!r})"
 
     def kernel(self, name: str, dtype: np.dtype) -> Callable[..., None] | None:
         """The C kernel ``name`` for ``dtype``; None for a dtype it was not built for."""
-        suffix = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}.get(np.dtype(dtype))
-        return None if suffix is None else getattr(self._lib, f"{name}_{suffix}")
+        key = (name, dtype)
+        found = self._kernels.get(key, False)
+        if found is False:
+            suffix = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}.get(np.dtype(dtype))
+            found = self._kernels[key] = (
+                None if suffix is None else getattr(self._lib, f"{name}_{suffix}")
+            )
+        return found
 
 
 PASS_KERNELS = (
@@ -206,7 +217,6 @@ PASS_KERNELS = (
     "bn_backward",
     "sigmoid_loss_pre",
     "sigmoid_loss_post",
-    "moving_update",
 )
 
 
@@ -272,7 +282,8 @@ _ADDRESSES_KEPT = 8
 _ADDRESS_MAX_SIZE = 65536  # elements: large buffers are few, and not worth keeping alive
 
 
-def _cached_address(a: np.ndarray) -> int:
+def cached_address(a: np.ndarray) -> int:
+    """``address(a)``, remembered for the few small writeable buffers seen last."""
     held = _ADDRESSES.get(id(a))
     if held is not None and held[0] is a:
         return held[1]
@@ -343,8 +354,12 @@ def fused_update(
         # One chunk on this thread: what a small model's update is, where the bookkeeping
         # below would cost more than the arithmetic.
         t, t_address = _SCRATCH.get(w.size, w.dtype)
-        arrays = (w, buffers.g, *buffers.state, buffers.new_w, *buffers.new_state)
-        fused(w.size, *map(_cached_address, arrays), t_address if keep_change else None, *hyper)
+        inputs = tuple(map(cached_address, (w, buffers.g, *buffers.state)))
+        if buffers.new_w is w and all(map(operator.is_, buffers.new_state, buffers.state)):
+            outputs = inputs[:1] + inputs[2:]  # in place
+        else:
+            outputs = tuple(map(cached_address, (buffers.new_w, *buffers.new_state)))
+        fused(w.size, *inputs, *outputs, t_address if keep_change else None, *hyper)
         return float(np.dot(t, t)) if keep_change else 0.0
     chunks = list(_chunks(w.size, chunk))
     arrays = (w, buffers.g, *buffers.state, buffers.new_w, *buffers.new_state)

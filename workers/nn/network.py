@@ -7,7 +7,6 @@ Imports numpy only and does no I/O. Hidden layer i (the lecture's eq. 31-36):
 
 from __future__ import annotations
 
-import ctypes
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -44,10 +43,6 @@ Params = Mapping[str, np.ndarray]
 # ``optimizers.FUSED``, so tests can compare the two paths.
 FUSED: kernels.FusedLibrary | None = kernels.load_library()
 PASSES_KEPT = 8  # batch sizes with buffers kept per network (powers of two 32...1024: 6)
-
-
-def _address(a: np.ndarray) -> ctypes.c_void_p:
-    return ctypes.c_void_p(kernels.address(a))
 
 
 class Network:
@@ -333,10 +328,10 @@ class Network:
         library = FUSED
         if library is not None:
             out = old if inplace else np.empty_like(old)
+            address = kernels.cached_address
             library.kernel("moving_update", self.dtype)(
-                ctypes.c_size_t(layout.size), _address(old), _address(batch),
-                ctypes.c_double(self.bn_momentum), _address(out),
-            )  # fmt: skip
+                layout.size, address(old), address(batch), self.bn_momentum, address(out)
+            )
         else:
             new = moving_update(old, batch, self.bn_momentum).astype(self.dtype, copy=False)
             if not inplace:
