@@ -1,6 +1,9 @@
-"""Speed of one float32 training step of the numpy network against PyTorch and the sgemm roofline.
+"""Speed of one float32 training step of the numpy network against a plain-numpy step, PyTorch
+and the sgemm roofline.
 
-Run `.venv/bin/python bench/step.py [--quick]`; it prints a markdown table. torch is imported only
+The plain-numpy baseline (`PlainStep`) is the same math written as one function per step:
+what numpy alone does, measured in the same run. Run `.venv/bin/python bench/step.py
+[--quick]`; it prints a markdown table. torch is imported only
 by the `--torch-worker` subprocess, never beside multi-threaded OpenBLAS in one process.
 """
 
@@ -88,11 +91,16 @@ class Config(NamedTuple):
     batch: int
 
 
+# Examples/s of the step over the plain-numpy baseline (PlainStep) that the small sizes aim at.
+PLAIN_TARGETS = {Config(30, 64): 3.0, Config(30, 256): 2.0}
+
+
 class RoundResult(NamedTuple):
     """Figures of one configuration measured side by side in one round."""
 
     numpy_seconds: float  # per step
     update_seconds: float  # per opt.update alone
+    plain_seconds: float | None  # per step of the plain-numpy baseline; None when not comparable
     torch_seconds: float | None  # per step; None without torch
     others_cores: float | None  # cores other processes kept busy meanwhile; None off Linux
     square_gflops: float  # square sgemm measured just before, the roofline of this round
@@ -450,14 +458,16 @@ def target(
     ratio: float | None,
     update_share: float,
     roofline_share: float,
+    plain_ratio: float | None = None,
 ) -> str:
     """The informational target for a configuration with PASS/FAIL, or "" where none is set."""
     if not default_optimizer:
         return ""
-    if config == Config(30, 64):
-        if ratio is None:
-            return ">= 3x torch: n/a"
-        return f">= 3x torch: {'PASS' if ratio >= 3.0 else 'FAIL'}"
+    if config in PLAIN_TARGETS:
+        goal = PLAIN_TARGETS[config]
+        if plain_ratio is None:
+            return f">= {goal:g}x plain: n/a"
+        return f">= {goal:g}x plain: {'PASS' if plain_ratio >= goal else 'FAIL'}"
     if config == Config(12288, 64):
         share_ok = update_share <= 0.25
         if ratio is None:
@@ -493,6 +503,15 @@ def report_rows(
         roofline_share = statistics.median(
             flops / r.numpy_seconds / 1e9 / r.square_gflops for r in rounds
         )
+        plain_rate = plain_ratio = None
+        plain_cell = "-"
+        if all(r.plain_seconds is not None for r in rounds):
+            plain_rate = config.batch / statistics.median(r.plain_seconds for r in rounds)
+            plain_ratios = [r.plain_seconds / r.numpy_seconds for r in rounds]
+            plain_ratio = statistics.median(plain_ratios)
+            plain_cell = f"{plain_ratio:.2f}x"
+            if len(plain_ratios) > 1:
+                plain_cell += f" ({min(plain_ratios):.2f}-{max(plain_ratios):.2f})"
         torch_rate = ratio = None
         ratio_cell = "-"
         if all(r.torch_seconds is not None for r in rounds):
@@ -509,13 +528,15 @@ def report_rows(
                 str(config.batch),
                 format_seconds(numpy_seconds),
                 format_rate(config.batch / numpy_seconds),
+                format_rate(plain_rate),
+                plain_cell,
                 format_rate(torch_rate),
                 ratio_cell,
                 f"{gflops:.1f}",
                 f"{100 * roofline_share:.0f}%",
                 f"{100 * update_share:.0f}%",
                 busy_cell,
-                target(config, default_optimizer, ratio, update_share, roofline_share),
+                target(config, default_optimizer, ratio, update_share, roofline_share, plain_ratio),
             ]
         )
     return rows
@@ -526,6 +547,8 @@ HEADERS = [
     "batch",
     "numpy step",
     "numpy ex/s",
+    "plain ex/s",
+    "numpy/plain",
     "torch ex/s",
     "numpy/torch",
     "numpy GFLOP/s",
@@ -534,7 +557,7 @@ HEADERS = [
     "others' cores",
     "target",
 ]
-RIGHT = [True] * 10 + [False]
+RIGHT = [True] * 12 + [False]
 
 
 # ---------------------------------------------------------------- driver
@@ -649,6 +672,10 @@ def run(args: argparse.Namespace) -> int:
     print("\n".join(lines), flush=True)
 
     results: dict[Config, list[RoundResult]] = {config: [] for config in configs}
+    # The baseline writes out Adam and global-norm clipping only.
+    plain_comparable = (
+        args.optimizer == "adam" and clipping.clipnorm is None and (clipping.clipvalue is None)
+    )
     rooflines: list[tuple[machine.Roofline, float | None]] = []  # with others' cores
     torch_impl = "-"
     try:
@@ -678,6 +705,13 @@ def run(args: argparse.Namespace) -> int:
                     bench.update, seconds=args.seconds_per_config / 2, windows=args.windows
                 )
                 del bench
+                plain_seconds = None
+                if plain_comparable:
+                    plain = PlainStep(config, clipping.global_clipnorm)
+                    plain_seconds, _ = machine.best_seconds_per_call(
+                        plain.step, seconds=args.seconds_per_config, windows=args.windows
+                    )
+                    del plain
                 torch_seconds = None
                 if worker is not None:
                     time.sleep(pause)
@@ -689,7 +723,12 @@ def run(args: argparse.Namespace) -> int:
                     time.sleep(pause)
                 results[config].append(
                     RoundResult(
-                        numpy_seconds, update_seconds, torch_seconds, meter.others_cores(), square
+                        numpy_seconds,
+                        update_seconds,
+                        plain_seconds,
+                        torch_seconds,
+                        meter.others_cores(),
+                        square,
                     )
                 )
     finally:
@@ -724,6 +763,8 @@ def run(args: argparse.Namespace) -> int:
         "dx for all but the first); % roofline is against a square sgemm measured just before "
         "the config in the same round; "
         "update share = opt.update alone (clipping included) / numpy step; "
+        "plain = the plain-numpy baseline (bench/step.py PlainStep: one function per step, the "
+        "same math), numpy/plain > 1 means the workers.nn step is faster; "
         "numpy/torch > 1 means numpy is faster; others' cores = CPU that other processes "
         f"used during the config's measurement, rounds above {QUIET_CORES} cores are left out "
         "when any round is quiet (BUSY: none was, figures are low)."
