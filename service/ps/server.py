@@ -179,7 +179,9 @@ class ParameterServer:
         self.ledger = OffsetLedger(config.history)
         self.round = SyncRound()
         self._weighted_sum = WeightedSum()
-        self.publisher = Publisher(self.net.n_params, self.net.dtype, config.publish_every, publish)
+        self.publisher = Publisher(
+            self.net.n_params, self.net.dtype, config.publish_every, publish
+        )
         self.checkpoints = CheckpointPolicy(
             config.checkpoint_dir,
             config.checkpoint_every_updates,
@@ -329,13 +331,9 @@ class ParameterServer:
                 (a worker leaving commits everything it contributed).
         """
         with self._lock:
-            if (
-                checkpoint
-                and self.checkpoints.enabled
-                and (
-                    self.version != self.checkpoints.last_version
-                    or self.ledger.moved_since_durable()
-                )
+            if checkpoint and self.checkpoints.enabled and (
+                self.version != self.checkpoints.last_version
+                or self.ledger.moved_since_durable()
             ):
                 self._checkpoint()
             return dict(self.ledger.durable)
@@ -465,7 +463,9 @@ class ParameterServer:
             )
             return PushReply(Status.FENCED, self.version, params, expected, 0, version)
         staleness = self.version - int(base_version)
-        if staleness > self.config.max_staleness or (self.config.mode == "sync" and staleness != 0):
+        if staleness > self.config.max_staleness or (
+            self.config.mode == "sync" and staleness != 0
+        ):
             self.counts["stale"] += 1
             version, params = self.publisher.params(
                 self.version, self.params.flat, fresh=True, local=local
