@@ -1,6 +1,9 @@
-"""Speed of one float32 training step of the numpy network against PyTorch and the sgemm roofline.
+"""Speed of one float32 training step of the numpy network against a plain-numpy step, PyTorch
+and the sgemm roofline.
 
-Run `.venv/bin/python bench/step.py [--quick]`; it prints a markdown table. torch is imported only
+The plain-numpy baseline (`PlainStep`) is the same math written as one function per step:
+what numpy alone does, measured in the same run. Run `.venv/bin/python bench/step.py
+[--quick]`; it prints a markdown table. torch is imported only
 by the `--torch-worker` subprocess, never beside multi-threaded OpenBLAS in one process.
 """
 
@@ -88,11 +91,16 @@ class Config(NamedTuple):
     batch: int
 
 
+# Examples/s of the step over the plain-numpy baseline (PlainStep) that the small sizes aim at.
+PLAIN_TARGETS = {Config(30, 64): 3.0, Config(30, 256): 2.0}
+
+
 class RoundResult(NamedTuple):
     """Figures of one configuration measured side by side in one round."""
 
     numpy_seconds: float  # per step
     update_seconds: float  # per opt.update alone
+    plain_seconds: float | None  # per step of the plain-numpy baseline; None when not comparable
     torch_seconds: float | None  # per step; None without torch
     others_cores: float | None  # cores other processes kept busy meanwhile; None off Linux
     square_gflops: float  # square sgemm measured just before, the roofline of this round
@@ -169,6 +177,88 @@ class NumpyStep:
         self.params, self.state = self.opt.update(
             self.params, self.grads, self.state, inplace=self.inplace
         )
+
+
+class PlainStep:
+    """The plain-numpy baseline: one function per step, no abstractions, the same math.
+
+    What numpy alone does for the network of ``NumpyStep`` (Dense -> BN -> relu twice,
+    Dense with bias, sigmoid and binary cross-entropy, float32): forward with batch
+    statistics, backward, the moving statistics, global-norm clipping and Keras's Adam,
+    written as one would write it in a notebook, with arrays allocated as it goes. Only
+    Adam and global-norm clipping are written out (the default configuration); other
+    optimizers are not measured on this side.
+    """
+
+    def __init__(self, config: Config, clip: float | None, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        sizes = (config.input_dim, *HIDDEN, 1)
+        self.W = []
+        for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True):
+            limit = np.sqrt(6.0 / (n_in + n_out))
+            self.W.append(rng.uniform(-limit, limit, (n_in, n_out)).astype(np.float32))
+        self.gamma = [np.ones(n, np.float32) for n in HIDDEN]
+        self.beta = [np.zeros(n, np.float32) for n in HIDDEN]
+        self.b = np.zeros(1, np.float32)
+        self.mean = [np.zeros(n, np.float32) for n in HIDDEN]
+        self.var = [np.ones(n, np.float32) for n in HIDDEN]
+        params = self.W + self.gamma + self.beta + [self.b]
+        self.m = [np.zeros_like(p) for p in params]
+        self.v = [np.zeros_like(p) for p in params]
+        self.t = 0
+        self.clip = clip
+        data = np.random.default_rng(seed)
+        self.x = data.standard_normal((config.batch, config.input_dim), dtype=np.float32)
+        self.y = (data.random((config.batch, 1)) < 0.5).astype(np.float32)
+
+    def step(self) -> None:
+        """Forward, backward, moving statistics, clipping and Adam, all in this function."""
+        lr, b1, b2, eps, momentum = 1e-3, 0.9, 0.999, 1e-7, BN_MOMENTUM
+        m = len(self.x)
+        # forward
+        a, caches = self.x, []
+        for i in range(len(HIDDEN)):
+            z = a @ self.W[i]
+            mu = z.mean(axis=0)
+            var = z.var(axis=0)
+            inv_std = 1.0 / np.sqrt(var + BN_EPSILON)
+            zn = (z - mu) * inv_std
+            out = np.maximum(zn * self.gamma[i] + self.beta[i], 0)
+            self.mean[i] = self.mean[i] * momentum + mu * (1 - momentum)
+            self.var[i] = self.var[i] * momentum + var * (1 - momentum)
+            caches.append((a, zn, inv_std, out))
+            a = out
+        logits = a @ self.W[-1] + self.b
+        _loss = np.mean(np.maximum(logits, 0) - logits * self.y + np.log1p(np.exp(-np.abs(logits))))
+        # backward
+        dlogits = (1.0 / (1.0 + np.exp(-logits)) - self.y) / m
+        dW = [None] * (len(HIDDEN) + 1)
+        dW[-1] = a.T @ dlogits
+        db = dlogits.sum(axis=0)
+        da = dlogits @ self.W[-1].T
+        dgamma, dbeta = [None] * len(HIDDEN), [None] * len(HIDDEN)
+        for i in reversed(range(len(HIDDEN))):
+            a_in, zn, inv_std, out = caches[i]
+            dy = da * (out > 0)
+            dbeta[i] = dy.sum(axis=0)
+            dgamma[i] = (dy * zn).sum(axis=0)
+            dz = self.gamma[i] * inv_std * (dy - dbeta[i] / m - zn * dgamma[i] / m)
+            dW[i] = a_in.T @ dz
+            if i > 0:
+                da = dz @ self.W[i].T
+        grads = dW + dgamma + dbeta + [db]
+        # global-norm clipping, then Adam (Keras's form)
+        if self.clip is not None:
+            norm = np.sqrt(sum(float(np.sum(g * g)) for g in grads))
+            if norm > self.clip:
+                grads = [g * (self.clip / norm) for g in grads]
+        self.t += 1
+        lr_t = lr * np.sqrt(1 - b2**self.t) / (1 - b1**self.t)
+        params = self.W + self.gamma + self.beta + [self.b]
+        for p, g, m1, v1 in zip(params, grads, self.m, self.v, strict=True):
+            m1 += (1 - b1) * (g - m1)
+            v1 += (1 - b2) * (g * g - v1)
+            p -= lr_t * m1 / (np.sqrt(v1) + eps)
 
 
 class TorchWorker:
@@ -368,14 +458,16 @@ def target(
     ratio: float | None,
     update_share: float,
     roofline_share: float,
+    plain_ratio: float | None = None,
 ) -> str:
     """The informational target for a configuration with PASS/FAIL, or "" where none is set."""
     if not default_optimizer:
         return ""
-    if config == Config(30, 64):
-        if ratio is None:
-            return ">= 3x torch: n/a"
-        return f">= 3x torch: {'PASS' if ratio >= 3.0 else 'FAIL'}"
+    if config in PLAIN_TARGETS:
+        goal = PLAIN_TARGETS[config]
+        if plain_ratio is None:
+            return f">= {goal:g}x plain: n/a"
+        return f">= {goal:g}x plain: {'PASS' if plain_ratio >= goal else 'FAIL'}"
     if config == Config(12288, 64):
         share_ok = update_share <= 0.25
         if ratio is None:
@@ -411,6 +503,15 @@ def report_rows(
         roofline_share = statistics.median(
             flops / r.numpy_seconds / 1e9 / r.square_gflops for r in rounds
         )
+        plain_rate = plain_ratio = None
+        plain_cell = "-"
+        if all(r.plain_seconds is not None for r in rounds):
+            plain_rate = config.batch / statistics.median(r.plain_seconds for r in rounds)
+            plain_ratios = [r.plain_seconds / r.numpy_seconds for r in rounds]
+            plain_ratio = statistics.median(plain_ratios)
+            plain_cell = f"{plain_ratio:.2f}x"
+            if len(plain_ratios) > 1:
+                plain_cell += f" ({min(plain_ratios):.2f}-{max(plain_ratios):.2f})"
         torch_rate = ratio = None
         ratio_cell = "-"
         if all(r.torch_seconds is not None for r in rounds):
@@ -427,13 +528,15 @@ def report_rows(
                 str(config.batch),
                 format_seconds(numpy_seconds),
                 format_rate(config.batch / numpy_seconds),
+                format_rate(plain_rate),
+                plain_cell,
                 format_rate(torch_rate),
                 ratio_cell,
                 f"{gflops:.1f}",
                 f"{100 * roofline_share:.0f}%",
                 f"{100 * update_share:.0f}%",
                 busy_cell,
-                target(config, default_optimizer, ratio, update_share, roofline_share),
+                target(config, default_optimizer, ratio, update_share, roofline_share, plain_ratio),
             ]
         )
     return rows
@@ -444,6 +547,8 @@ HEADERS = [
     "batch",
     "numpy step",
     "numpy ex/s",
+    "plain ex/s",
+    "numpy/plain",
     "torch ex/s",
     "numpy/torch",
     "numpy GFLOP/s",
@@ -452,7 +557,7 @@ HEADERS = [
     "others' cores",
     "target",
 ]
-RIGHT = [True] * 10 + [False]
+RIGHT = [True] * 12 + [False]
 
 
 # ---------------------------------------------------------------- driver
@@ -567,6 +672,10 @@ def run(args: argparse.Namespace) -> int:
     print("\n".join(lines), flush=True)
 
     results: dict[Config, list[RoundResult]] = {config: [] for config in configs}
+    # The baseline writes out Adam and global-norm clipping only.
+    plain_comparable = (
+        args.optimizer == "adam" and clipping.clipnorm is None and (clipping.clipvalue is None)
+    )
     rooflines: list[tuple[machine.Roofline, float | None]] = []  # with others' cores
     torch_impl = "-"
     try:
@@ -596,6 +705,13 @@ def run(args: argparse.Namespace) -> int:
                     bench.update, seconds=args.seconds_per_config / 2, windows=args.windows
                 )
                 del bench
+                plain_seconds = None
+                if plain_comparable:
+                    plain = PlainStep(config, clipping.global_clipnorm)
+                    plain_seconds, _ = machine.best_seconds_per_call(
+                        plain.step, seconds=args.seconds_per_config, windows=args.windows
+                    )
+                    del plain
                 torch_seconds = None
                 if worker is not None:
                     time.sleep(pause)
@@ -607,7 +723,12 @@ def run(args: argparse.Namespace) -> int:
                     time.sleep(pause)
                 results[config].append(
                     RoundResult(
-                        numpy_seconds, update_seconds, torch_seconds, meter.others_cores(), square
+                        numpy_seconds,
+                        update_seconds,
+                        plain_seconds,
+                        torch_seconds,
+                        meter.others_cores(),
+                        square,
                     )
                 )
     finally:
@@ -642,6 +763,8 @@ def run(args: argparse.Namespace) -> int:
         "dx for all but the first); % roofline is against a square sgemm measured just before "
         "the config in the same round; "
         "update share = opt.update alone (clipping included) / numpy step; "
+        "plain = the plain-numpy baseline (bench/step.py PlainStep: one function per step, the "
+        "same math), numpy/plain > 1 means the workers.nn step is faster; "
         "numpy/torch > 1 means numpy is faster; others' cores = CPU that other processes "
         f"used during the config's measurement, rounds above {QUIET_CORES} cores are left out "
         "when any round is quiet (BUSY: none was, figures are low)."

@@ -265,13 +265,13 @@ class Pipeline:
         after = time.perf_counter()
         if keep_steps:
             self.apply_seconds.extend(stats.step_seconds)
-            self.push_seconds.extend(stats.get("push_seconds", ()))
+            self.push_seconds.extend(stats.push_seconds)
         self.last = stats
         cpu = {
             label: sum(machine.process_cpu_seconds(pid) for pid in pids)
             for label, pids in self.groups.items()
         }
-        self.events.extend(event["event"] for event in stats.get("events", ()))
+        self.events.extend(event.event for event in stats.events)
         return Snapshot(
             (before + after) / 2,
             applied_examples(stats),

@@ -591,15 +591,15 @@ class ParameterServer:
         else:
             grads = self._weighted_sum([p.grads for p in items], [p.n / total for p in items])
         loss = sum(p.loss * p.n for p in items) / total
-        grads_views = self.net.layout.views(grads.astype(self.net.dtype, copy=False))
         last = self.observed.last
         try:
             if not math.isfinite(loss):
                 raise NonFiniteGradientError(f"the batch cost is {loss}")
             now = self._clock()
             norms = now - self._norms_at >= NORMS_EVERY_SECONDS
+            # The flat gradient as it came: no per-tensor views on the way (cast if need be).
             _, self.state, info = self.opt.apply_gradients(
-                self.params, grads_views, self.state, inplace=True, norms=norms
+                self.params, grads, self.state, inplace=True, norms=norms
             )
             if norms:
                 self._norms_at, self._param_norm = now, info.param_norm
@@ -621,7 +621,8 @@ class ParameterServer:
             self.ledger.advance(p.spans, self.version, applied=True)
         self.counts["consumed"] += total
         stats = pooled_statistics(self.net.moving_layout, [p.stats for p in items], counts)
-        self.moving = self.net.update_moving(self.moving, self.net.moving_layout.views(stats))
+        # In place: readers (model, checkpoints) copy the statistics under the lock.
+        self.net.update_moving(self.moving, stats, inplace=True)
         self.version += 1
         self.examples += total
         self.counts["applied"] += 1

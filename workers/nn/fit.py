@@ -73,15 +73,16 @@ def step(
         opt, state: the optimizer and its state.
         x: (m, input_dim) features, m >= 2 (batch norm needs a variance).
         y: (m,) labels or (m, n_outputs) targets.
-        inplace: update ``params`` and ``state`` in place (``Optimizer.update``'s
-            ``inplace``: they must be the views ``Network.init`` and ``opt.init`` made);
-            False leaves every input unchanged.
+        inplace: update ``params``, ``moving`` and ``state`` in place
+            (``Optimizer.update``'s ``inplace``: they must be the views ``Network.init``
+            and ``opt.init`` made); False leaves every input unchanged.
 
     Returns:
         The batch's loss and the new params, moving statistics and optimizer state.
     """
-    loss, grads, batch_stats = net.loss_and_grads(params, x, y)
-    moving = net.update_moving(moving, batch_stats)
+    # The pass's own flat buffers, read before the next pass overwrites them.
+    loss, grads, batch_stats, _ = net.train_pass(params, x, y)
+    moving = net.update_moving(moving, batch_stats, inplace=inplace)
     params, state = opt.update(params, grads, state, inplace=inplace)
     return StepResult(loss, params, moving, state)
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import operator
 import os
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
@@ -172,6 +174,7 @@ class FusedLibrary:
     def __init__(self, path: str):
         self.path = path
         self._lib = ctypes.CDLL(path)
+        self._kernels: dict[tuple[str, object], Callable[..., None] | None] = {}
         size, ptr, i32 = ctypes.c_size_t, ctypes.c_void_p, ctypes.c_int
         for suffix, real in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
             signatures = {
@@ -184,14 +187,37 @@ class FusedLibrary:
                 function = getattr(self._lib, f"{name}_{suffix}")
                 function.argtypes = argtypes
                 function.restype = None
+            # The training pass's kernels (``passes.py``) take ctypes objects built once per
+            # buffer, so no argument conversion runs per call.
+            for name in PASS_KERNELS:
+                function = getattr(self._lib, f"{name}_{suffix}")
+                function.argtypes = None
+                function.restype = None
+            # Called with plain addresses (``cached_address``), converted by its argtypes.
+            function = getattr(self._lib, f"moving_update_{suffix}")
+            function.argtypes = [size, ptr, ptr, ctypes.c_double, ptr]
 
     def __repr__(self) -> str:
         return f"FusedLibrary({self.path!r})"
 
     def kernel(self, name: str, dtype: np.dtype) -> Callable[..., None] | None:
         """The C kernel ``name`` for ``dtype``; None for a dtype it was not built for."""
-        suffix = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}.get(np.dtype(dtype))
-        return None if suffix is None else getattr(self._lib, f"{name}_{suffix}")
+        key = (name, dtype)
+        found = self._kernels.get(key, False)
+        if found is False:
+            suffix = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}.get(np.dtype(dtype))
+            found = self._kernels[key] = (
+                None if suffix is None else getattr(self._lib, f"{name}_{suffix}")
+            )
+        return found
+
+
+PASS_KERNELS = (
+    "bn_forward",
+    "bn_backward",
+    "sigmoid_loss_pre",
+    "sigmoid_loss_post",
+)
 
 
 def load_library() -> FusedLibrary | None:
@@ -237,8 +263,53 @@ def _executor() -> ThreadPoolExecutor:
 # -- the update -------------------------------------------------------------------------------
 
 
-def _address(a: np.ndarray) -> int:
+def address(a: np.ndarray) -> int:
+    """The address of ``a``'s first element."""
+    if a.flags.writeable:
+        return ctypes.addressof(ctypes.c_char.from_buffer(a))  # the quickest way numpy allows
     return a.__array_interface__["data"][0]
+
+
+_address = address
+
+
+# The addresses of the last few small writeable buffers an update saw: the parameters and
+# state updated in place and a training pass's gradient come back at every update, and
+# asking numpy for an address costs as much as a small update's arithmetic. The entry
+# holds the array, so its id cannot be reused while it is cached.
+_ADDRESSES: dict[int, tuple[np.ndarray, int]] = {}
+_ADDRESSES_KEPT = 8
+_ADDRESS_MAX_SIZE = 65536  # elements: large buffers are few, and not worth keeping alive
+
+
+def cached_address(a: np.ndarray) -> int:
+    """``address(a)``, remembered for the few small writeable buffers seen last."""
+    held = _ADDRESSES.get(id(a))
+    if held is not None and held[0] is a:
+        return held[1]
+    address = _address(a)
+    if a.flags.writeable and a.size <= _ADDRESS_MAX_SIZE:
+        if len(_ADDRESSES) >= _ADDRESSES_KEPT:
+            _ADDRESSES.pop(next(iter(_ADDRESSES)), None)
+        _ADDRESSES[id(a)] = (a, address)
+    return address
+
+
+class _Scratch(threading.local):
+    """Each thread's buffer for ``Δw`` of a one-chunk update, with its address."""
+
+    buffer: np.ndarray | None = None
+    address: int = 0
+
+    def get(self, size: int, dtype: np.dtype) -> tuple[np.ndarray, int]:
+        b = self.buffer
+        if b is None or b.size < size or b.dtype != dtype:
+            b = self.buffer = np.empty(max(size, 4096), dtype)
+            self.address = _address(b)
+        return b[:size], self.address
+
+
+_SCRATCH = _Scratch()
 
 
 def _chunks(n: int, chunk: int) -> Iterator[slice]:
@@ -278,8 +349,19 @@ def fused_update(
             f"Received: {len(buffers.state)} in, {len(buffers.new_state)} out"
         )
     w = buffers.w
-    chunks = list(_chunks(w.size, chunk))
     fused = None if library is None else library.kernel(kind.name, w.dtype)
+    if fused is not None and w.size <= chunk:
+        # One chunk on this thread: what a small model's update is, where the bookkeeping
+        # below would cost more than the arithmetic.
+        t, t_address = _SCRATCH.get(w.size, w.dtype)
+        inputs = tuple(map(cached_address, (w, buffers.g, *buffers.state)))
+        if buffers.new_w is w and all(map(operator.is_, buffers.new_state, buffers.state)):
+            outputs = inputs[:1] + inputs[2:]  # in place
+        else:
+            outputs = tuple(map(cached_address, (buffers.new_w, *buffers.new_state)))
+        fused(w.size, *inputs, *outputs, t_address if keep_change else None, *hyper)
+        return float(np.dot(t, t)) if keep_change else 0.0
+    chunks = list(_chunks(w.size, chunk))
     arrays = (w, buffers.g, *buffers.state, buffers.new_w, *buffers.new_state)
     addresses = [_address(a) for a in arrays] if fused is not None else []
     scalars = tuple(hyper)

@@ -14,13 +14,48 @@ import numpy as np
 class FlatDict(dict):
     """A dict of named arrays that are views of one flat buffer, kept in ``.flat``.
 
-    It behaves as a plain dict. ``Layout.flatten`` checks the views' addresses
-    before trusting ``.flat``, so replacing an entry never yields stale data.
+    It behaves as a plain dict. Any change of its entries (``d[k] = v``, ``del``, ``update``,
+    ``pop`` ...) clears ``intact``, and ``Layout.flatten`` trusts ``.flat`` only while it is
+    set: a replaced entry never yields stale data, and checking costs the same whatever the
+    number of tensors. Copies and pickles are plain dicts (their arrays are no views).
     """
 
     flat: np.ndarray
     layout: Layout
-    ids: tuple[int, ...]  # id() of each view when made: a replaced entry is seen at once
+    intact: bool = False  # the entries are still the views of ``flat`` made with it
+
+    def __setitem__(self, key, value):
+        if not (self.intact and dict.get(self, key) is value):  # ``d[k] += 1`` keeps it
+            self.intact = False
+        dict.__setitem__(self, key, value)
+
+    def __delitem__(self, key):
+        self.intact = False
+        dict.__delitem__(self, key)
+
+    def _changed(name):  # noqa: N805 - builds the mutating methods below
+        method = getattr(dict, name)
+
+        def changed(self, *args, **kwargs):
+            self.intact = False
+            return method(self, *args, **kwargs)
+
+        changed.__name__ = name
+        return changed
+
+    update = _changed("update")
+    pop = _changed("pop")
+    popitem = _changed("popitem")
+    clear = _changed("clear")
+    setdefault = _changed("setdefault")
+    __ior__ = _changed("__ior__")
+    del _changed
+
+    def __reduce__(self):
+        return dict, (dict(self),)
+
+    def copy(self) -> dict:
+        return dict(self)
 
 
 class Layout:
@@ -47,6 +82,11 @@ class Layout:
             offset += n
         self.keys = tuple(keys)
         self.size = offset
+        # (key, start, stop, shape or None for a 1-D tensor): what ``views`` slices
+        self._parts = tuple(
+            (k, sl.start, sl.stop, self.shapes[k] if len(self.shapes[k]) != 1 else None)
+            for k, sl in self.slices.items()
+        )
 
     @classmethod
     def of(cls, tensors: Mapping[str, np.ndarray]) -> Layout:
@@ -77,10 +117,13 @@ class Layout:
                 f"flat buffer must be ({self.size},) {self.dtype}. "
                 f"Received: {flat.shape} {flat.dtype}"
             )
-        out = FlatDict((k, flat[self.slices[k]].reshape(self.shapes[k])) for k in self.keys)
+        out = FlatDict(
+            (k, flat[a:b] if shape is None else flat[a:b].reshape(shape))
+            for k, a, b, shape in self._parts
+        )
         out.flat = flat
         out.layout = self
-        out.ids = tuple(id(v) for v in out.values())
+        out.intact = True
         return out
 
     def empty(self) -> FlatDict:
@@ -107,23 +150,27 @@ class Layout:
     def flatten(self, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
         """One flat buffer holding ``tensors``: the existing one when they are its views.
 
-        The result may share memory with the inputs: treat it as read-only. Raises
-        ValueError when ``tensors`` does not have this layout's keys and shapes.
+        ``tensors`` may also be such a flat buffer, ``(size,)`` (cast to this dtype). The
+        result may share memory with the inputs: treat it as read-only. Raises ValueError
+        when ``tensors`` does not have this layout's keys and shapes.
         """
-        flat = getattr(tensors, "flat", None)
-        if flat is not None and self._is_view_set(tensors, flat):
-            return flat
+        if isinstance(tensors, np.ndarray):
+            if tensors.shape != (self.size,):
+                raise ValueError(
+                    f"a flat buffer must have shape ({self.size},). Received: {tensors.shape}"
+                )
+            return tensors.astype(self.dtype, copy=False)
+        if self.is_view_set(tensors):
+            return tensors.flat
         self.check(tensors)
         out = np.empty(self.size, self.dtype)
         for k in self.keys:
             out[self.slices[k]] = np.ravel(tensors[k])
         return out
 
-    def _is_view_set(self, tensors: Mapping[str, np.ndarray], flat: np.ndarray) -> bool:
-        """True when ``tensors`` are still the very views ``views(flat)`` made, in order."""
-        if flat.dtype != self.dtype or flat.shape != (self.size,) or len(tensors) != len(self.keys):
+    def is_view_set(self, tensors: Mapping[str, np.ndarray]) -> bool:
+        """True when ``tensors`` are still the very views ``views(flat)`` made of this layout."""
+        if not getattr(tensors, "intact", False):
             return False
-        # The dict holds the views, so their ids cannot be reused while it lives.
-        return tuple(tensors.keys()) == self.keys and tuple(map(id, tensors.values())) == getattr(
-            tensors, "ids", ()
-        )
+        layout = tensors.layout
+        return layout is self or layout == self

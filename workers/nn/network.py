@@ -7,11 +7,14 @@ Imports numpy only and does no I/O. Hidden layer i (the lecture's eq. 31-36):
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from workers.nn import kernels
+from workers.nn.kernels import FusedLibrary
 from workers.nn.layers import (
     ACTIVATIONS,
     activation_backward,
@@ -31,8 +34,15 @@ from workers.nn.layers import (
 )
 from workers.nn.layout import FlatDict, Layout
 from workers.nn.outputs import check_output
+from workers.nn.passes import PassResult, TrainPass, supported
 
 Params = Mapping[str, np.ndarray]
+
+# The C kernels of the training pass (None: the numpy layer functions, the same numbers;
+# ``STREAMTRAIN_FUSED=0`` or no compiled library). Read at each call, as
+# ``optimizers.FUSED``, so tests can compare the two paths.
+FUSED: kernels.FusedLibrary | None = kernels.load_library()
+PASSES_KEPT = 8  # batch sizes with buffers kept per network (powers of two 32...1024: 6)
 
 
 class Network:
@@ -107,6 +117,10 @@ class Network:
             [(f"bn{i}.{s}", (n,)) for i, n in enumerate(self.hidden) for s in ("mean", "var")],
             self.dtype,
         )
+        # Fused passes by batch size, taken out while one runs so two threads never share
+        # one (a second thread builds its own).
+        self._passes: dict[tuple[int, FusedLibrary], TrainPass] = {}
+        self._passes_lock = threading.Lock()
 
     # -- description -------------------------------------------------------------
 
@@ -227,8 +241,45 @@ class Network:
             views of one flat buffer), batch_stats (``bn{i}.mean``, ``bn{i}.var``:
             batch mean and biased variance, for ``update_moving``).
         """
+        result = self.train_pass(params, x, y)
+        grads = self.layout.views(result.grads.copy())
+        stats = self.moving_layout.views(result.stats.copy())
+        if return_logits:
+            return result.loss, grads, stats, result.logits.copy()
+        return result.loss, grads, stats
+
+    def train_pass(self, params: Params | np.ndarray, x: np.ndarray, y: np.ndarray) -> PassResult:
+        """``loss_and_grads`` into buffers the network keeps: flat, and overwritten by the
+        next call with a batch of the same size (copy what must outlive it).
+
+        ``params`` may be the flat (n_params,) buffer itself. With the C kernels loaded
+        (``FUSED``) the fused pass runs (``passes.py``); else the numpy layer functions.
+        Both give the same numbers.
+        """
         x = self._inputs(x)
         t = self._targets(y, x.shape[0])
+        library = FUSED
+        if library is None or not supported(self):
+            loss, grads, stats, logits = self._loss_and_grads_numpy(params, x, t)
+            return PassResult(loss, grads.flat, self.moving_layout.flatten(stats), logits)
+        key = (x.shape[0], library)
+        with self._passes_lock:
+            fused = self._passes.pop(key, None)
+        if fused is None:
+            fused = TrainPass(self, x.shape[0], library)
+        try:
+            return fused.run(self.layout.flatten(params), x, t)
+        finally:
+            with self._passes_lock:
+                if key not in self._passes:
+                    while len(self._passes) >= PASSES_KEPT:
+                        self._passes.pop(next(iter(self._passes)))
+                    self._passes[key] = fused
+
+    def _loss_and_grads_numpy(self, params: Params | np.ndarray, x: np.ndarray, t: np.ndarray):
+        """The layer functions one after the other: the reference the fused pass follows."""
+        if isinstance(params, np.ndarray):
+            params = self.layout.views(params)
         logits, caches, out_cache, stats = self._forward_train(params, x)
         loss, loss_cache = loss_forward(self.output, logits, t)
         grads = self.layout.empty()
@@ -241,9 +292,7 @@ class Network:
                 dzt, bn_cache, grads[f"bn{i}.gamma"], grads[f"bn{i}.beta"]
             )
             da, _ = dense_backward(dz, dense_cache, need_dx=i > 0, dW_out=grads[f"dense{i}.W"])
-        if return_logits:
-            return loss, grads, stats, logits
-        return loss, grads, stats
+        return loss, grads, stats, logits
 
     def accuracy(self, logits: np.ndarray, y: np.ndarray) -> float:
         """Share of correct predictions from logits (NaN for an identity output)."""
@@ -255,15 +304,41 @@ class Network:
         return float("nan")
 
     def update_moving(
-        self, moving: Mapping[str, np.ndarray], batch_stats: Mapping[str, np.ndarray]
+        self,
+        moving: Mapping[str, np.ndarray],
+        batch_stats: Mapping[str, np.ndarray] | np.ndarray,
+        inplace: bool = False,
     ) -> FlatDict:
-        """New moving statistics, Keras's rule: ``m = momentum*m + (1-momentum)*batch``."""
-        new = moving_update(
-            self.moving_layout.flatten(moving),
-            self.moving_layout.flatten(batch_stats),
-            self.bn_momentum,
-        )
-        return self.moving_layout.views(new.astype(self.dtype, copy=False))
+        """New moving statistics, Keras's rule: ``m = momentum*m + (1-momentum)*batch``.
+
+        Args:
+            moving: the moving statistics.
+            batch_stats: a batch's (``loss_and_grads``), as a dict or the flat buffer.
+            inplace: write the new values into ``moving`` and return it; it must then be
+                a writeable view set (as ``init`` makes it). False leaves it unchanged.
+        """
+        layout = self.moving_layout
+        old = layout.flatten(moving)
+        batch = layout.flatten(batch_stats)
+        if inplace and not (layout.is_view_set(moving) and old.flags.writeable):
+            raise ValueError(
+                "inplace=True needs moving as writeable views of one flat buffer "
+                "(as Network.init returns them)"
+            )
+        library = FUSED
+        if library is not None:
+            out = old if inplace else np.empty_like(old)
+            address = kernels.cached_address
+            library.kernel("moving_update", self.dtype)(
+                layout.size, address(old), address(batch), self.bn_momentum, address(out)
+            )
+        else:
+            new = moving_update(old, batch, self.bn_momentum).astype(self.dtype, copy=False)
+            if not inplace:
+                return layout.views(new)
+            out = old
+            out[...] = new
+        return moving if inplace else layout.views(out)
 
     # -- inference ---------------------------------------------------------------
 

@@ -141,7 +141,7 @@ _LAYOUTS: dict[tuple, Layout] = {}
 
 def _layout_of(params: Params) -> Layout:
     layout = getattr(params, "layout", None)
-    if layout is not None and layout._is_view_set(params, params.flat):
+    if layout is not None and layout.is_view_set(params):
         return layout
     key = tuple((k, np.shape(v), np.asarray(v).dtype.str) for k, v in params.items())
     layout = _LAYOUTS.get(key)
@@ -301,7 +301,8 @@ class Optimizer:
         g = layout.flatten(grads)
         if g.dtype != layout.dtype:
             g = g.astype(layout.dtype)
-        slots = tuple(layout.flatten(getattr(state, s)) for s in self.slots)
+        slot_dicts = state[1:]  # the state tuple is (iterations, *slots)
+        slots = tuple(map(layout.flatten, slot_dicts))
 
         norm = self._checked_norm(g, layout)
         scale, clipped_norm = 1.0, norm
@@ -337,7 +338,6 @@ class Optimizer:
                 param_norm=math.sqrt(float(np.dot(new_w, new_w))) if norms else math.nan,
             )
         if inplace:
-            slot_dicts = [getattr(state, n) for n in self.slots]
             return params, self.state_type(k + 1, *slot_dicts), info
         new_state = self.state_type(k + 1, *(layout.views(s) for s in new_slots))
         return layout.views(new_w), new_state, info
@@ -346,11 +346,11 @@ class Optimizer:
         self, params: Params, state, w: np.ndarray, slots: tuple[np.ndarray, ...]
     ) -> None:
         """Raise ValueError unless ``params`` and the state are writeable views of their buffers."""
-        named = [("params", w, params)] + [
-            (f"state.{n}", b, getattr(state, n)) for n, b in zip(self.slots, slots, strict=True)
-        ]
-        for name, buf, src in named:
+        # ``flatten`` returned each dict's own buffer only if the dict is still its views.
+        for src, buf in zip((params, *state[1:]), (w, *slots), strict=True):
             if not (getattr(src, "flat", None) is buf and buf.flags.writeable):
+                names = ["params"] + [f"state.{n}" for n in self.slots]
+                name = names[[params, *state[1:]].index(src)]
                 raise ValueError(
                     f"inplace=True needs {name} as writeable views of one flat buffer "
                     "(as Network.init and Optimizer.init return them)"
