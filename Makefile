@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint typecheck bench clean
 
 $(STAMP): pyproject.toml setup.py workers/nn/_fused.c
 	$(PYTHON) -m venv $(VENV)
@@ -20,9 +20,13 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
+# The public API is annotated; mypy checks workers/ and service/ ([tool.mypy] in pyproject.toml).
+typecheck: $(STAMP)
+	$(PY) -m mypy
+
 # The Kafka broker's jars come from Maven Central once (deploy/kafka/broker.py fetch), so the
 # download is not timed inside a test; Prometheus and promtool come from Debian's package.
-test: lint
+test: lint typecheck
 	$(PY) deploy/kafka/broker.py fetch
 	bash deploy/prometheus/install.sh
 	$(PY) -m pytest

@@ -216,7 +216,7 @@ class GradientWorker:
                     chunks = self.source.poll(self.poll_records, self._poll_timeout())
                     self.batcher.add(chunks)  # empty polls too: the adaptive rate sees idle time
                 done = self.source.exhausted()
-                batches = []
+                batches: list[Batch] = []
                 while len(batches) < self.coalesce:
                     batch = self.batcher.next_batch()
                     if batch is None:

@@ -508,13 +508,13 @@ class ParameterServer:
             positions = self.ledger.next_offsets()
             expected = {tp: positions.get(tp, 0) for tp in spans}
             return PushReply(Status.PAUSED, self.version, None, expected, 0)
-        expected = self.ledger.fences(spans)
-        if expected is not None:
+        fenced_at = self.ledger.fences(spans)
+        if fenced_at is not None:
             self.counts["fenced"] += 1
             version, params = self.publisher.params(
                 self.version, self.params.flat, fresh=True, local=local
             )
-            return PushReply(Status.FENCED, self.version, params, expected, 0, version)
+            return PushReply(Status.FENCED, self.version, params, fenced_at, 0, version)
         staleness = self.version - int(base_version)
         if staleness > self.config.max_staleness or (
             self.config.mode == "sync" and staleness != 0

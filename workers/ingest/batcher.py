@@ -20,7 +20,7 @@ def is_power_of_two(n: object) -> bool:
     """True for the ints 1, 2, 4, 8, ... (bools excluded)."""
     if not isinstance(n, int | np.integer) or isinstance(n, bool):
         return False
-    return n > 0 and n & (n - 1) == 0
+    return bool(n > 0 and n & (n - 1) == 0)
 
 
 def floor_power_of_two(n: int) -> int:

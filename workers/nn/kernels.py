@@ -20,7 +20,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 
@@ -203,12 +203,16 @@ class FusedLibrary:
     def kernel(self, name: str, dtype: np.dtype) -> Callable[..., None] | None:
         """The C kernel ``name`` for ``dtype``; None for a dtype it was not built for."""
         key = (name, dtype)
-        found = self._kernels.get(key, False)
-        if found is False:
+        if key not in self._kernels:
             suffix = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}.get(np.dtype(dtype))
-            found = self._kernels[key] = (
-                None if suffix is None else getattr(self._lib, f"{name}_{suffix}")
-            )
+            self._kernels[key] = None if suffix is None else getattr(self._lib, f"{name}_{suffix}")
+        return self._kernels[key]
+
+    def require(self, name: str, dtype: np.dtype) -> Callable[..., None]:
+        """The C kernel ``name`` for ``dtype``; ValueError for a dtype it was not built for."""
+        found = self.kernel(name, dtype)
+        if found is None:
+            raise ValueError(f"no C kernel {name!r} for dtype {np.dtype(dtype)}")
         return found
 
 
@@ -266,7 +270,8 @@ def _executor() -> ThreadPoolExecutor:
 def address(a: np.ndarray) -> int:
     """The address of ``a``'s first element."""
     if a.flags.writeable:
-        return ctypes.addressof(ctypes.c_char.from_buffer(a))  # the quickest way numpy allows
+        # the quickest way numpy allows (an ndarray is a buffer; its stubs do not say so)
+        return ctypes.addressof(ctypes.c_char.from_buffer(cast(Any, a)))
     return a.__array_interface__["data"][0]
 
 

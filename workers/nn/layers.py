@@ -282,6 +282,8 @@ def loss_backward(cache: LossCache) -> np.ndarray:
     if cache.output == "sigmoid":
         return (sigmoid(logits) - y) / logits.size
     if cache.output == "softmax":
+        if cache.p is None:
+            raise ValueError("a softmax loss cache must hold its probabilities")
         d = cache.p.copy()
         d[np.arange(len(y)), y] -= 1.0
         d /= len(y)

@@ -6,9 +6,22 @@ Imports numpy only. Optimizers and the parameter server work on the flat buffer
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeGuard
 
 import numpy as np
+
+
+def _mutating(name: str) -> Callable[..., Any]:
+    """``dict.<name>`` that also clears the ``FlatDict``'s ``intact`` flag."""
+    method = getattr(dict, name)
+
+    def changed(self: FlatDict, *args: Any, **kwargs: Any) -> Any:
+        self.intact = False
+        return method(self, *args, **kwargs)
+
+    changed.__name__ = name
+    return changed
 
 
 class FlatDict(dict):
@@ -33,23 +46,12 @@ class FlatDict(dict):
         self.intact = False
         dict.__delitem__(self, key)
 
-    def _changed(name):  # noqa: N805 - builds the mutating methods below
-        method = getattr(dict, name)
-
-        def changed(self, *args, **kwargs):
-            self.intact = False
-            return method(self, *args, **kwargs)
-
-        changed.__name__ = name
-        return changed
-
-    update = _changed("update")
-    pop = _changed("pop")
-    popitem = _changed("popitem")
-    clear = _changed("clear")
-    setdefault = _changed("setdefault")
-    __ior__ = _changed("__ior__")
-    del _changed
+    update = _mutating("update")
+    pop = _mutating("pop")
+    popitem = _mutating("popitem")
+    clear = _mutating("clear")
+    setdefault = _mutating("setdefault")
+    __ior__ = _mutating("__ior__")
 
     def __reduce__(self):
         return dict, (dict(self),)
@@ -147,7 +149,7 @@ class Layout:
                     f"Received: {np.shape(tensors[k])}"
                 )
 
-    def flatten(self, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
+    def flatten(self, tensors: Mapping[str, np.ndarray] | np.ndarray) -> np.ndarray:
         """One flat buffer holding ``tensors``: the existing one when they are its views.
 
         ``tensors`` may also be such a flat buffer, ``(size,)`` (cast to this dtype). The
@@ -168,9 +170,9 @@ class Layout:
             out[self.slices[k]] = np.ravel(tensors[k])
         return out
 
-    def is_view_set(self, tensors: Mapping[str, np.ndarray]) -> bool:
+    def is_view_set(self, tensors: Mapping[str, np.ndarray]) -> TypeGuard[FlatDict]:
         """True when ``tensors`` are still the very views ``views(flat)`` made of this layout."""
-        if not getattr(tensors, "intact", False):
+        if not (isinstance(tensors, FlatDict) and tensors.intact):
             return False
         layout = tensors.layout
         return layout is self or layout == self

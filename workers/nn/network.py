@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -291,7 +291,9 @@ class Network:
             dz, _, _ = batchnorm_backward(
                 dzt, bn_cache, grads[f"bn{i}.gamma"], grads[f"bn{i}.beta"]
             )
-            da, _ = dense_backward(dz, dense_cache, need_dx=i > 0, dW_out=grads[f"dense{i}.W"])
+            dx, _ = dense_backward(dz, dense_cache, need_dx=i > 0, dW_out=grads[f"dense{i}.W"])
+            if dx is not None:  # None below the first layer, where the loop ends
+                da = dx
         return loss, grads, stats, logits
 
     def accuracy(self, logits: np.ndarray, y: np.ndarray) -> float:
@@ -329,7 +331,7 @@ class Network:
         if library is not None:
             out = old if inplace else np.empty_like(old)
             address = kernels.cached_address
-            library.kernel("moving_update", self.dtype)(
+            library.require("moving_update", self.dtype)(
                 layout.size, address(old), address(batch), self.bn_momentum, address(out)
             )
         else:
@@ -338,7 +340,8 @@ class Network:
                 return layout.views(new)
             out = old
             out[...] = new
-        return moving if inplace else layout.views(out)
+        # in place, ``moving`` passed is_view_set above: the FlatDict of ``out``
+        return cast(FlatDict, moving) if inplace else layout.views(out)
 
     # -- inference ---------------------------------------------------------------
 

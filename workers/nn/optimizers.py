@@ -216,7 +216,7 @@ class Optimizer:
             v = getattr(self, f.name)
             out[f.name] = (
                 dataclasses.asdict(v) | {"schedule": type(v).__name__}
-                if (dataclasses.is_dataclass(v))
+                if dataclasses.is_dataclass(v) and not isinstance(v, type)
                 else v
             )
         return out
@@ -248,20 +248,21 @@ class Optimizer:
             raise ValueError(f"{self.name} state lacks `iterations`")
         slots = []
         for slot in self.slots:
-            d = {k: arrays.get(f"{slot}/{k}") for k in layout.keys}
-            missing = [k for k, v in d.items() if v is None]
+            missing = [k for k in layout.keys if f"{slot}/{k}" not in arrays]
             if missing:
                 raise ValueError(f"{self.name} state lacks {slot} for {missing}")
+            d = {k: arrays[f"{slot}/{k}"] for k in layout.keys}
             slots.append(layout.views(layout.flatten(d).astype(layout.dtype, copy=True)))
         return self.state_type(int(arrays["iterations"]), *slots)
 
     # -- updates -------------------------------------------------------------------
 
-    def update(self, params: Params, grads: Params, state, inplace: bool = False):
+    def update(self, params: Params, grads: Params | np.ndarray, state, inplace: bool = False):
         """One update: returns ``(new_params, new_state)``.
 
         Args:
-            params, grads: dicts keyed alike (gradients of the mean loss).
+            params, grads: dicts keyed alike (gradients of the mean loss); ``grads`` may
+                also be the flat buffer of the params' layout.
             state: from ``init`` or a previous update.
             inplace: False (default) returns new arrays and never mutates the inputs.
                 True writes the new values into ``params`` and the state's arrays
@@ -277,7 +278,12 @@ class Optimizer:
         return new_params, new_state
 
     def apply_gradients(
-        self, params: Params, grads: Params, state, inplace: bool = False, norms: bool = True
+        self,
+        params: Params,
+        grads: Params | np.ndarray,
+        state,
+        inplace: bool = False,
+        norms: bool = True,
     ):
         """As ``update``, and also returns an ``UpdateInfo``.
 
@@ -290,7 +296,7 @@ class Optimizer:
     def _apply(
         self,
         params: Params,
-        grads: Params,
+        grads: Params | np.ndarray,
         state,
         with_info: bool,
         inplace: bool,
@@ -379,10 +385,13 @@ class Optimizer:
                 return g, norm
             out = np.clip(g, -c, c)
             return out, _norm(out)
+        clipnorm = self.clipnorm
+        if clipnorm is None:  # neither is set: nothing to clip locally
+            return g, norm
         out = None
         for k in layout.keys:
             sl = layout.slices[k]
-            s = _clip_scale(_norm(g[sl]), self.clipnorm)
+            s = _clip_scale(_norm(g[sl]), clipnorm)
             if s < 1.0:
                 if out is None:
                     out = g.copy()

@@ -65,7 +65,7 @@ class TrainPass:
         if not supported(net):
             raise ValueError(f"the fused pass needs hidden layers of >= 2 units: {net.hidden}")
         dt = net.dtype
-        kernel = {name: library.kernel(name, dt) for name in ("bn_forward", "bn_backward",
+        kernel = {name: library.require(name, dt) for name in ("bn_forward", "bn_backward",
                   "sigmoid_loss_pre", "sigmoid_loss_post")}  # fmt: skip
         self.net, self.m = net, m
         self.relu = net.activation == "relu"
