@@ -80,7 +80,9 @@ class CheckpointPolicy:
         """Seconds the timer may sleep before ``due_by_time`` can turn true."""
         if not self.timed:
             return TIMER_MAX_WAIT_SECONDS
-        return min(TIMER_MAX_WAIT_SECONDS, max(0.01, self.every_seconds - self.age()))
+        # Overdue with nothing moved: look again a tenth of the period later, not in a spin.
+        left = max(self.every_seconds - self.age(), self.every_seconds / 10, 0.01)
+        return min(TIMER_MAX_WAIT_SECONDS, left)
 
     def age(self) -> float:
         """Seconds since the last checkpoint (or since start-up)."""

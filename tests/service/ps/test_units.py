@@ -263,4 +263,6 @@ def test_the_timer_checkpoints_a_moved_state_once_every_seconds_have_passed(tmp_
     assert policy.next_check() == 1.0  # it looks at least once a second
     t[0] = 2.0
     assert policy.due_by_time(moved=True) and not policy.due_by_time(moved=False)
+    t[0] = 60.0  # long overdue with nothing moved: it looks again a tenth of a period later
+    assert policy.next_check() == pytest.approx(0.2)
     assert not CheckpointPolicy(str(tmp_path), 500, 0.0, 3).timed
