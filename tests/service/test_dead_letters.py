@@ -153,6 +153,19 @@ def assert_tiled(history: np.ndarray, tps: list, topic: str, ends: dict[int, int
     assert (history[:, 3] == -1).any()  # the trailing bad records were passed
 
 
+def restart_until_idle(bootstrap, cmd, group, topic, ckpt, ends, good, tmp_path) -> None:
+    """``serve`` again until the topic is idle: its final checkpoint's positions and the
+    group's commits are the end offsets, every good example trained once."""
+    log = tmp_path / "serve2.log"
+    cmd2 = [*cmd, "--kafka.exit-when-idle-seconds", "4"]
+    assert wait_exit(start_serve(cmd2, log), log) == 0, log.read_text()[-4000:]
+    final = load_checkpoint(latest_checkpoint(ckpt))
+    assert positions_of(latest_checkpoint(ckpt), topic) == ends
+    assert final.meta["examples"] == good
+    assert committed(bootstrap, group, topic, PARTITIONS) == ends
+    assert_tiled(final.history, [tuple(tp) for tp in final.meta["topics"]], topic, ends)
+
+
 def test_trailing_bad_records_are_passed_checkpointed_by_the_timer_and_sent_once_at_rest(
     bootstrap, tmp_path
 ):
@@ -197,14 +210,7 @@ def test_trailing_bad_records_are_passed_checkpointed_by_the_timer_and_sent_once
     finally:
         kill_group(proc)  # at rest: every dead letter sent, the positions durable
 
-    log2 = tmp_path / "serve2.log"
-    cmd2 = [*cmd, "--kafka.exit-when-idle-seconds", "4"]
-    assert wait_exit(start_serve(cmd2, log2), log2) == 0, log2.read_text()[-4000:]
-    final = load_checkpoint(latest_checkpoint(ckpt))
-    assert positions_of(latest_checkpoint(ckpt), topic) == ends
-    assert final.meta["examples"] == good
-    assert committed(bootstrap, "at-rest", topic, PARTITIONS) == ends
-    assert_tiled(final.history, [tuple(tp) for tp in final.meta["topics"]], topic, ends)
+    restart_until_idle(bootstrap, cmd, "at-rest", topic, ckpt, ends, good, tmp_path)
     assert sorted(dead_letters(bootstrap, topic, records)) == sorted(bad)  # none again
 
 
@@ -241,14 +247,7 @@ def test_kill9_under_load_sends_each_dead_letter_at_least_once_under_its_key(boo
     ends = end_offsets(records)
     assert any(killed_at.get(p, 0) < ends[p] for p in ends)  # killed mid-stream
 
-    log2 = tmp_path / "serve2.log"
-    cmd2 = [*cmd, "--kafka.exit-when-idle-seconds", "4"]
-    assert wait_exit(start_serve(cmd2, log2), log2) == 0, log2.read_text()[-4000:]
-    final = load_checkpoint(latest_checkpoint(ckpt))
-    assert positions_of(latest_checkpoint(ckpt), topic) == ends
-    assert final.meta["examples"] == good
-    assert committed(bootstrap, "under-load", topic, PARTITIONS) == ends
-    assert_tiled(final.history, [tuple(tp) for tp in final.meta["topics"]], topic, ends)
+    restart_until_idle(bootstrap, cmd, "under-load", topic, ckpt, ends, good, tmp_path)
     letters = dead_letters(bootstrap, topic, records)
     bad = bad_offsets(records, codec)
     assert set(letters) == bad  # none lost; by key, each exactly once

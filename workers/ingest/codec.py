@@ -53,7 +53,7 @@ import json
 import math
 import struct
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import chain
@@ -231,7 +231,33 @@ def _show(value: Any) -> str:
 
 
 def _oversized(size: int, schema: Schema) -> RecordError:
-    return RecordError("oversized", f"message of {size} bytes exceeds max_bytes={schema.max_bytes}")
+    return oversized(size, schema.max_bytes)
+
+
+def oversized(size: int, max_bytes: int, error: type[RecordError] = RecordError) -> RecordError:
+    return error("oversized", f"message of {size} bytes exceeds max_bytes={max_bytes}")
+
+
+def parse_json(
+    value: bytes,
+    max_bytes: int,
+    loads: Callable[[str], Any] = json.loads,
+    error: type[RecordError] = RecordError,
+) -> Any:
+    """One JSON message decoded, or ``error`` ``oversized`` or ``bad_json`` raised.
+
+    Raises:
+        RecordError: (``error``) the message is longer than ``max_bytes``, not UTF-8 or
+            not JSON.
+    """
+    if len(value) > max_bytes:
+        raise oversized(len(value), max_bytes, error)
+    try:
+        return loads(str(value, "utf-8"))
+    except UnicodeDecodeError as exc:
+        raise error("bad_json", f"not UTF-8: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        raise error("bad_json", f"not JSON: {exc}") from None
 
 
 def _finish(batch: _Batch) -> Decoded:
@@ -462,16 +488,10 @@ def _decode_json_batch(values: Sequence[bytes], schema: Schema) -> _Batch:
     ys: list = []
     last_id = None
     for i, value in enumerate(values):
-        if len(value) > max_bytes:
-            errors[i] = _oversized(len(value), schema)
-            continue
         try:
-            obj = loads(str(value, "utf-8"))
-        except UnicodeDecodeError as exc:
-            errors[i] = RecordError("bad_json", f"not UTF-8: {exc}")
-            continue
-        except (ValueError, RecursionError) as exc:
-            errors[i] = RecordError("bad_json", f"not JSON: {exc}")
+            obj = parse_json(value, max_bytes, loads)
+        except RecordError as error:
+            errors[i] = error
             continue
         if type(obj) is not dict:
             errors[i] = RecordError(

@@ -34,7 +34,7 @@ from typing import Any, NamedTuple, cast
 
 import numpy as np
 
-from workers.ingest.codec import REASONS, RecordError
+from workers.ingest.codec import REASONS, RecordError, parse_json
 from workers.ingest.hashing import murmur3_32_many
 
 FEATURE_REASONS: tuple[str, ...] = (*REASONS, "wrong_type")
@@ -682,18 +682,10 @@ class Featurizer:
         where: list[int] = []
         loads, max_bytes = json.loads, self.schema.max_bytes
         for i, value in enumerate(values):
-            if len(value) > max_bytes:
-                errors[i] = FeatureError(
-                    "oversized", f"message of {len(value)} bytes exceeds max_bytes={max_bytes}"
-                )
-                continue
             try:
-                event = loads(str(value, "utf-8"))
-            except UnicodeDecodeError as exc:
-                errors[i] = FeatureError("bad_json", f"not UTF-8: {exc}")
-                continue
-            except (ValueError, RecursionError) as exc:
-                errors[i] = FeatureError("bad_json", f"not JSON: {exc}")
+                event = parse_json(value, max_bytes, loads, FeatureError)
+            except RecordError as error:
+                errors[i] = error
                 continue
             events.append(event)
             where.append(i)
