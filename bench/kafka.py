@@ -545,7 +545,7 @@ def run_end_to_end(cfg: Config, dataset: Dataset, broker_pid: int | None) -> End
         join_seconds=stable,
         idle_seconds=ended - last[0],
         accuracy=float(result.get("accuracy", float("nan"))),
-        refused={k: int(counters.get(k, 0)) for k in ("stale", "fenced")},
+        refused={k: int(getattr(counters, k)) for k in ("stale", "fenced")},
         server_busy=sum(s for t, s in updates if first[0] < t <= last[0]) / window,
         cpu=cpu,
         phases=window_phases(bins, first[0], last[0]),
