@@ -28,6 +28,8 @@ import numpy as np  # noqa: E402
 from bench import machine  # noqa: E402
 from workers.ingest import datasets  # noqa: E402
 from workers.ingest import features as F  # noqa: E402
+from workers.ingest import moments as M  # noqa: E402
+from workers.ingest import schema as S  # noqa: E402
 from workers.nn import embedding  # noqa: E402
 from workers.nn.optimizers import get_optimizer  # noqa: E402
 
@@ -38,7 +40,7 @@ EXTRA_FIELDS = {
 }
 
 
-def bench_events(n: int, seed: int = 0) -> tuple[list[bytes], F.FeatureSchema]:
+def bench_events(n: int, seed: int = 0) -> tuple[list[bytes], S.FeatureSchema]:
     """n JSON messages of 20 input fields and a label, and their schema."""
     rng = np.random.default_rng([seed, 99])
     referrer = ((rng.zipf(1.4, n) - 1) % 20_000).tolist()
@@ -52,10 +54,10 @@ def bench_events(n: int, seed: int = 0) -> tuple[list[bytes], F.FeatureSchema]:
         lines.append(json.dumps(event, separators=(",", ":")).encode())
     doc = dict(datasets.CLICKS_SCHEMA)
     doc["fields"] = {**datasets.CLICKS_SCHEMA["fields"], **EXTRA_FIELDS}
-    return lines, F.schema_from_dict(doc)
+    return lines, S.schema_from_dict(doc)
 
 
-def river_pipeline(schema: F.FeatureSchema):
+def river_pipeline(schema: S.FeatureSchema):
     """River's per-event equivalent, or None when river is not installed."""
     try:
         from river import preprocessing
@@ -107,7 +109,7 @@ def main() -> None:
         f"batches of {ns.batch}"
     )
     featurizer = F.Featurizer(schema)
-    stats = featurizer.decode(lines, F.moments_zeros(len(schema.numbers))).moments
+    stats = featurizer.decode(lines, M.moments_zeros(len(schema.numbers))).moments
 
     def loads() -> None:
         for line in lines:

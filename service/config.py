@@ -1,7 +1,8 @@
 """The service's one typed config tree: defaults < TOML file < STREAMTRAIN_* environment < CLI.
 
 Standard library only. Each section is a frozen dataclass validated on creation; one name per
-setting everywhere (field = TOML key = env suffix = hyphenated flag).
+setting everywhere (field = TOML key = env suffix = hyphenated flag). One module on purpose:
+the sections, their sources and the precedence between them are one contract.
 """
 
 import argparse
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, cast
 
-from workers.ingest.features import FeatureSchema, SchemaError, load_schema
+from workers.ingest.schema import FeatureSchema, SchemaError, load_schema
 from workers.nn.outputs import OUTPUTS, n_outputs_requirement
 
 ENV_PREFIX = "STREAMTRAIN_"

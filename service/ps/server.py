@@ -4,7 +4,8 @@ A plain class, made a Ray actor once (``ParameterServerActor``). It runs threade
 sync round holds several pushes at once; node-local pushes arrive on socket threads), so
 its state sits behind one lock. The units beside it each keep one job: the offset ledger
 (fencing, history, watermarks), the sync round, the publisher, the divergence guard and
-the checkpoint policy. The service process only reads ``stats()``.
+the checkpoint policy. The service process only reads ``stats()``. The class is the
+actor's whole remote API, each method a short locked call into a unit, hence its length.
 """
 
 from __future__ import annotations
@@ -15,26 +16,22 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from typing import Any
 
 import numpy as np
 import ray
 
 from service.checkpoint import Checkpoint
-from service.config import Config, DivergenceConfig, OptimizerConfig, redacted
 from service.ps.checkpointing import CheckpointPolicy
+from service.ps.config import ServerConfig, build_optimizer
 from service.ps.guard import DivergenceGuard
 from service.ps.ledger import OffsetLedger
 from service.ps.publish import INLINE_PARAMS_BYTES, Publisher
 from service.ps.rounds import Item, SyncRound, WeightedSum, pooled_statistics
 from workers.nn import (
-    ExponentialDecay,
-    InverseTimeDecay,
     Network,
     NonFiniteGradientError,
-    Optimizer,
-    get_optimizer,
 )
 from workers.transport.board import BoardInfo
 from workers.transport.channel import PushEndpoint, PushServer
@@ -61,64 +58,6 @@ ORDER_WAIT_SECONDS = 2.0  # longest a push waits for its worker's previous one
 # model's update (Optimizer.apply_gradients), and nobody reads them more often.
 NORMS_EVERY_SECONDS = 0.05
 MAX_OBSERVATIONS = 100_000  # per list kept between two stats() calls (nobody reading)
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """What the parameter server is told, built from the service's ``Config`` only.
-
-    ``recorded`` is the resolved config with secrets redacted: written into checkpoints.
-    ``checkpoint_dir`` None writes and restores no checkpoint.
-    """
-
-    optimizer: OptimizerConfig
-    divergence: DivergenceConfig
-    mode: str
-    max_staleness: int
-    publish_every: int
-    sync_timeout_seconds: float
-    ema_beta: float
-    seed: int
-    checkpoint_dir: str | None
-    checkpoint_every_updates: int
-    checkpoint_every_seconds: float
-    checkpoint_keep: int
-    history: int
-    resume: bool
-    recorded: dict[str, dict[str, Any]]
-
-    @classmethod
-    def from_config(cls, cfg: Config) -> ServerConfig:
-        return cls(
-            optimizer=cfg.optimizer,
-            divergence=cfg.divergence,
-            mode=cfg.trainer.mode,
-            max_staleness=cfg.trainer.max_staleness,
-            publish_every=cfg.trainer.publish_every,
-            sync_timeout_seconds=cfg.trainer.sync_timeout_seconds,
-            ema_beta=cfg.metrics.ema_beta,
-            seed=cfg.model.seed,
-            checkpoint_dir=cfg.checkpoint.dir,
-            checkpoint_every_updates=cfg.checkpoint.every_updates,
-            checkpoint_every_seconds=cfg.checkpoint.every_seconds,
-            checkpoint_keep=cfg.checkpoint.keep,
-            history=cfg.checkpoint.history,
-            resume=cfg.checkpoint.resume,
-            recorded=redacted(cfg),
-        )
-
-
-def build_optimizer(section: OptimizerConfig, lr_factor: float = 1.0) -> Optimizer:
-    """The optimizer of an ``[optimizer]`` section, learning rate times ``lr_factor``."""
-    kwargs = section.optimizer_kwargs()
-    lr = section.learning_rate * lr_factor
-    if section.schedule == "inverse_time":
-        kwargs["learning_rate"] = InverseTimeDecay(lr, section.decay_steps, section.decay_rate)
-    elif section.schedule == "exponential":
-        kwargs["learning_rate"] = ExponentialDecay(lr, section.decay_steps, section.decay_rate)
-    else:
-        kwargs["learning_rate"] = lr
-    return get_optimizer(section.name, **kwargs)
 
 
 class _Observations:

@@ -45,6 +45,9 @@ not fitting the kind, or R == 0: an empty block is malformed, not large); ``over
 (R > max_rows); ``truncated`` (length not the header's); ``wrong_dimension``
 (D != n_features); ``bad_label`` (label kind not fitting the output); ``non_finite`` (NaN or
 ±Inf in the features, then in identity targets); ``bad_label`` (a label outside its domain).
+
+One module for the wire format on purpose: both codecs, their encoders and the validation
+and rejection order they share change together.
 """
 
 from __future__ import annotations

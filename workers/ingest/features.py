@@ -1,6 +1,8 @@
-"""Raw events to model inputs: the feature schema, its compiled ``Featurizer`` and the running
-moments that standardize numbers. Imports numpy, the standard library and workers.ingest only;
-the same code featurizes in workers and in the API, so training and serving cannot differ.
+"""Raw events to model inputs: the compiled ``Featurizer`` of a feature schema (``schema.py``),
+standardizing numbers with running moments (``moments.py``). Imports numpy, the standard
+library, workers.ingest and workers.nn.outputs only; the same code featurizes in workers and
+in the API, so training and serving cannot differ. One class, the hot path of raw events:
+decoding, validation, standardization and hashing stay in one loop over columns.
 
 **Columns.** ``x`` holds, in schema order, one column per ``number`` field (standardized)
 and per ``boolean`` field (0/1), then one missing-value indicator (1 = imputed) per such
@@ -25,35 +27,23 @@ from __future__ import annotations
 
 import json
 import math
-import tomllib
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Sequence
 from itertools import chain
-from pathlib import Path
 from typing import Any, NamedTuple, cast
 
 import numpy as np
 
 from workers.ingest.codec import REASONS, RecordError, parse_json
 from workers.ingest.hashing import murmur3_32_many
+from workers.ingest.moments import Z_MAX, Moments, moments_of, standardization
+from workers.ingest.schema import KEY_TYPES, FeatureSchema, FieldSpec
 
 FEATURE_REASONS: tuple[str, ...] = (*REASONS, "wrong_type")
-FIELD_TYPES = ("number", "boolean", "category", "categories")
-TRANSFORMS = ("none", "log1p")
-MISSING = ("impute", "reject")
-STANDARDIZE = ("running", "frozen")
-OUTPUTS = ("sigmoid", "softmax", "identity")
 
-# A standardized value is clipped to +-Z_MAX: whatever the statistics (a variance just
-# above the zero threshold), a column stays finite in float32 and in the first Dense.
-Z_MAX = 1e6
-# A standard deviation at or below this fraction of max(|mean|, 1) counts as zero (as
-# scikit-learn's `_handle_zeros_in_scale`): the column is centred, not divided by noise.
-_ZERO_STD = 10 * np.finfo(np.float64).eps
+
 _F32_MAX = float(np.finfo(np.float32).max)
 _INT64 = (-(1 << 63), (1 << 63) - 1)
 _NUMBER = frozenset((int, float))
-_KEY = frozenset((str, int))
 # Hashed values cached per field: Zipf-like streams repeat their frequent values, and a
 # dict lookup costs a tenth of hashing. The cache is cleared when full (bounded memory).
 CACHE_SIZE = 1 << 17
@@ -69,461 +59,6 @@ class FeatureError(RecordError):
             )
         ValueError.__init__(self, message)
         self.reason = reason
-
-
-class SchemaError(ValueError):
-    """A schema setting that is unknown, mistyped or out of range; ``key`` is its dotted name."""
-
-    def __init__(self, message: str, key: str = ""):
-        super().__init__(message)
-        self.key = key
-
-
-def _fail(key: str, requirement: str, value: Any) -> SchemaError:
-    return SchemaError(f"`{key}` must {requirement}. Received: {key}={value!r}", key)
-
-
-# -- schema ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FieldSpec:
-    """One input field of the events.
-
-    Attributes:
-        name: the field's name (a column name and the embedding table's name).
-        type: ``number``, ``boolean``, ``category`` (one string or integer) or
-            ``categories`` (a list of them).
-        path: dotted path to the value in the event (default: ``name``).
-        transform: numbers only: ``none`` or ``log1p`` (``sign(v)*log1p(|v|)``, defined on
-            every real), applied after clipping.
-        clip_min, clip_max: numbers only: the raw value is clipped to these bounds.
-        missing: ``impute`` (numbers: the running mean, i.e. 0 after standardization, plus
-            an indicator column; booleans: 0 plus an indicator; categories: the missing row)
-            or ``reject`` (the event is a dead letter, ``missing_field``).
-        buckets: categories: rows the values hash into (0 with a ``vocabulary``).
-        dim: categories: embedding columns.
-        vocabulary: categories: explicit values (strings; integers match their decimal
-            text), each its own row; others share the out-of-vocabulary row.
-        max_values: ``categories`` only: most values one event may list.
-    """
-
-    name: str
-    type: str
-    path: str = ""
-    transform: str = "none"
-    clip_min: float | None = None
-    clip_max: float | None = None
-    missing: str = "impute"
-    buckets: int = 0
-    dim: int = 8
-    vocabulary: tuple[str, ...] = ()
-    max_values: int = 64
-
-    def __post_init__(self) -> None:
-        key = f"fields.{self.name}"
-        if not isinstance(self.name, str) or not self.name:
-            raise _fail("fields.<name>", "be a non-empty string", self.name)
-        if self.type not in FIELD_TYPES:
-            raise _fail(f"{key}.type", "be one of " + "|".join(FIELD_TYPES), self.type)
-        path = self.path or self.name
-        if not isinstance(path, str) or any(not part for part in path.split(".")):
-            raise _fail(f"{key}.path", "be a dotted path of non-empty names", self.path)
-        object.__setattr__(self, "path", path)
-        if self.missing not in MISSING:
-            raise _fail(f"{key}.missing", "be one of " + "|".join(MISSING), self.missing)
-        numeric = self.type == "number"
-        categorical = self.type in ("category", "categories")
-        defaults = {f.name: f.default for f in fields(FieldSpec)}
-        own = {
-            "transform": numeric,
-            "clip_min": numeric,
-            "clip_max": numeric,
-            "buckets": categorical,
-            "dim": categorical,
-            "vocabulary": categorical,
-            "max_values": self.type == "categories",
-        }
-        for option, applies in own.items():
-            if not applies and getattr(self, option) != defaults[option]:
-                raise _fail(
-                    f"{key}.{option}", f"not be set for a {self.type} field", getattr(self, option)
-                )
-        if numeric:
-            if self.transform not in TRANSFORMS:
-                raise _fail(f"{key}.transform", "be one of " + "|".join(TRANSFORMS), self.transform)
-            for bound in ("clip_min", "clip_max"):
-                v = getattr(self, bound)
-                if v is not None:
-                    number = isinstance(v, int | float) and not isinstance(v, bool)
-                    if not number or not math.isfinite(v):
-                        raise _fail(f"{key}.{bound}", "be a finite number", v)
-                    object.__setattr__(self, bound, float(v))
-            lo, hi = self.clip_min, self.clip_max
-            if lo is not None and hi is not None and lo > hi:
-                raise _fail(f"{key}.clip_max", f"be >= clip_min={lo}", hi)
-        if categorical:
-            vocab = self.vocabulary
-            if not isinstance(vocab, list | tuple) or any(type(v) not in _KEY for v in vocab):
-                raise _fail(f"{key}.vocabulary", "be a list of strings or integers", vocab)
-            vocab = tuple(str(v) for v in vocab)
-            if len(set(vocab)) != len(vocab):
-                raise _fail(f"{key}.vocabulary", "hold each value once", list(vocab))
-            object.__setattr__(self, "vocabulary", vocab)
-            buckets = self.buckets
-            if vocab and buckets:
-                raise _fail(f"{key}.buckets", "be 0 (unset) when a vocabulary is given", buckets)
-            if not vocab:
-                buckets = buckets or 1024
-                if not _is_int(buckets) or not 1 <= buckets <= 1 << 31:
-                    raise _fail(f"{key}.buckets", "be an integer in [1, 2**31]", buckets)
-            object.__setattr__(self, "buckets", buckets)
-            if not _is_int(self.dim) or self.dim < 1:
-                raise _fail(f"{key}.dim", "be an integer >= 1", self.dim)
-            if not _is_int(self.max_values) or self.max_values < 1:
-                raise _fail(f"{key}.max_values", "be an integer >= 1", self.max_values)
-
-    @property
-    def table_rows(self) -> int:
-        """Rows of the field's embedding table: hashed (or vocabulary + OOV) rows + missing."""
-        return (len(self.vocabulary) + 2) if self.vocabulary else self.buckets + 1
-
-    @property
-    def missing_row(self) -> int:
-        return self.table_rows - 1
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-@dataclass(frozen=True)
-class LabelSpec:
-    """The label: its field and what it means.
-
-    Attributes:
-        field: dotted path of the label in the event.
-        output: ``sigmoid`` (true/false or 0/1), ``softmax`` (a class name, or an integer id
-            when ``classes`` is empty) or ``identity`` (a number, or a list of n_outputs).
-        classes: softmax: the class names, in id order; a label naming another is bad.
-        n_outputs: softmax without classes: the number of ids; identity: targets (default 1).
-    """
-
-    field: str
-    output: str
-    classes: tuple[str, ...] = ()
-    n_outputs: int = 0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.field, str) or any(not p for p in self.field.split(".")):
-            raise _fail("label.field", "be a dotted path of non-empty names", self.field)
-        if self.output not in OUTPUTS:
-            raise _fail("label.output", "be one of " + "|".join(OUTPUTS), self.output)
-        classes = self.classes
-        if not isinstance(classes, list | tuple) or any(type(c) not in _KEY for c in classes):
-            raise _fail("label.classes", "be a list of strings or integers", classes)
-        classes = tuple(str(c) for c in classes)
-        object.__setattr__(self, "classes", classes)
-        if classes and self.output != "softmax":
-            raise _fail("label.classes", "be empty unless output is 'softmax'", list(classes))
-        if len(set(classes)) != len(classes):
-            raise _fail("label.classes", "hold each class once", list(classes))
-        n = self.n_outputs
-        if not _is_int(n) or n < 0:
-            raise _fail("label.n_outputs", "be an integer >= 0", n)
-        if self.output == "softmax":
-            if classes and n not in (0, len(classes)):
-                raise _fail("label.n_outputs", f"be 0 or len(classes)={len(classes)}", n)
-            n = len(classes) or n
-            if n < 2:
-                raise _fail("label.n_outputs", "be >= 2 (or classes given) for softmax", n)
-        elif self.output == "sigmoid":
-            if n not in (0, 1):
-                raise _fail("label.n_outputs", "be 0 or 1 for sigmoid", n)
-            n = 1
-        else:
-            n = n or 1
-        object.__setattr__(self, "n_outputs", n)
-
-
-@dataclass(frozen=True)
-class FeatureSchema:
-    """A declarative description of raw events: fields, label and standardization.
-
-    Attributes:
-        fields: the input fields, in column order.
-        label: the label, or None for events that carry none (prediction only).
-        hash_seed: MurmurHash3 seed of every hashed field.
-        standardize: ``running`` (statistics merge every batch, forever) or ``frozen``
-            (a field's statistics stop changing once they count ``freeze_after`` values).
-        freeze_after: values per field after which ``frozen`` statistics stop.
-        max_bytes: a longer message is ``oversized``.
-        id_field: JSON field of the optional int64 example id.
-    """
-
-    fields: tuple[FieldSpec, ...]
-    label: LabelSpec | None = None
-    hash_seed: int = 0
-    standardize: str = "running"
-    freeze_after: int = 0
-    max_bytes: int = 1 << 20
-    id_field: str = "id"
-
-    def __post_init__(self) -> None:
-        specs = tuple(self.fields)
-        if not specs or any(not isinstance(f, FieldSpec) for f in specs):
-            raise _fail("fields", "be one or more FieldSpec", self.fields)
-        object.__setattr__(self, "fields", specs)
-        names = [f.name for f in specs]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise _fail("fields", "name each field once", dup)
-        if self.label is not None and self.label.field in {f.path for f in specs}:
-            raise _fail("label.field", "not also be an input field's path", self.label.field)
-        if not _is_int(self.hash_seed) or not 0 <= self.hash_seed < 1 << 32:
-            raise _fail("hash_seed", "be an integer in [0, 2**32)", self.hash_seed)
-        if self.standardize not in STANDARDIZE:
-            raise _fail("standardize", "be one of " + "|".join(STANDARDIZE), self.standardize)
-        if not _is_int(self.freeze_after) or self.freeze_after < 0:
-            raise _fail("freeze_after", "be an integer >= 0", self.freeze_after)
-        if self.standardize == "frozen" and self.freeze_after < 1:
-            raise _fail("freeze_after", "be >= 1 when standardize is 'frozen'", self.freeze_after)
-        if not _is_int(self.max_bytes) or self.max_bytes < 1:
-            raise _fail("max_bytes", "be an integer >= 1", self.max_bytes)
-
-    @property
-    def numbers(self) -> tuple[FieldSpec, ...]:
-        """The ``number`` fields: the statistics' order."""
-        return tuple(f for f in self.fields if f.type == "number")
-
-    @property
-    def categoricals(self) -> tuple[FieldSpec, ...]:
-        """The ``category``/``categories`` fields: the bags' and tables' order."""
-        return tuple(f for f in self.fields if f.type in ("category", "categories"))
-
-    @property
-    def columns(self) -> tuple[str, ...]:
-        """Names of the columns of ``x``: numbers and booleans, then ``<name>:missing``."""
-        dense = [f for f in self.fields if f.type in ("number", "boolean")]
-        return tuple(f.name for f in dense) + tuple(
-            f"{f.name}:missing" for f in dense if f.missing == "impute"
-        )
-
-    @property
-    def input_dim(self) -> int:
-        """Width of the first Dense layer's input: columns plus every embedding's dim."""
-        return len(self.columns) + sum(f.dim for f in self.categoricals)
-
-    def freeze_limit(self) -> int:
-        """The count at which statistics stop (0: never)."""
-        return self.freeze_after if self.standardize == "frozen" else 0
-
-
-_SCHEMA_KEYS = {"fields", "label", "hash_seed", "standardize", "freeze_after", "max_bytes",
-                "id_field"}  # fmt: skip
-
-
-def schema_from_dict(data: Mapping[str, Any]) -> FeatureSchema:
-    """The schema of a TOML/JSON document.
-
-    Top-level keys are ``FeatureSchema``'s; ``fields`` is a table of tables (one per field,
-    named by its key, in order) and ``label`` a table of ``LabelSpec``'s keys.
-
-    Raises:
-        SchemaError: an unknown key, a wrong type or a value out of range, named.
-    """
-    if not isinstance(data, Mapping):
-        raise _fail("schema", "be a table", data)
-    unknown = sorted(set(data) - _SCHEMA_KEYS)
-    if unknown:
-        raise SchemaError(f"unknown schema key(s) {unknown}. Valid: {sorted(_SCHEMA_KEYS)}")
-    table = data.get("fields")
-    if not isinstance(table, Mapping) or not table:
-        raise _fail("fields", "be a table of one or more field tables", table)
-    valid = {f.name for f in fields(FieldSpec)} - {"name"}
-    specs = []
-    for name, options in table.items():
-        if not isinstance(options, Mapping):
-            raise _fail(f"fields.{name}", "be a table", options)
-        bad = sorted(set(options) - valid)
-        if bad:
-            raise SchemaError(f"unknown key(s) {bad} in fields.{name}. Valid: {sorted(valid)}")
-        if "type" not in options:
-            raise SchemaError(f"`fields.{name}.type` is required", f"fields.{name}.type")
-        specs.append(FieldSpec(name=name, **options))
-    label = data.get("label")
-    if label is not None:
-        if not isinstance(label, Mapping):
-            raise _fail("label", "be a table", label)
-        valid_label = {f.name for f in fields(LabelSpec)}
-        bad = sorted(set(label) - valid_label)
-        if bad:
-            raise SchemaError(f"unknown key(s) {bad} in label. Valid: {sorted(valid_label)}")
-        missing = sorted({"field", "output"} - set(label))
-        if missing:
-            raise SchemaError(f"label lacks {missing}", "label")
-        label = LabelSpec(**label)
-    rest = {k: v for k, v in data.items() if k not in ("fields", "label")}
-    return FeatureSchema(tuple(specs), label, **rest)
-
-
-def schema_to_dict(schema: FeatureSchema) -> dict[str, Any]:
-    """The document ``schema_from_dict`` reads back to ``schema`` (defaults left out)."""
-    defaults = {f.name: f.default for f in fields(FieldSpec)}
-    out: dict[str, Any] = {}
-    for key in ("hash_seed", "standardize", "freeze_after", "max_bytes", "id_field"):
-        out[key] = getattr(schema, key)
-    table = {}
-    for spec in schema.fields:
-        entry = {}
-        for f in fields(FieldSpec):
-            v = getattr(spec, f.name)
-            if f.name == "name" or (f.name == "path" and v == spec.name):
-                continue
-            if f.name == "buckets" and spec.type in ("category", "categories"):
-                entry[f.name] = v  # the resolved default (1024) is written out
-            elif v != defaults[f.name]:
-                entry[f.name] = list(v) if isinstance(v, tuple) else v
-        table[spec.name] = entry
-    out["fields"] = table
-    if schema.label is not None:
-        lab = schema.label
-        out["label"] = {"field": lab.field, "output": lab.output, "n_outputs": lab.n_outputs}
-        if lab.classes:
-            out["label"]["classes"] = list(lab.classes)
-    return out
-
-
-def load_schema(path: str | Path) -> FeatureSchema:
-    """The schema in a ``.toml`` or ``.json`` file.
-
-    Raises:
-        SchemaError: the file is missing, unreadable, not TOML/JSON, or not a valid schema.
-    """
-    path = Path(path)
-    try:
-        text = path.read_bytes()
-    except OSError as err:
-        raise SchemaError(f"feature schema {path} cannot be read: {err}") from None
-    try:
-        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text.decode())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise SchemaError(f"feature schema {path} is not valid {path.suffix[1:]}: {err}") from None
-    try:
-        return schema_from_dict(data)
-    except SchemaError as err:
-        raise SchemaError(f"{err} (in {path})", err.key) from None
-    except TypeError as err:  # a key of the wrong kind reached a dataclass
-        raise SchemaError(f"feature schema {path}: {err}") from None
-
-
-# -- running moments --------------------------------------------------------------------------
-
-
-class Moments(NamedTuple):
-    """Count, mean and sum of squared deviations per number field (Welford's M2).
-
-    count: (k,) int64; mean: (k,) float64; M2: (k,) float64. The variance is M2 / count
-    (biased, as batch norm and scikit-learn's StandardScaler).
-    """
-
-    count: np.ndarray  # type: ignore[assignment]  # the statistic's name; tuple.count unused
-    mean: np.ndarray
-    M2: np.ndarray
-
-
-def moments_zeros(k: int) -> Moments:
-    """Statistics of nothing seen yet: every count 0."""
-    return Moments(np.zeros(k, np.int64), np.zeros(k), np.zeros(k))
-
-
-def moments_of(values: np.ndarray, present: np.ndarray) -> Moments:
-    """The moments of a batch, ignoring absent values (two passes, float64).
-
-    Args:
-        values: (m, k) float64; present: (m, k) bool, False where a value was imputed.
-    """
-    count = present.sum(axis=0)  # (m, k) -> (k,)
-    kept = np.where(present, values, 0.0)
-    total = kept.sum(axis=0)  # (k,)
-    mean = np.divide(total, count, out=np.zeros_like(total), where=count > 0)
-    dev = np.where(present, values - mean, 0.0)  # (m, k) - (k,) broadcasts over rows
-    return Moments(count.astype(np.int64), mean, np.einsum("ij,ij->j", dev, dev))
-
-
-def merge_moments(a: Moments, b: Moments, freeze_after: int = 0) -> Moments:
-    """Statistics of the union of two disjoint samples (Chan, Golub and LeVeque, 1979)::
-
-        n = n_a + n_b;  delta = mean_b - mean_a
-        mean = mean_a + delta * n_b / n
-        M2 = M2_a + M2_b + delta**2 * n_a * n_b / n
-
-    Exact in exact arithmetic for any split, so merging workers' batch moments in any
-    order gives the moments of all the values (to float64 rounding). Fields whose count
-    already reached ``freeze_after`` (> 0) keep ``a`` unchanged; a count of 0 keeps mean
-    and M2 at 0.
-    """
-    na, nb = a.count.astype(np.float64), b.count.astype(np.float64)
-    n = na + nb
-    delta = b.mean - a.mean
-    safe = np.where(n > 0, n, 1.0)
-    mean = np.where(n > 0, a.mean + delta * (nb / safe), 0.0)
-    M2 = np.where(n > 0, a.M2 + b.M2 + delta * delta * (na * nb / safe), 0.0)
-    count = a.count + b.count
-    if freeze_after > 0:
-        frozen = a.count >= freeze_after
-        count = np.where(frozen, a.count, count)
-        mean = np.where(frozen, a.mean, mean)
-        M2 = np.where(frozen, a.M2, M2)
-    return Moments(count, mean, M2)
-
-
-class Standardization(NamedTuple):
-    """``z = (v - center) / scale`` per number field; center (k,), scale (k,) float64 > 0."""
-
-    center: np.ndarray
-    scale: np.ndarray
-
-
-def standardization(stats: Moments) -> Standardization:
-    """The rule that turns statistics into a centre and a scale, defined everywhere.
-
-    Conventions (scikit-learn's StandardScaler for the zero variance): count 0 -> centre 0,
-    scale 1 (the value passes as it is: nothing is known yet); count >= 1 -> centre the mean;
-    a standard deviation sqrt(M2 / count) that is 0, below ``10 eps max(|mean|, 1)`` or not
-    finite -> scale 1 (a constant field is centred, never divided by 0). No NaN can come out.
-    """
-    count = stats.count.astype(np.float64)
-    seen = count > 0
-    center = np.where(seen, stats.mean, 0.0)
-    var = np.divide(stats.M2, count, out=np.zeros_like(count), where=seen)
-    std = np.sqrt(np.maximum(var, 0.0))
-    flat = ~np.isfinite(std) | (std <= _ZERO_STD * np.maximum(np.abs(center), 1.0))
-    center = np.where(np.isfinite(center), center, 0.0)
-    return Standardization(center, np.where(flat, 1.0, std))
-
-
-def stats_arrays(schema: FeatureSchema, stats: Moments) -> dict[str, np.ndarray]:
-    """The statistics as named arrays for checkpoints: ``features.<field>.count|mean|M2``."""
-    out = {}
-    for j, spec in enumerate(schema.numbers):
-        out[f"features.{spec.name}.count"] = np.asarray(stats.count[j], np.int64)
-        out[f"features.{spec.name}.mean"] = np.asarray(stats.mean[j], np.float64)
-        out[f"features.{spec.name}.M2"] = np.asarray(stats.M2[j], np.float64)
-    return out
-
-
-def stats_from_arrays(schema: FeatureSchema, arrays: Mapping[str, np.ndarray]) -> Moments:
-    """Inverse of ``stats_arrays``; a field absent from ``arrays`` (new since) starts at count 0."""
-    k = len(schema.numbers)
-    stats = moments_zeros(k)
-    for j, spec in enumerate(schema.numbers):
-        key = f"features.{spec.name}"
-        if f"{key}.count" in arrays:
-            stats.count[j] = int(arrays[f"{key}.count"])
-            stats.mean[j] = float(arrays[f"{key}.mean"])
-            stats.M2[j] = float(arrays[f"{key}.M2"])
-    return stats
 
 
 # -- featurizer -------------------------------------------------------------------------------
@@ -891,7 +426,7 @@ class Featurizer:
             return values
         out = list(values)
         for j, v in enumerate(values):
-            if v is not None and type(v) not in _KEY:
+            if v is not None and type(v) not in KEY_TYPES:
                 row = j if row_of is None else row_of[j]
                 what = "a path through a non-object" if v is _NOT_OBJECT else _show(v)
                 rejects.add(
@@ -975,7 +510,7 @@ class Featurizer:
                     rejects.add(j, "missing_field", f"label field {path!r} is missing or null")
         if label.output == "sigmoid" and types <= {bool}:
             return np.array(column, np.float32).reshape(m)
-        if label.output == "softmax" and self._classes and types <= _KEY:
+        if label.output == "softmax" and self._classes and types <= KEY_TYPES:
             found = list(map(self._classes.get, column))
             if None not in found:
                 return np.array(found, np.int64).reshape(m)
@@ -1001,7 +536,7 @@ class Featurizer:
                 if v is None:
                     continue
                 if classes:
-                    row = classes.get(v) if type(v) in _KEY else None
+                    row = classes.get(v) if type(v) in KEY_TYPES else None
                     if row is None:
                         rejects.add(
                             j,

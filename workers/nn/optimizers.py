@@ -7,6 +7,7 @@ lecture's eq. 1-8, 22-23). Notation: ``w`` parameters, ``g`` gradient, ``lr`` le
 Every update works on one flat buffer per parameter set (see ``layout.py``) and never
 mutates its inputs; each optimizer turns its hyperparameters into the scalars of its
 kernel (``kernels.SGDHyper`` ...), which ``kernels.fused_update`` applies chunk by chunk.
+Every optimizer of the registry sits here, beside the one update path they share.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ import numpy as np
 
 from workers.ingest import datasets
 from workers.ingest import features as F
+from workers.ingest import moments as M
+from workers.ingest import schema as S
 
 
 def test_same_seed_same_bytes_other_seed_other_events():
@@ -19,10 +21,10 @@ def test_same_seed_same_bytes_other_seed_other_events():
 
 
 def test_every_event_fits_its_schema_with_skewed_and_missing_values():
-    schema = F.schema_from_dict(datasets.CLICKS_SCHEMA)
+    schema = S.schema_from_dict(datasets.CLICKS_SCHEMA)
     assert len(schema.fields) >= 12
     lines = list(datasets.clicks_lines(8000, seed=0))
-    out = F.Featurizer(schema).decode(lines, F.moments_zeros(len(schema.numbers)))
+    out = F.Featurizer(schema).decode(lines, M.moments_zeros(len(schema.numbers)))
     assert out.errors == [] and len(out.x) == 8000
     events = [json.loads(v) for v in lines]
     merchants = [e["merchant"] for e in events]

@@ -9,9 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from workers.ingest import features as F
+from workers.ingest import moments as M
+from workers.ingest import schema as S
 from workers.ingest.codec import RecordError
-from workers.ingest.features import FeatureError, Featurizer, Moments, SchemaError
+from workers.ingest.features import FeatureError, Featurizer
 from workers.ingest.hashing import murmur3_32
+from workers.ingest.moments import Moments
+from workers.ingest.schema import SchemaError
 
 # The issue's event, and a schema for it.
 EVENT = {
@@ -40,11 +44,11 @@ DOC = {
 
 @pytest.fixture
 def schema():
-    return F.schema_from_dict(DOC)
+    return S.schema_from_dict(DOC)
 
 
 def _zeros(schema):
-    return F.moments_zeros(len(schema.numbers))
+    return M.moments_zeros(len(schema.numbers))
 
 
 def _stats(count, mean, var):
@@ -72,15 +76,15 @@ def test_schema_columns_tables_and_input_dim(schema):
 
 
 def test_schema_round_trips_through_a_dict_and_files(schema, tmp_path):
-    doc = F.schema_to_dict(schema)
-    assert F.schema_from_dict(doc) == schema
+    doc = S.schema_to_dict(schema)
+    assert S.schema_from_dict(doc) == schema
     (tmp_path / "s.json").write_text(json.dumps(doc))
-    assert F.load_schema(tmp_path / "s.json") == schema
+    assert S.load_schema(tmp_path / "s.json") == schema
     (tmp_path / "s.toml").write_text(
         'hash_seed = 7\n[fields.amount]\ntype = "number"\n[fields."geo.lat"]\ntype = "number"\n'
         '[label]\nfield = "y"\noutput = "softmax"\nclasses = ["a", "b", 3]\n'
     )
-    loaded = F.load_schema(tmp_path / "s.toml")
+    loaded = S.load_schema(tmp_path / "s.toml")
     assert [f.path for f in loaded.fields] == ["amount", "geo.lat"]
     assert loaded.label.classes == ("a", "b", "3") and loaded.label.n_outputs == 3
 
@@ -110,7 +114,7 @@ def test_schema_round_trips_through_a_dict_and_files(schema, tmp_path):
 def test_schema_errors_name_the_bad_value(change, message):
     doc = {"fields": {"a": {"type": "number"}}} | change
     with pytest.raises(SchemaError) as info:
-        F.schema_from_dict(doc)
+        S.schema_from_dict(doc)
     assert message in str(info.value)
 
 
@@ -118,9 +122,9 @@ def test_load_schema_names_the_file(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text('[fields.a]\ntype = "number"\ntransform = "cube"\n')
     with pytest.raises(SchemaError, match=r"transform='cube' \(in .*bad.toml\)"):
-        F.load_schema(path)
+        S.load_schema(path)
     with pytest.raises(SchemaError, match="cannot be read"):
-        F.load_schema(tmp_path / "absent.toml")
+        S.load_schema(tmp_path / "absent.toml")
 
 
 # -- featurizing ---------------------------------------------------------------------------------
@@ -160,7 +164,7 @@ def test_categories_vocabulary_oov_integers_and_bags(schema):
 
 
 def test_nested_paths_and_softmax_classes():
-    schema = F.schema_from_dict(
+    schema = S.schema_from_dict(
         {
             "fields": {"lat": {"type": "number", "path": "geo.pos.lat"}},
             "label": {"field": "meta.kind", "output": "softmax", "classes": ["cat", "dog", 7]},
@@ -171,7 +175,7 @@ def test_nested_paths_and_softmax_classes():
         {"geo": None, "meta": {"kind": 7}},
         {"geo": {"pos": {}}, "meta": {"kind": "7"}},
     ]
-    out = Featurizer(schema).transform(events, F.moments_zeros(1))
+    out = Featurizer(schema).transform(events, M.moments_zeros(1))
     assert out.x[:, 0].tolist() == [2.5, 0.0, 0.0] and out.x[:, 1].tolist() == [0, 1, 1]
     assert out.y.tolist() == [1, 2, 2]
 
@@ -222,7 +226,7 @@ def test_bad_events_are_rejected_with_a_reason(schema, value, reason, text):
 
 
 def test_oversized_and_label_domains():
-    schema = F.schema_from_dict(
+    schema = S.schema_from_dict(
         {
             "fields": {"a": {"type": "number"}},
             "label": {"field": "y", "output": "softmax", "classes": ["no", "yes"]},
@@ -231,16 +235,16 @@ def test_oversized_and_label_domains():
     )
     f = Featurizer(schema)
     long = b'{"a": 1, "y": "yes", "pad": "' + b"x" * 40 + b'"}'
-    out = f.decode([b'{"a": 1, "y": "maybe"}', long], F.moments_zeros(1))
+    out = f.decode([b'{"a": 1, "y": "maybe"}', long], M.moments_zeros(1))
     assert [(i, e.reason) for i, e in out.errors] == [(0, "bad_label"), (1, "oversized")]
     assert "not one of the 2 classes" in str(out.errors[0][1])
-    ident = F.schema_from_dict(
+    ident = S.schema_from_dict(
         {"fields": {"a": {"type": "number"}}, "label": {"field": "y", "output": "identity",
                                                          "n_outputs": 2}}
     )  # fmt: skip
     out = Featurizer(ident).transform(
         [{"a": 1, "y": [1, 2]}, {"a": 1, "y": [1]}, {"a": 1, "y": [1, float("inf")]}],
-        F.moments_zeros(1),
+        M.moments_zeros(1),
     )
     assert out.y.tolist() == [[1.0, 2.0]]
     assert [e.reason for _, e in out.errors] == ["bad_label", "non_finite"]
@@ -275,7 +279,7 @@ def _events(n: int, seed: int) -> list[dict]:
 
 def test_a_batch_and_its_events_one_by_one_give_identical_bytes(schema):
     events = _events(200, 0)
-    stats = F.merge_moments(
+    stats = M.merge_moments(
         _zeros(schema), Featurizer(schema).transform(events, _zeros(schema)).moments
     )
     batch = Featurizer(schema).transform(events, stats)
@@ -315,12 +319,12 @@ def test_standardized_columns_use_the_statistics_given(schema):
 )
 def test_merging_batch_moments_gives_the_moments_of_all_values(values, cuts):
     x = np.array(values, float).reshape(-1, 1)
-    whole = F.moments_of(x, np.ones_like(x, bool))
+    whole = M.moments_of(x, np.ones_like(x, bool))
     bounds = sorted({0, len(values), *[min(c, len(values)) for c in cuts]})
-    merged = F.moments_zeros(1)
+    merged = M.moments_zeros(1)
     for lo, hi in zip(bounds, bounds[1:], strict=False):
         part = x[lo:hi]
-        merged = F.merge_moments(merged, F.moments_of(part, np.ones_like(part, bool)))
+        merged = M.merge_moments(merged, M.moments_of(part, np.ones_like(part, bool)))
     assert merged.count.tolist() == [len(values)]
     scale = max(1.0, float(np.abs(x).max(initial=0.0)))
     assert abs(merged.mean[0] - whole.mean[0]) <= 1e-12 * scale
@@ -333,21 +337,21 @@ def test_merging_batch_moments_gives_the_moments_of_all_values(values, cuts):
 
 def test_merge_by_hand_and_with_absent_values():
     # {1, 2, 3} and {10}: mean 4, M2 = 9 + 4 + 1 + 36 = 50.
-    a = F.moments_of(np.array([[1.0], [2.0], [3.0]]), np.ones((3, 1), bool))
-    b = F.moments_of(np.array([[10.0], [99.0]]), np.array([[True], [False]]))
-    merged = F.merge_moments(a, b)
+    a = M.moments_of(np.array([[1.0], [2.0], [3.0]]), np.ones((3, 1), bool))
+    b = M.moments_of(np.array([[10.0], [99.0]]), np.array([[True], [False]]))
+    merged = M.merge_moments(a, b)
     assert merged.count.tolist() == [4] and merged.mean.tolist() == [4.0]
     assert merged.M2.tolist() == [50.0]
-    empty = F.moments_zeros(1)
-    both_empty = F.merge_moments(empty, empty)
+    empty = M.moments_zeros(1)
+    both_empty = M.merge_moments(empty, empty)
     assert both_empty.count.tolist() == [0] and np.isfinite(both_empty.mean).all()
 
 
 def test_frozen_statistics_stop_at_freeze_after():
     a = _stats([100], [5.0], [1.0])
     b = _stats([50], [9.0], [1.0])
-    assert F.merge_moments(a, b, freeze_after=100) == a
-    grown = F.merge_moments(a, b, freeze_after=101)
+    assert M.merge_moments(a, b, freeze_after=100) == a
+    grown = M.merge_moments(a, b, freeze_after=101)
     assert grown.count.tolist() == [150]  # below the limit a whole batch is merged
 
 
@@ -359,12 +363,12 @@ def test_frozen_statistics_stop_at_freeze_after():
         (_stats([1], [2.0], [0.0]), 7.5, 5.5),  # one value: centred, never divided
         (_stats([500], [3.0], [0.0]), 3.0, 0.0),  # constant field: variance 0
         (_stats([500], [1e9], [1e-30]), 1e9 + 1, 1.0),  # a std of rounding noise counts as 0
-        (_stats([500], [0.0], [1e-300]), 1e30, F.Z_MAX),  # a tiny std: clipped, not inf
+        (_stats([500], [0.0], [1e-300]), 1e30, M.Z_MAX),  # a tiny std: clipped, not inf
         (_stats([3], [0.0], [4.0]), -4.0, -2.0),
     ],
 )
 def test_standardization_is_defined_everywhere(stats, value, z):
-    schema = F.schema_from_dict({"fields": {"a": {"type": "number"}}})
+    schema = S.schema_from_dict({"fields": {"a": {"type": "number"}}})
     out = Featurizer(schema).one({"a": value}, stats, labels=False)
     assert np.isfinite(out.x).all()
     assert out.x[0, 0] == pytest.approx(z, rel=1e-6)
@@ -374,18 +378,18 @@ def test_an_unseen_field_gets_count_0_and_finite_values(schema):
     """River #2001 (a scaler's NaN for a feature seen for the first time), here: a field the
     checkpoint has no statistics for, a field absent from every event so far, and a first
     value all give finite columns."""
-    stored = F.stats_arrays(schema, _stats([5, 5, 5], [1.0, 2.0, 3.0], [1.0, 1.0, 1.0]))
+    stored = M.stats_arrays(schema, _stats([5, 5, 5], [1.0, 2.0, 3.0], [1.0, 1.0, 1.0]))
     del stored["features.lat.count"], stored["features.lat.mean"], stored["features.lat.M2"]
-    stats = F.stats_from_arrays(schema, stored)
+    stats = M.stats_from_arrays(schema, stored)
     assert stats.count.tolist() == [5, 5, 0]
     f = Featurizer(schema)
     first = f.one({"hour": 2, "geo": {"lat": 123.0}, "clicked": 1}, stats)
     assert np.isfinite(first.x).all() and first.x[0, 3] == 123.0
-    absent = f.transform([{"hour": 2, "clicked": 1}] * 3, F.moments_zeros(3))
+    absent = f.transform([{"hour": 2, "clicked": 1}] * 3, M.moments_zeros(3))
     assert np.isfinite(absent.x).all()
     assert absent.moments.count.tolist() == [0, 3, 0]
     assert np.isfinite(absent.moments.mean).all() and np.isfinite(absent.moments.M2).all()
-    rule = F.standardization(absent.moments)
+    rule = M.standardization(absent.moments)
     assert rule.scale.tolist() == [1.0, 1.0, 1.0] and np.isfinite(rule.center).all()
 
 
@@ -401,9 +405,9 @@ def test_an_unseen_field_gets_count_0_and_finite_values(schema):
     st.floats(0, 1e60),
 )
 def test_no_nan_ever(values, count, mean, var):
-    schema = F.schema_from_dict({"fields": {"a": {"type": "number", "transform": "log1p"}}})
+    schema = S.schema_from_dict({"fields": {"a": {"type": "number", "transform": "log1p"}}})
     stats = Moments(np.array([count]), np.array([mean]), np.array([var * count]))
     out = Featurizer(schema).transform([{"a": v} for v in values], stats, labels=False)
     assert np.isfinite(out.x).all()
     assert np.isfinite(out.moments.mean).all() and np.isfinite(out.moments.M2).all()
-    assert np.isfinite(F.standardization(F.merge_moments(stats, out.moments)).scale).all()
+    assert np.isfinite(M.standardization(M.merge_moments(stats, out.moments)).scale).all()
