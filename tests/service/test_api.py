@@ -519,7 +519,13 @@ def test_model_endpoint_reports_what_info_says(model, serve):
 def test_api_follows_a_live_trainer_and_serves_its_final_model(
     tmp_path, make_trainer, run, config, serve
 ):
-    cfg = config(tmp_path, **{"stream.passes": 25, "api.port": 0, "api.refresh_seconds": 0.05})
+    # A paced stream (about 3.6 s of it): unpaced, the whole run can end between two of
+    # the service's polls, and nothing would be seen live.
+    cfg = config(
+        tmp_path,
+        **{"stream.passes": 25, "stream.rate": 10000.0, "api.port": 0,
+           "api.refresh_seconds": 0.05},
+    )  # fmt: skip
     registry = CollectorRegistry()
     trainer = make_trainer(cfg, registry=registry)
     cache = ModelCache(trainer.server, cfg.api.refresh_seconds).start()
