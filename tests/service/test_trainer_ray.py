@@ -82,9 +82,14 @@ def test_batches_stay_powers_of_two_under_adaptive_batching(
 def test_killed_worker_is_replaced_and_every_example_trains_once(
     mode, hidden, tmp_path, make_trainer, run, config, exact_tiling
 ):
-    # 30 passes: the first stats poll may come 0.2 s in, and the kill must find the killed
-    # worker's partitions unfinished, or its replacement has nothing left to train.
-    cfg = config(tmp_path, **{"trainer.mode": mode, "stream.passes": 30, "model.hidden": hidden})
+    # 30 passes, paced (about 2 s of stream): the first stats poll may come 0.2 s in, and
+    # the kill must find the killed worker's partitions unfinished, or its replacement
+    # has nothing left to train.
+    cfg = config(
+        tmp_path,
+        **{"trainer.mode": mode, "stream.passes": 30, "stream.rate": 20000.0,
+           "model.hidden": hidden},
+    )  # fmt: skip
     segments = set(os.listdir(SHM_DIR))
     trainer = make_trainer(cfg)
     killed = []
@@ -125,6 +130,7 @@ def test_restarted_server_resumes_from_its_checkpoint(
             "model.hidden": hidden,
             "trainer.mode": mode,
             "stream.passes": 24,  # the kill at version 100 must come well before the end
+            "stream.rate": 20000.0,  # (about 1.7 s of stream, however fast the training)
             "checkpoint.every_updates": every,
             "checkpoint.every_seconds": 0.0,
             "checkpoint.resume": True,
