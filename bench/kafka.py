@@ -47,9 +47,9 @@ from service.config import Config, load_config  # noqa: E402
 from service.produce import CHUNK_ROWS, Examples, produce  # noqa: E402
 from service.trainer import Trainer, coalesce_for, inflight_for, network_spec  # noqa: E402
 from workers.ingest.codec import Codec, Schema  # noqa: E402
-from workers.ingest.kafka import check_topics, ensure_topic  # noqa: E402
 from workers.ingest.memory import Dataset, synthetic_binary  # noqa: E402
 from workers.ingest.source import ROWS_PER_OFFSET  # noqa: E402
+from workers.ingest.topics import check_topics, ensure_topic  # noqa: E402
 from workers.nn import Network  # noqa: E402
 from workers.worker import GradientWorker  # noqa: E402
 

@@ -72,7 +72,8 @@ def run_serve(
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """``streamtrain serve``: train on the Kafka topic until stopped (or idle, if set)."""
-    from workers.ingest.kafka import check_topics, client_settings
+    from workers.ingest.kafka import client_settings
+    from workers.ingest.topics import check_topics
 
     k = cfg.kafka
     partitions = check_topics(

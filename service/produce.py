@@ -183,7 +183,7 @@ def produce(
     """
     from kafka import KafkaProducer
 
-    from workers.ingest.kafka import ensure_topic
+    from workers.ingest.topics import ensure_topic
 
     if format == "json" and block != 1:
         raise ValueError(f"JSON records hold one example; `block` must be 1. Received: {block}")

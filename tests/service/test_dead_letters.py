@@ -26,8 +26,9 @@ from tests.service.test_kafka_service import (
     wait_group_stable,
 )
 from workers.ingest.codec import Codec, Schema, encode_json
-from workers.ingest.kafka import dead_letter_key, ensure_topic
+from workers.ingest.kafka import dead_letter_key
 from workers.ingest.source import ROWS_PER_OFFSET, split_position
+from workers.ingest.topics import ensure_topic
 
 pytestmark = pytest.mark.integration
 

@@ -22,9 +22,9 @@ from service.produce import dataset_examples, produce
 from service.trainer import Trainer
 from tests.kafka_broker import kb
 from workers.ingest.codec import Codec, RecordError, Schema, encode_binary, encode_json
-from workers.ingest.kafka import ensure_topic
 from workers.ingest.memory import load_dataset
 from workers.ingest.source import ROWS_PER_OFFSET, split_position
+from workers.ingest.topics import ensure_topic
 from workers.nn import Network
 
 pytestmark = pytest.mark.integration

@@ -35,11 +35,11 @@ class _Producer:
 
 @pytest.fixture
 def fake_kafka(monkeypatch):
-    import workers.ingest.kafka as wk  # imported with the real client first
+    import workers.ingest.topics as wt  # imported with the real client first
 
     _Producer.sent = []
     monkeypatch.setitem(sys.modules, "kafka", types.SimpleNamespace(KafkaProducer=_Producer))
-    monkeypatch.setattr(wk, "ensure_topic", lambda client, topic, partitions: (2, True))
+    monkeypatch.setattr(wt, "ensure_topic", lambda client, topic, partitions: (2, True))
     return _Producer.sent
 
 

@@ -23,6 +23,7 @@ from kafka.structs import TopicPartition as KafkaTopicPartition
 
 from workers.ingest.codec import Codec, RecordError, Schema
 from workers.ingest.source import ROWS_PER_OFFSET, Chunk, TopicPartition, split_position
+from workers.ingest.topics import ensure_topic
 from workers.transport.protocol import Progress
 
 log = logging.getLogger("streamtrain.kafka")
@@ -500,87 +501,3 @@ def dead_letter_key(topic: str, partition: int, offset: int) -> bytes:
     """The key of a bad record's dead letter: the same each time it is sent, so that a
     consumer (or a compacted dead-letter topic) can drop the repeats a crash may cause."""
     return f"{topic}/{int(partition)}/{int(offset)}".encode()
-
-
-def _admin(client: Mapping[str, Any], timeout_s: float):
-    """An admin client, waiting up to ``timeout_s`` for the brokers to answer."""
-    from kafka import KafkaAdminClient
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return KafkaAdminClient(client_id="streamtrain-admin", **client)
-        except KafkaError as exc:  # kafka-python 3: KafkaTimeoutError "Unable to bootstrap"
-            if time.monotonic() >= deadline:
-                servers = ",".join(client.get("bootstrap_servers", []))
-                raise ConnectionError(
-                    f"no Kafka broker answers at {servers} after {timeout_s:.0f} s; "
-                    "start one (python deploy/kafka/broker.py start) or set "
-                    "kafka.bootstrap_servers"
-                ) from exc
-            time.sleep(1.0)
-
-
-def topic_partitions(client: Mapping[str, Any], topic: str, timeout_s: float = 30.0) -> int:
-    """Partitions of ``topic`` (0 when it does not exist)."""
-    admin = _admin(client, timeout_s)
-    try:
-        if topic not in admin.list_topics():
-            return 0
-        (described,) = admin.describe_topics([topic])
-        return len(described["partitions"])
-    finally:
-        admin.close()
-
-
-def ensure_topic(
-    client: Mapping[str, Any], topic: str, partitions: int, timeout_s: float = 30.0
-) -> tuple[int, bool]:
-    """Create ``topic`` with ``partitions`` if it is missing.
-
-    Returns:
-        (its partition count, whether this call created it).
-    """
-    from kafka.admin import NewTopic
-    from kafka.errors import TopicAlreadyExistsError
-
-    if partitions < 1:
-        raise ValueError(f"`partitions` must be >= 1. Received: partitions={partitions}")
-    existing = topic_partitions(client, topic, timeout_s)
-    if existing:
-        return existing, False
-    admin = _admin(client, timeout_s)
-    try:
-        admin.create_topics(
-            [NewTopic(topic, num_partitions=partitions, replication_factor=1)],
-            timeout_ms=int(timeout_s * 1000),
-        )
-        created = True
-    except TopicAlreadyExistsError:  # created meanwhile by another client
-        created = False
-    finally:
-        admin.close()
-    return topic_partitions(client, topic, timeout_s), created
-
-
-def check_topics(
-    client: Mapping[str, Any], topic: str, dead_letter_topic: str, timeout_s: float = 30.0
-) -> int:
-    """Before serving: the topic must exist; the dead-letter topic is made if missing.
-
-    Returns:
-        The topic's partition count.
-
-    Raises:
-        ConnectionError: no broker answers within ``timeout_s``.
-        ValueError: the topic does not exist.
-    """
-    partitions = topic_partitions(client, topic, timeout_s)
-    if not partitions:
-        raise ValueError(
-            f"topic {topic!r} does not exist; create it with `streamtrain produce "
-            f"--partitions N` or the Kafka tools"
-        )
-    if dead_letter_topic:
-        ensure_topic(client, dead_letter_topic, 1, timeout_s)
-    return partitions

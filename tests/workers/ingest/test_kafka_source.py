@@ -10,8 +10,9 @@ from kafka.structs import MemberState
 
 from workers.ingest.batcher import PowerOfTwoBatcher
 from workers.ingest.codec import Schema, encode_binary, encode_json
-from workers.ingest.kafka import KafkaSource, ensure_topic
+from workers.ingest.kafka import KafkaSource
 from workers.ingest.source import ROWS_PER_OFFSET
+from workers.ingest.topics import ensure_topic
 
 pytestmark = pytest.mark.integration
 
