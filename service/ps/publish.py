@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import ray
 
 from workers.transport.board import BoardInfo, ParamBoard, board_supported
 from workers.transport.protocol import BOARD
@@ -32,6 +33,12 @@ LARGE_PUBLISH_EVERY = 4  # versions between publications of a large model, by de
 def is_large(n_params: int, dtype: np.dtype) -> bool:
     """Whether parameters are too large to travel inline in a reply."""
     return n_params * np.dtype(dtype).itemsize > INLINE_PARAMS_BYTES
+
+
+def publish_params(flat: np.ndarray) -> Any:
+    """The parameters as a Ray reply carries them: a copy when small, else one object
+    reference (``ray.put``) that every worker reads without a copy."""
+    return ray.put(flat) if is_large(flat.size, flat.dtype) else flat.copy()
 
 
 class Publisher:

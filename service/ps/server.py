@@ -27,7 +27,7 @@ from service.ps.checkpointing import CheckpointPolicy
 from service.ps.config import ServerConfig, build_optimizer
 from service.ps.guard import DivergenceGuard
 from service.ps.ledger import OffsetLedger
-from service.ps.publish import INLINE_PARAMS_BYTES, Publisher
+from service.ps.publish import Publisher, publish_params
 from service.ps.rounds import Item, SyncRound, WeightedSum, pooled_statistics
 from workers.nn import (
     Network,
@@ -434,11 +434,7 @@ class ParameterServer:
         expected = self.ledger.pass_rejected(spans)
         if expected is None:
             return None
-        self.counts["fenced"] += 1
-        version, params = self.publisher.params(
-            self.version, self.params.flat, fresh=True, local=local
-        )
-        return PushReply(Status.FENCED, self.version, params, expected, 0, version)
+        return self._refused(Status.FENCED, expected, local)
 
     def _refusal(self, base_version: int, spans: Spans, local: bool) -> PushReply | None:
         """The reply refusing a push, or None when it may be applied."""
@@ -449,21 +445,24 @@ class ParameterServer:
             return PushReply(Status.PAUSED, self.version, None, expected, 0)
         fenced_at = self.ledger.fences(spans)
         if fenced_at is not None:
-            self.counts["fenced"] += 1
-            version, params = self.publisher.params(
-                self.version, self.params.flat, fresh=True, local=local
-            )
-            return PushReply(Status.FENCED, self.version, params, fenced_at, 0, version)
+            return self._refused(Status.FENCED, fenced_at, local)
         staleness = self.version - int(base_version)
         if staleness > self.config.max_staleness or (
             self.config.mode == "sync" and staleness != 0
         ):
-            self.counts["stale"] += 1
-            version, params = self.publisher.params(
-                self.version, self.params.flat, fresh=True, local=local
-            )
-            return PushReply(Status.STALE, self.version, params, None, 0, version)
+            return self._refused(Status.STALE, None, local)
         return None
+
+    def _refused(
+        self, status: Status, expected: dict[TopicPartition, int] | None, local: bool
+    ) -> PushReply:
+        """A fenced or stale refusal, counted, carrying the current parameters to resync or
+        recompute on."""
+        self.counts[status.value] += 1
+        version, params = self.publisher.params(
+            self.version, self.params.flat, fresh=True, local=local
+        )
+        return PushReply(status, self.version, params, expected, 0, version)
 
     def _await_turn(self, worker: str, seq: int | None) -> None:
         """Hold a push until the same worker's previous one has been handled."""
@@ -642,11 +641,6 @@ class ParameterServer:
                 lag=dict(observed.lag),
                 rejected=dict(self.ledger.rejected),
             )
-
-
-def publish_params(flat: np.ndarray) -> Any:
-    """The parameters as a Ray reply carries them: a copy when small, else one object."""
-    return flat.copy() if flat.nbytes <= INLINE_PARAMS_BYTES else ray.put(flat)
 
 
 class _RemoteParameterServer(ParameterServer):
