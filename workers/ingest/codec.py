@@ -60,7 +60,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import chain
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
@@ -107,12 +107,16 @@ class RecordError(ValueError):
     """A message that is not a valid record.
 
     Attributes:
-        reason: one of ``REASONS`` (a small set: a metric label and a dead-letter header).
+        reason: one of ``reasons`` (a small set: a metric label and a dead-letter header).
     """
 
+    reasons: ClassVar[tuple[str, ...]] = REASONS  # a subclass may name more
+
     def __init__(self, reason: str, message: str):
-        if reason not in REASONS:
-            raise ValueError(f"`reason` must be one of {REASONS}. Received: reason={reason!r}")
+        if reason not in self.reasons:
+            raise ValueError(
+                f"`reason` must be one of {self.reasons}. Received: reason={reason!r}"
+            )
         super().__init__(message)
         self.reason = reason
 

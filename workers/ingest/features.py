@@ -52,13 +52,7 @@ CACHE_SIZE = 1 << 17
 class FeatureError(RecordError):
     """An event the schema rejects; ``reason`` is one of ``FEATURE_REASONS``."""
 
-    def __init__(self, reason: str, message: str):
-        if reason not in FEATURE_REASONS:
-            raise ValueError(
-                f"`reason` must be one of {FEATURE_REASONS}. Received: reason={reason!r}"
-            )
-        ValueError.__init__(self, message)
-        self.reason = reason
+    reasons = FEATURE_REASONS
 
 
 # -- featurizer -------------------------------------------------------------------------------
