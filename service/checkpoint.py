@@ -23,7 +23,7 @@ _TMP_SUFFIX = ".tmp"
 _HEADER = "header"
 _HISTORY = "history"
 # Each dict of arrays is stored as members "<group>.<i>", its names and order in the header.
-_GROUPS = ("params", "moving", "optimizer")
+_GROUPS = ("params", "moving", "optimizer", "features")
 
 
 def _empty_history() -> np.ndarray:
@@ -46,6 +46,9 @@ class Checkpoint:
             ``lr_factor``, ``topics`` (names indexed by ``history[:, 0]``), ...
         history: (n, 4) int64 rows ``(partition_index, start, end, version)`` of the spans
             applied; (0, 4) when not kept.
+        features: a raw-event model's feature state (``workers.model``): embedding tables
+            ``emb.<field>``, their optimizer slots ``emb.<field>.<slot>``, and the running
+            statistics ``features.<field>.count|mean|M2``; empty for a vector model.
     """
 
     params: dict[str, np.ndarray]
@@ -56,6 +59,7 @@ class Checkpoint:
     config: dict
     meta: dict
     history: np.ndarray = field(default_factory=_empty_history)
+    features: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.version, bool) or not isinstance(self.version, int | np.integer):
@@ -345,7 +349,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             header = _read_header(path, npz)
             groups = {}
             for group in _GROUPS:
-                names = header["names"][group]
+                names = header["names"].get(group, [])  # older checkpoints: no features
                 groups[group] = {name: npz[f"{group}.{i}"] for i, name in enumerate(names)}
             history = npz[_HISTORY]
         offsets = {(str(t), int(p)): int(o) for t, p, o in header["offsets"]}

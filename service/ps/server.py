@@ -121,9 +121,7 @@ class ParameterServer:
         self.ledger = OffsetLedger(config.history)
         self.round = SyncRound()
         self._weighted_sum = WeightedSum()
-        self.publisher = Publisher(
-            self.net.n_params, self.net.dtype, config.publish_every, publish
-        )
+        self.publisher = Publisher(self.net.n_params, self.net.dtype, config.publish_every, publish)
         self.checkpoints = CheckpointPolicy(
             config.checkpoint_dir,
             config.checkpoint_every_updates,
@@ -303,9 +301,13 @@ class ParameterServer:
                 (a worker leaving commits everything it contributed).
         """
         with self._lock:
-            if checkpoint and self.checkpoints.enabled and (
-                self.version != self.checkpoints.last_version
-                or self.ledger.moved_since_durable()
+            if (
+                checkpoint
+                and self.checkpoints.enabled
+                and (
+                    self.version != self.checkpoints.last_version
+                    or self.ledger.moved_since_durable()
+                )
             ):
                 self._checkpoint()
             return dict(self.ledger.durable)
@@ -447,9 +449,7 @@ class ParameterServer:
         if fenced_at is not None:
             return self._refused(Status.FENCED, fenced_at, local)
         staleness = self.version - int(base_version)
-        if staleness > self.config.max_staleness or (
-            self.config.mode == "sync" and staleness != 0
-        ):
+        if staleness > self.config.max_staleness or (self.config.mode == "sync" and staleness != 0):
             return self._refused(Status.STALE, None, local)
         return None
 

@@ -114,9 +114,7 @@ class RecordError(ValueError):
 
     def __init__(self, reason: str, message: str):
         if reason not in self.reasons:
-            raise ValueError(
-                f"`reason` must be one of {self.reasons}. Received: reason={reason!r}"
-            )
+            raise ValueError(f"`reason` must be one of {self.reasons}. Received: reason={reason!r}")
         super().__init__(message)
         self.reason = reason
 

@@ -92,6 +92,24 @@ class Featurized(NamedTuple):
     errors: list[tuple[int, RecordError]]
 
 
+class Encoded(NamedTuple):
+    """Accepted events as fixed-width float64 rows that need no statistics yet, and the
+    rejected ones: what a stream source batches, ``Featurizer.assemble`` turns into inputs.
+
+    Attributes:
+        raw: (m, raw_width) float64: number fields after clip and transform (NaN when
+            imputed), booleans 0/1 (NaN when imputed), then each categorical field's
+            table rows (one column, or ``max_values`` columns padded with -1). Every
+            value is exact: a row id is an integer below 2**53.
+        y, rows, errors: as ``Featurized``.
+    """
+
+    raw: np.ndarray
+    y: np.ndarray | None
+    rows: np.ndarray
+    errors: list[tuple[int, RecordError]]
+
+
 def _show(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
@@ -201,24 +219,25 @@ class Featurizer:
         imputed = [s for s in dense if s.missing == "impute"]
         self._indicator = {s.name: len(dense) + j for j, s in enumerate(imputed)}
         self.n_columns = len(schema.columns)
+        # Encoded rows: numbers (NaN: imputed), booleans (NaN: imputed), then per
+        # categorical field its rows: 1 column, or max_values padded with -1.
+        self._booleans_order = tuple(s for s in dense if s.type == "boolean")
+        at = len(schema.numbers) + len(self._booleans_order)
+        slots = []
+        for spec in schema.categoricals:
+            width = 1 if spec.type == "category" else spec.max_values
+            slots.append((at, at + width))
+            at += width
+        self._slots = tuple(slots)
+        self.raw_width = at
 
     # -- decoding --------------------------------------------------------------------------
 
     def decode(self, values: Sequence[bytes], stats: Moments, labels: bool = True) -> Featurized:
         """Featurize JSON messages; a message that is not a JSON object is ``bad_json``."""
-        errors: dict[int, RecordError] = {}
-        events: list = []
-        where: list[int] = []
-        loads, max_bytes = json.loads, self.schema.max_bytes
-        for i, value in enumerate(values):
-            try:
-                event = parse_json(value, max_bytes, loads, FeatureError)
-            except RecordError as error:
-                errors[i] = error
-                continue
-            events.append(event)
-            where.append(i)
-        return self._featurize(events, where, len(values), errors, stats, labels)
+        enc = self.encode(values, labels)
+        x, bags, moments = self.assemble(enc.raw, stats)
+        return Featurized(x, bags, enc.y, moments, enc.rows, enc.errors)
 
     def transform(self, events: Sequence[Any], stats: Moments, labels: bool = True) -> Featurized:
         """Featurize decoded events (dicts); anything but a dict is ``bad_json``."""
@@ -238,6 +257,75 @@ class Featurizer:
 
     # -- the batch ------------------------------------------------------------------------
 
+    def encode(self, values: Sequence[bytes], labels: bool = True) -> Encoded:
+        """JSON messages to ``Encoded`` rows (no statistics needed); see ``decode``."""
+        errors: dict[int, RecordError] = {}
+        events: list = []
+        where: list[int] = []
+        loads, max_bytes = json.loads, self.schema.max_bytes
+        for i, value in enumerate(values):
+            try:
+                event = parse_json(value, max_bytes, loads, FeatureError)
+            except RecordError as error:
+                errors[i] = error
+                continue
+            events.append(event)
+            where.append(i)
+        return self._encode(events, where, len(values), errors, labels)
+
+    def encode_events(self, events: Sequence[Any], labels: bool = True) -> Encoded:
+        """Decoded events (dicts) to ``Encoded`` rows; anything but a dict is ``bad_json``."""
+        return self._encode(list(events), list(range(len(events))), len(events), {}, labels)
+
+    def assemble(
+        self, raw: np.ndarray, stats: Moments
+    ) -> tuple[np.ndarray, tuple[Bag, ...], Moments]:
+        """Encoded rows to model inputs with the statistics of one model version.
+
+        Args:
+            raw: (m, ``raw_width``) float64 rows from ``encode`` (any batch of them).
+            stats: the statistics of the number fields.
+
+        Returns:
+            x (m, n_columns) float32, the bags, and the rows' moments (for the merge).
+        """
+        k = len(self.schema.numbers)
+        if not (len(stats.count) == len(stats.mean) == len(stats.M2) == k):
+            raise ValueError(f"`stats` must hold {k} number field(s). Received {len(stats.count)}")
+        raw = np.asarray(raw, np.float64)
+        if raw.ndim != 2 or raw.shape[1] != self.raw_width:
+            raise ValueError(f"`raw` must be (m, {self.raw_width}). Received: {raw.shape}")
+        m = raw.shape[0]
+        x = np.zeros((m, self.n_columns), np.float32)
+        numbers = raw[:, :k]  # (m, k), NaN where imputed
+        present = ~np.isnan(numbers)
+        values = np.where(present, numbers, 0.0)
+        rule = standardization(stats)
+        # Standardize: (m, k) - (k,) and / (k,) broadcast over rows.
+        z = np.clip((values - rule.center) / rule.scale, -Z_MAX, Z_MAX)
+        z[~present] = 0.0  # imputed at the mean
+        for j, spec in enumerate(self.schema.numbers):
+            x[:, self._column[spec.name]] = z[:, j]
+            if spec.missing == "impute":
+                x[:, self._indicator[spec.name]] = ~present[:, j]
+        for j, spec in enumerate(self._booleans_order):
+            v = raw[:, k + j]
+            absent = np.isnan(v)
+            x[:, self._column[spec.name]] = np.where(absent, 0.0, v)
+            if spec.missing == "impute":
+                x[:, self._indicator[spec.name]] = absent
+        bags = []
+        for spec, (lo, hi) in zip(self.schema.categoricals, self._slots, strict=True):
+            if spec.type == "category":
+                bags.append(Bag(raw[:, lo].astype(np.int64), None))
+                continue
+            block = raw[:, lo:hi]  # (m, max_values), -1 after an event's values
+            used = block >= 0
+            offsets = np.zeros(m + 1, np.int64)
+            np.cumsum(used.sum(axis=1), out=offsets[1:])
+            bags.append(Bag(block[used].astype(np.int64), offsets))  # row-major: in order
+        return x, tuple(bags), moments_of(values, present)
+
     def _featurize(
         self,
         events: list,
@@ -247,10 +335,20 @@ class Featurizer:
         stats: Moments,
         labels: bool,
     ) -> Featurized:
+        enc = self._encode(events, where, n, errors, labels)
+        x, bags, moments = self.assemble(enc.raw, stats)
+        return Featurized(x, bags, enc.y, moments, enc.rows, enc.errors)
+
+    def _encode(
+        self,
+        events: list,
+        where: list[int],
+        n: int,
+        errors: dict[int, RecordError],
+        labels: bool,
+    ) -> Encoded:
         schema = self.schema
         k = len(schema.numbers)
-        if not (len(stats.count) == len(stats.mean) == len(stats.M2) == k):
-            raise ValueError(f"`stats` must hold {k} number field(s). Received {len(stats.count)}")
         id_field = schema.id_field
         keep_events, keep_where = [], []
         for event, i in zip(events, where, strict=True):
@@ -271,54 +369,40 @@ class Featurizer:
         events, where = keep_events, keep_where
         m = len(events)
         rejects = _Rejects(m, errors, where)
-        x = np.zeros((m, self.n_columns), np.float32)
-        rule = standardization(stats)
-        numbers, present = np.zeros((m, k)), np.zeros((m, k), bool)
-        bags: list[tuple[np.ndarray, np.ndarray | None]] = []
+        raw = np.full((m, self.raw_width), -1.0)
         columns = self._columns(events)
-        j_number = 0
+        j_number, j_boolean, j_bag = 0, k, 0
         for spec, column in zip(schema.fields, columns, strict=False):
             if spec.type == "number":
                 v, ok = self._numbers(spec, column, rejects)
-                numbers[:, j_number], present[:, j_number] = v, ok
+                raw[:, j_number] = np.where(ok, v, np.nan)
                 j_number += 1
             elif spec.type == "boolean":
                 v, ok = self._booleans(spec, column, rejects)
-                x[:, self._column[spec.name]] = v
-                if spec.missing == "impute":
-                    x[:, self._indicator[spec.name]] = ~ok
-            elif spec.type == "category":
-                bags.append((self._category(spec, column, rejects), None))
+                raw[:, j_boolean] = np.where(ok, v, np.nan)
+                j_boolean += 1
             else:
-                bags.append(self._categories(spec, column, rejects))
+                lo = self._slots[j_bag][0]
+                j_bag += 1
+                if spec.type == "category":
+                    raw[:, lo] = self._category(spec, column, rejects)
+                    continue
+                ids, offsets = self._categories(spec, column, rejects)
+                lengths = np.diff(offsets)  # (m,)
+                # Value i of event r goes to column lo + i: positions within each bag.
+                within = np.arange(len(ids)) - np.repeat(offsets[:-1], lengths)
+                raw[np.repeat(np.arange(m), lengths), lo + within] = ids
         if labels and schema.label is None:
             raise ValueError("the schema has no label; pass labels=False")
         y = self._labels(columns[-1], rejects) if labels else None
-
-        # Standardize: (m, k) - (k,) and / (k,) broadcast over rows.
-        z = np.clip((numbers - rule.center) / rule.scale, -Z_MAX, Z_MAX)
-        z[~present] = 0.0  # imputed at the mean
-        for j, spec in enumerate(schema.numbers):
-            x[:, self._column[spec.name]] = z[:, j]
-            if spec.missing == "impute":
-                x[:, self._indicator[spec.name]] = ~present[:, j]
-
         good = ~rejects.bad
         rows = np.zeros(n, np.int64)
         rows[np.asarray(where, np.int64)[good]] = 1
         if rejects.bad.any():
-            x, numbers, present = x[good], numbers[good], present[good]
+            raw = raw[good]
             if y is not None:
                 y = y[good]
-            bags = [_keep_rows(ids, offsets, good) for ids, offsets in bags]
-        return Featurized(
-            x,
-            tuple(Bag(ids, offsets) for ids, offsets in bags),
-            y,
-            moments_of(numbers, present),
-            rows,
-            sorted(errors.items()),
-        )
+        return Encoded(raw, y, rows, sorted(errors.items()))
 
     # -- columns ----------------------------------------------------------------------------
 
@@ -561,16 +645,3 @@ class Featurizer:
             else:
                 out[j] = items
         return out
-
-
-def _keep_rows(
-    ids: np.ndarray, offsets: np.ndarray | None, good: np.ndarray
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """A bag restricted to the rows where ``good`` (m,) is True."""
-    if offsets is None:
-        return ids[good], None
-    lengths = np.diff(offsets)  # (m,)
-    kept = np.repeat(good, lengths)  # (nnz,) per value: does its row stay
-    new_offsets = np.zeros(int(good.sum()) + 1, np.int64)
-    np.cumsum(lengths[good], out=new_offsets[1:])
-    return ids[kept], new_offsets

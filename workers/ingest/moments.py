@@ -126,5 +126,3 @@ def stats_from_arrays(schema: FeatureSchema, arrays: Mapping[str, np.ndarray]) -
             stats.mean[j] = float(arrays[f"{key}.mean"])
             stats.M2[j] = float(arrays[f"{key}.M2"])
     return stats
-
-

@@ -364,5 +364,3 @@ def load_schema(path: str | Path) -> FeatureSchema:
         raise SchemaError(f"{err} (in {path})", err.key) from None
     except TypeError as err:  # a key of the wrong kind reached a dataclass
         raise SchemaError(f"feature schema {path}: {err}") from None
-
-

@@ -276,7 +276,21 @@ class Network:
                         self._passes.pop(next(iter(self._passes)))
                     self._passes[key] = fused
 
-    def _loss_and_grads_numpy(self, params: Params | np.ndarray, x: np.ndarray, t: np.ndarray):
+    def loss_and_input_grads(self, params: Params, x: np.ndarray, y: np.ndarray):
+        """``loss_and_grads`` (with logits) and the gradient of the loss for the input x.
+
+        Returns:
+            loss, grads (flat-backed dict), batch_stats, logits (m, n_outputs) and
+            dx (m, input_dim): what a layer below the network (an embedding) back-propagates.
+        """
+        x = self._inputs(x)
+        t = self._targets(y, x.shape[0])
+        loss, grads, stats, logits, dx = self._loss_and_grads_numpy(params, x, t, True)
+        return loss, grads, stats, logits, dx
+
+    def _loss_and_grads_numpy(
+        self, params: Params | np.ndarray, x: np.ndarray, t: np.ndarray, input_grad: bool = False
+    ):
         """The layer functions one after the other: the reference the fused pass follows."""
         if isinstance(params, np.ndarray):
             params = self.layout.views(params)
@@ -291,9 +305,12 @@ class Network:
             dz, _, _ = batchnorm_backward(
                 dzt, bn_cache, grads[f"bn{i}.gamma"], grads[f"bn{i}.beta"]
             )
-            dx, _ = dense_backward(dz, dense_cache, need_dx=i > 0, dW_out=grads[f"dense{i}.W"])
-            if dx is not None:  # None below the first layer, where the loop ends
+            need_dx = i > 0 or input_grad
+            dx, _ = dense_backward(dz, dense_cache, need_dx=need_dx, dW_out=grads[f"dense{i}.W"])
+            if dx is not None:  # None below the first layer, unless asked for
                 da = dx
+        if input_grad:
+            return loss, grads, stats, logits, da
         return loss, grads, stats, logits
 
     def accuracy(self, logits: np.ndarray, y: np.ndarray) -> float:

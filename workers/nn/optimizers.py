@@ -285,14 +285,19 @@ class Optimizer:
         state,
         inplace: bool = False,
         norms: bool = True,
+        extra_sq_norm: float = 0.0,
     ):
         """As ``update``, and also returns an ``UpdateInfo``.
+
+        ``extra_sq_norm``: the squared norm of gradients updated elsewhere in the same step
+        (embedding tables' row gradients): ``global_clipnorm`` and ``info.grad_norm`` cover
+        them too, as Keras's global norm covers every variable of the step.
 
         ``norms=False`` leaves its ``update_norm`` and ``param_norm`` NaN: computing them
         costs about 40% on top of a large model's update (0.38 of 1.36 ms at 790k float32
         parameters), which a caller sampling them now and then need not pay every time.
         """
-        return self._apply(params, grads, state, True, inplace, norms)
+        return self._apply(params, grads, state, True, inplace, norms, extra_sq_norm)
 
     def _apply(
         self,
@@ -302,6 +307,7 @@ class Optimizer:
         with_info: bool,
         inplace: bool,
         norms: bool = True,
+        extra_sq_norm: float = 0.0,
     ):
         layout = _layout_of(params)
         w = layout.flatten(params)
@@ -312,6 +318,8 @@ class Optimizer:
         slots = tuple(map(layout.flatten, slot_dicts))
 
         norm = self._checked_norm(g, layout)
+        if extra_sq_norm:
+            norm = math.sqrt(norm * norm + float(extra_sq_norm))
         scale, clipped_norm = 1.0, norm
         if self.global_clipnorm is not None:
             # Global clipping scales g inside the kernel: the clipped g is never materialized.

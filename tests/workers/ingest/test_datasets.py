@@ -44,9 +44,7 @@ def test_the_drift_changes_the_merchants_click_rates_at_drift_at():
     top = [f"m-{k}" for k in range(5)]
 
     def rates(part):
-        return np.array(
-            [np.mean([e["clicked"] for e in part if e["merchant"] == m]) for m in top]
-        )
+        return np.array([np.mean([e["clicked"] for e in part if e["merchant"] == m]) for m in top])
 
     before, after = rates(events[: n // 2]), rates(events[n // 2 :])
     # The same merchants, other tastes: the head merchants' rates move a lot.
