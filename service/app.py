@@ -20,7 +20,7 @@ from typing import Any
 import ray
 from prometheus_client import CollectorRegistry, start_http_server
 
-from service.config import Config, ConfigError, config_to_dict
+from service.config import Config, config_to_dict
 from service.plot import LOG_NAME, RunLog, plot_costs
 from service.trainer import Trainer, resolve_dataset
 from workers.transport.protocol import GuardEvent
@@ -142,16 +142,6 @@ class Service:
 
     def startup(self) -> None:
         cfg = self.cfg
-        if cfg.features.schema_file:
-            # The schema, featurizer and embeddings exist (docs/features.md); the workers,
-            # the parameter server and /predict do not use them yet: refuse, never ignore.
-            raise ConfigError(
-                "`features.schema_file` is set, but demo and serve do not train from raw "
-                "events yet: they read the x/y vector records only. Unset it (it serves "
-                "`streamtrain produce` and bench/features.py). "
-                f"Received: schema_file={cfg.features.schema_file!r}",
-                "features.schema_file",
-            )
         dataset = resolve_dataset(cfg)
         self._started_ray = ensure_ray(cfg.trainer.ray_address, cfg.trainer.workers + 1)
         registry = CollectorRegistry()

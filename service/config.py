@@ -271,7 +271,11 @@ class StreamConfig(_Section):
 
     section: ClassVar[str] = "stream"
     source: str = _opt("memory", "stream source", choices=("memory", "kafka"))
-    dataset: str = _opt("digits", "data set streamed", choices=("digits", "breast_cancer", "drift"))
+    dataset: str = _opt(
+        "digits",
+        "data set streamed (clicks: raw events, docs/features.md)",
+        choices=("digits", "breast_cancer", "drift", "clicks"),
+    )
     partitions: int = _opt(4, "partitions of the stream")
     passes: int = _opt(20, "passes over the training set")
     rate: float = _opt(0.0, "examples per second produced (0 = as fast as possible)")

@@ -16,11 +16,14 @@ from typing import Any
 import ray
 from prometheus_client import CollectorRegistry
 
-from service.config import Config, config_to_dict
+from service.config import Config, ConfigError, config_to_dict
 from service.monitor import TrainingMetrics
 from service.ps import ParameterServerActor, ServerConfig
+from workers.ingest import datasets
 from workers.ingest.memory import Dataset, assign_partitions, load_dataset
-from workers.nn import Network
+from workers.ingest.moments import Moments
+from workers.ingest.schema import FeatureSchema, schema_from_dict, schema_to_dict
+from workers.model import FEATURES, FeatureState, build_model
 from workers.nn.outputs import check_output
 from workers.transport.protocol import CostPoint, ServerStats, WorkerStats
 from workers.worker import GradientWorkerActor
@@ -30,13 +33,63 @@ log = logging.getLogger("streamtrain")
 MAX_WORKER_RESTARTS = 100
 
 
+def resolve_schema(cfg: Config) -> FeatureSchema | None:
+    """The feature schema of raw events: ``features.schema_file``'s, else the bundled one of
+    a raw-event data set (clicks) on the embedded stream; None for vector records."""
+    schema = cfg.features.feature_schema()
+    if schema is None and cfg.stream.dataset == "clicks" and cfg.stream.source == "memory":
+        schema = schema_from_dict(datasets.CLICKS_SCHEMA)
+    return schema
+
+
 def resolve_dataset(cfg: Config) -> Dataset:
-    return load_dataset(cfg.stream.dataset, cfg.stream.test_fraction, cfg.stream.seed)
+    """The data set the embedded stream replays (on Kafka: the model's default shape and
+    the held-out split)."""
+    s = cfg.stream
+    if s.dataset == "clicks":
+        schema = resolve_schema(cfg)
+        return datasets.clicks_dataset(
+            None if schema is None else schema_to_dict(schema), test_fraction=s.test_fraction,
+            seed=s.seed,
+        )  # fmt: skip
+    if cfg.features.schema_file and s.source == "memory":
+        raise ConfigError(
+            "`features.schema_file` describes raw events, but the embedded stream replays "
+            "raw events only from a raw-event data set: set stream.dataset = 'clicks', or "
+            f"read the events from Kafka. Received: stream.dataset={s.dataset!r}, "
+            f"features.schema_file={cfg.features.schema_file!r}",
+            "features.schema_file",
+        )
+    return load_dataset(s.dataset, s.test_fraction, s.seed)
 
 
-def network_spec(cfg: Config, dataset: Dataset) -> dict[str, Any]:
+def network_spec(
+    cfg: Config, dataset: Dataset, schema: FeatureSchema | None = None
+) -> dict[str, Any]:
     """``Network`` arguments: architecture from ``[model]``, input and output from the data
-    unless ``[model]`` sets them."""
+    unless ``[model]`` sets them; with a feature schema, input and output are the schema's
+    and the spec holds it (``workers.model.FEATURES``)."""
+    if schema is not None:
+        label = schema.label
+        if label is None:
+            raise ConfigError("the feature schema has no [label]: it cannot train", "features")
+        if cfg.model.input_dim and cfg.model.input_dim != schema.input_dim:
+            raise ConfigError(
+                f"model.input_dim must be 0 or the schema's input width {schema.input_dim}. "
+                f"Received: {cfg.model.input_dim}",
+                "model.input_dim",
+            )
+        return {
+            "input_dim": schema.input_dim,
+            "hidden": tuple(cfg.model.hidden),
+            "output": label.output,
+            "n_outputs": label.n_outputs,
+            "activation": cfg.model.activation,
+            "bn_epsilon": cfg.model.bn_epsilon,
+            "bn_momentum": cfg.model.bn_momentum,
+            "dtype": cfg.model.dtype,
+            FEATURES: schema_to_dict(schema),
+        }
     output = cfg.model.output or dataset.output
     n_outputs = cfg.model.n_outputs or (dataset.n_outputs if output == dataset.output else 1)
     check_output(output, n_outputs, multi_label=False)  # refused here, not inside an actor
@@ -125,7 +178,7 @@ class Trainer:
     def __init__(self, cfg: Config, dataset: Dataset, registry: CollectorRegistry | None = None):
         self.cfg = cfg
         self.dataset = dataset
-        self.net_spec = network_spec(cfg, dataset)
+        self.net_spec = network_spec(cfg, dataset, resolve_schema(cfg))
         self.metrics = TrainingMetrics(registry, cfg.metrics.ema_beta) if registry else None
         self.record = RunRecord()
         self.should_exit = threading.Event()
@@ -170,6 +223,7 @@ class Trainer:
                     "id_field": k.id_field,
                 },
                 "format": k.format,
+                "features": self.net_spec.get(FEATURES),
                 "dead_letter_topic": k.dead_letter_topic,
                 "client": client_settings(config_to_dict(cfg)["kafka"]),  # secrets: never log
                 "idle_exit_s": k.exit_when_idle_seconds,
@@ -183,7 +237,7 @@ class Trainer:
             "dataset": self._dataset_ref,
             "partitions": cfg.stream.partitions,
             "assigned": assign_partitions(cfg.stream.partitions, cfg.trainer.workers, index),
-            "passes": cfg.stream.passes if self.dataset.drift is None else 1,
+            "passes": self._passes(),
             "rate": cfg.stream.rate,
             "seed": cfg.stream.seed,
             "start": self._start,
@@ -205,7 +259,7 @@ class Trainer:
             "adaptive": cfg.batching.adaptive,
             "idle_flush_ms": cfg.batching.idle_flush_ms,
         }
-        n_params = Network(**self.net_spec).n_params
+        n_params = build_model(self.net_spec)[0].n_params
         inflight = inflight_for(cfg, n_params)
         coalesce = coalesce_for(cfg, n_params)
         wid = self._worker_id(index)
@@ -230,7 +284,13 @@ class Trainer:
             return None
         if self.dataset.drift is not None:
             return self.dataset.drift.length
-        return len(self.dataset.x_train) * self.cfg.stream.passes
+        return len(self.dataset.x_train) * self._passes()
+
+    def _passes(self) -> int:
+        """Passes over the training split: one for a generated stream (drift, clicks),
+        whose drift happens once."""
+        generated = self.dataset.drift is not None or self.dataset.ordered
+        return 1 if generated else self.cfg.stream.passes
 
     def _ask_server(self, method: str, *args: Any) -> Any:
         """One call to the parameter server, waited for.
@@ -305,13 +365,14 @@ class Trainer:
         for _, actor in self.workers.values():
             actor.stop.remote()
 
-    def _evaluable(self, spec: dict[str, Any]) -> bool:
+    def _evaluable(self, model: dict[str, Any]) -> bool:
         """The held-out split fits the model (on Kafka the topic may hold other data)."""
-        d = self.dataset
+        d, spec = self.dataset, model["network"]
         return (
             spec["input_dim"] == d.n_features
             and spec["output"] == d.output
             and spec["n_outputs"] == d.n_outputs
+            and model.get("features") == d.features
         )
 
     def finish(self) -> dict[str, Any]:
@@ -319,11 +380,14 @@ class Trainer:
         self._ask_server("checkpoint")
         self.poll()
         model = self._ask_server("model")
-        net = Network(**model["network"])
+        net, event_model = build_model({**model["network"], FEATURES: model.get("features")})
         result = {"version": model["version"], "examples": model["examples"]}
-        if len(self.dataset.x_test) and self._evaluable(model["network"]):
-            result |= net.evaluate(
-                model["params"], model["moving"], self.dataset.x_test, self.dataset.y_test
-            )
+        if len(self.dataset.x_test) and self._evaluable(model):
+            x = self.dataset.x_test
+            if event_model is not None:
+                tables = model["tables"]
+                state = FeatureState(tuple(tables.values), Moments(*tables.stats))
+                x = event_model.inputs(x, state)[0]
+            result |= net.evaluate(model["params"], model["moving"], x, self.dataset.y_test)
         result["model"] = model
         return result

@@ -40,6 +40,7 @@ from workers.nn.embedding import (
 from workers.nn.network import Network, Params
 from workers.nn.optimizers import NonFiniteGradientError, Optimizer
 
+FEATURES = "features"  # the network spec's key of a raw-event model's schema
 EMBEDDING_INIT = 0.05  # tables start uniform in [-0.05, 0.05] (Keras's Embedding default)
 
 
@@ -158,6 +159,15 @@ class EventModel:
     ) -> np.ndarray:
         """Inference outputs (probabilities, or values for identity)."""
         return self.net.predict(params, moving, self.inputs(raw, state)[0])
+
+
+def build_model(spec: Mapping[str, Any]) -> tuple[Network, EventModel | None]:
+    """The network of a spec (``Network`` arguments), and the raw-event model around it
+    when the spec also holds a schema under ``FEATURES``."""
+    args = dict(spec)
+    schema = args.pop(FEATURES, None)
+    net = Network(**args)
+    return net, (EventModel(schema, net) if schema is not None else None)
 
 
 def apply_rows(

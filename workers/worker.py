@@ -21,8 +21,10 @@ import ray
 
 from workers.ingest.batcher import PowerOfTwoBatcher
 from workers.ingest.memory import MemoryStream
+from workers.ingest.moments import Moments, moments_zeros
 from workers.ingest.source import Batch, Source, TopicPartition
-from workers.nn import Network
+from workers.model import EventModel, FeatureState, apply_rows, build_model
+from workers.nn.embedding import RowGradient
 from workers.transport.client import (
     Channel,
     GradientShape,
@@ -38,6 +40,7 @@ from workers.transport.protocol import (
     Push,
     PushReply,
     Status,
+    TableRows,
     WorkerCounts,
     WorkerReport,
     WorkerStats,
@@ -138,7 +141,8 @@ class GradientWorker:
         self.server = server
         self.link: ServerLink = RayServer(server) if link is None else link
         self._sleep = sleep
-        self.net = Network(**net_spec)
+        self.net, self.event_model = build_model(net_spec)
+        self._features: FeatureState | None = None  # a raw-event model's table replica
         self.batcher = PowerOfTwoBatcher(**batching)
         self.source: Source = make_source(
             source_spec, self._on_assign, self._on_revoke, self._claim_rejections
@@ -210,6 +214,8 @@ class GradientWorker:
         inflight: deque[_InFlight] = deque()
         try:
             self._set_params(*self.link.current())
+            if self.event_model is not None:
+                self._set_tables(self.link.features(-1))
             while not self._stop.is_set():
                 self._maybe_commit()
                 if self.batcher.pending() < self.batcher.target * self.coalesce:
@@ -331,6 +337,48 @@ class GradientWorker:
         self._version, flat = self._open().params(version, params)
         self._params = self.net.layout.views(flat)  # read-only from the object store
 
+    def _set_tables(self, tables: TableRows | None) -> None:
+        """Bring the table replica and statistics to those a reply or the server sent."""
+        if tables is None:
+            raise RuntimeError("the server sent no feature state for a raw-event model")
+        stats = Moments(*(np.array(a) for a in tables.stats))
+        if tables.rows is None or self._features is None:
+            if tables.rows is not None:
+                raise RuntimeError("table rows arrived before the tables")
+            whole = tuple(np.array(v) for v in tables.values)  # writable copies
+            self._features = FeatureState(whole, stats)
+            return
+        apply_rows(self._features.tables, tables.rows, tables.values)
+        self._features = FeatureState(self._features.tables, stats)
+
+    def _gradients(self, batch: Batch) -> tuple[float, np.ndarray, np.ndarray, np.ndarray, Any]:
+        """One batch's loss, flat gradient, flat BN statistics, logits, and for a raw-event
+        model its ``(row gradients, moments)``."""
+        if self.event_model is None:
+            loss, g, st, logits = self.net.loss_and_grads(
+                self._params, batch.x, batch.y, return_logits=True
+            )
+            return loss, g.flat, self.net.moving_layout.flatten(st), logits, None
+        if self._features is None:
+            raise RuntimeError("a raw-event model computed before its tables arrived")
+        out = self.event_model.loss_and_grads(self._params, self._features, batch.x, batch.y)
+        flat_stats = self.net.moving_layout.flatten(out.bn_stats)
+        return (
+            out.loss,
+            self.net.layout.flatten(out.grads),
+            flat_stats,
+            out.logits,
+            (out.rows, out.moments),
+        )
+
+    def _nothing(self, model: EventModel) -> tuple[tuple[RowGradient, ...], Moments]:
+        """A pass's row gradients and moments: none."""
+        rows = tuple(
+            RowGradient(np.zeros(0, np.int64), np.zeros((0, dim), self.net.dtype))
+            for _, dim in model.table_shapes
+        )
+        return rows, moments_zeros(len(model.schema.numbers))
+
     def _submit(self, batches: list[Batch], recomputed: bool = False) -> _InFlight:
         """Compute the batches' gradients on the current parameters; push them in one call.
 
@@ -338,19 +386,26 @@ class GradientWorker:
         travels as a zero row: the server only fences its spans and moves its positions.
         """
         grads, stats, losses, ns, correct = [], [], [], [], 0.0
+        rows: list[Any] = []
+        moments: list[Any] = []
         for batch in batches:
             if not len(batch.x):
                 grads.append(np.zeros(self.net.n_params, self.net.dtype))
                 stats.append(np.zeros(self.net.moving_layout.size, self.net.dtype))
                 losses.append(0.0)
                 ns.append(0)
+                if self.event_model is not None:
+                    nothing = self._nothing(self.event_model)
+                    rows.append(nothing[0])
+                    moments.append(nothing[1])
                 continue
-            loss, g, st, logits = self.net.loss_and_grads(
-                self._params, batch.x, batch.y, return_logits=True
-            )
+            loss, g, st, logits, sparse = self._gradients(batch)
             n = len(batch.x)
-            grads.append(g.flat)
-            stats.append(self.net.moving_layout.flatten(st))
+            grads.append(g)
+            stats.append(st)
+            if sparse is not None:
+                rows.append(sparse[0])
+                moments.append(sparse[1])
             losses.append(loss)
             ns.append(n)
             correct += self.net.accuracy(logits, batch.y) * n
@@ -375,6 +430,8 @@ class GradientWorker:
             recomputed=recomputed,
             report=report,
             seq=self._seq,
+            rows=rows if self.event_model is not None else None,
+            moments=moments if self.event_model is not None else None,
         )
         handle = self._open().send(push)
         self._seq += 1
@@ -387,6 +444,8 @@ class GradientWorker:
         if reply.params is not None:
             version = reply.version if reply.params_version is None else reply.params_version
             self._set_params(version, reply.params)
+        if reply.tables is not None:
+            self._set_tables(reply.tables)
         return reply
 
     def _settle(self, inflight: deque[_InFlight]) -> None:

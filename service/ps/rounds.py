@@ -3,7 +3,7 @@ statistics that a round (or any update of several batches) applies as one."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -23,6 +23,8 @@ class Item(NamedTuple):
     stats: np.ndarray  # (n_moving,) flat batch means and biased variances
     spans: dict[TopicPartition, tuple[int, int]]
     base_version: int
+    rows: Any = None  # a raw-event model's: one RowGradient per table
+    moments: Any = None  # a raw-event model's: the batch's Moments
 
 
 class SyncRound:

@@ -29,10 +29,9 @@ from service.ps.guard import DivergenceGuard
 from service.ps.ledger import OffsetLedger
 from service.ps.publish import Publisher, publish_params
 from service.ps.rounds import Item, SyncRound, WeightedSum, pooled_statistics
-from workers.nn import (
-    Network,
-    NonFiniteGradientError,
-)
+from service.ps.tables import FeatureTables
+from workers.model import build_model
+from workers.nn import NonFiniteGradientError
 from workers.transport.board import BoardInfo
 from workers.transport.channel import PushEndpoint, PushServer
 from workers.transport.protocol import (
@@ -45,6 +44,7 @@ from workers.transport.protocol import (
     ServerStats,
     Spans,
     Status,
+    TableRows,
     TopicPartition,
     WorkerReport,
 )
@@ -113,7 +113,7 @@ class ParameterServer:
         clock: Callable[[], float] = time.monotonic,
         node_id: str = "local",
     ):
-        self.net = Network(**net_spec)
+        self.net, self.event_model = build_model(net_spec)
         self.config = config
         self.node_id = node_id
         self._clock = clock
@@ -133,6 +133,11 @@ class ParameterServer:
         self.params, self.moving = self.net.init(config.seed)
         self.opt = build_optimizer(config.optimizer)
         self.state = self.opt.init(self.params)
+        self.features = (
+            None
+            if self.event_model is None
+            else FeatureTables(self.event_model, self.opt, config.seed)
+        )
         self.version = 0
         self.examples = 0
         self.restored_from: str | None = None
@@ -168,6 +173,9 @@ class ParameterServer:
         )
         self.state = self.opt.state_from_arrays(ckpt.optimizer, self.params)
         self.version = int(ckpt.version)
+        if self.features is not None:
+            self.features.restore(ckpt.features, self.opt)
+            self.features.replaced(self.version)
         self.examples = int(ckpt.meta.get("examples", 0))
         self.ledger.restore(
             ckpt.offsets, ckpt.meta.get("topics", []), ckpt.history,
@@ -211,6 +219,9 @@ class ParameterServer:
         if not self.checkpoints.enabled:
             return None
         ledger = self.ledger.snapshot()
+        extra = {}
+        if self.features is not None and self.event_model is not None:
+            extra = {"features": self.event_model.spec()}
         ckpt = Checkpoint(
             params={k: np.array(v) for k, v in self.params.items()},
             moving={k: np.array(v) for k, v in self.moving.items()},
@@ -227,8 +238,10 @@ class ParameterServer:
                 "network": self.net.spec(),
                 "rejected_next": ledger.rejected_next,
                 "guard": self.guard.snapshot(),
+                **extra,
             },
             history=ledger.history,
+            features={} if self.features is None else self.features.arrays(self.opt),
         )
         path = self.checkpoints.write(ckpt)
         self.ledger.made_durable(ledger.offsets)
@@ -328,16 +341,31 @@ class ParameterServer:
         with self._lock:
             return self.publisher.params(self.version, self.params.flat, fresh=True)
 
-    def model(self) -> dict[str, Any]:
-        """Copies of parameters and moving statistics, with version and network spec."""
+    def features_since(self, base: int) -> TableRows | None:
+        """A raw-event model's table rows changed after version ``base`` and the current
+        statistics (whole tables for ``base`` < 0); None for a vector model."""
         with self._lock:
-            return {
+            if self.features is None:
+                return None
+            if base < 0:
+                return self.features.whole(self.version)
+            return self.features.since(base, self.version)
+
+    def model(self) -> dict[str, Any]:
+        """Copies of parameters and moving statistics, with version and network spec; a
+        raw-event model's schema (``features``) and whole tables (``tables``) too."""
+        with self._lock:
+            out = {
                 "version": self.version,
                 "params": {k: np.array(v) for k, v in self.params.items()},
                 "moving": {k: np.array(v) for k, v in self.moving.items()},
                 "network": self.net.spec(),
                 "examples": self.examples,
             }
+            if self.features is not None and self.event_model is not None:
+                out["features"] = self.event_model.spec()
+                out["tables"] = self.features.whole(self.version)
+            return out
 
     def applied_history(self) -> tuple[np.ndarray, list[TopicPartition]]:
         """(n, 4) int64 rows ``(partition_index, start, end, version)``, and the partitions."""
@@ -400,32 +428,47 @@ class ParameterServer:
             )
         if self.config.mode == "sync" and k != 1:
             raise ValueError("push_many takes one batch at a time in sync mode")
+        if self.features is not None and not (
+            push.rows is not None and push.moments is not None
+            and len(push.rows) == len(push.moments) == k
+        ):  # fmt: skip
+            raise ValueError(f"a raw-event model's push of {k} batches must carry {k} row "
+                             "gradient sets and moments")  # fmt: skip
         with self._lock:
-            self._await_turn(push.worker, push.seq)
-            if push.report is not None:
-                self.observed.report(push.report)
-            status = Status.APPLIED
-            for i in range(k):
-                spans = _spans(push.spans[i])
-                self.counts["pushes"] += 1
-                self.counts["local_pushes"] += local
-                self.counts["recomputed"] += bool(push.recomputed)
-                if not push.ns[i]:  # a pass over dead-lettered records: no update
-                    refusal = self._pass(spans, local)
-                    if refusal is not None:
-                        return refusal._replace(handled=i)
-                    continue
-                refusal = self._refusal(push.base_version, spans, local)
+            reply = self._push_locked(push, grads, k, local)
+            if reply.params is not None and self.features is not None:
+                reply = reply._replace(tables=self.features.since(push.base_version, self.version))
+            return reply
+
+    def _push_locked(self, push: Push, grads: Any, k: int, local: bool) -> PushReply:
+        """``push_many`` under the lock: each batch checked, applied or joined to the round."""
+        self._await_turn(push.worker, push.seq)
+        if push.report is not None:
+            self.observed.report(push.report)
+        status = Status.APPLIED
+        for i in range(k):
+            spans = _spans(push.spans[i])
+            self.counts["pushes"] += 1
+            self.counts["local_pushes"] += local
+            self.counts["recomputed"] += bool(push.recomputed)
+            if not push.ns[i]:  # a pass over dead-lettered records: no update
+                refusal = self._pass(spans, local)
                 if refusal is not None:
                     return refusal._replace(handled=i)
-                item = Item(push.worker, np.asarray(grads[i]), int(push.ns[i]),
-                            float(push.losses[i]), np.asarray(push.stats[i]), spans,
-                            int(push.base_version))  # fmt: skip
-                if self.config.mode == "sync":
-                    return self._join_round(item, local)
-                if self._apply([item]) == Status.NONFINITE:
-                    status = Status.NONFINITE
-            return self._reply(status, push.base_version, k, local)
+                continue
+            refusal = self._refusal(push.base_version, spans, local)
+            if refusal is not None:
+                return refusal._replace(handled=i)
+            item = Item(push.worker, np.asarray(grads[i]), int(push.ns[i]),
+                        float(push.losses[i]), np.asarray(push.stats[i]), spans,
+                        int(push.base_version),
+                        None if push.rows is None else push.rows[i],
+                        None if push.moments is None else push.moments[i])  # fmt: skip
+            if self.config.mode == "sync":
+                return self._join_round(item, local)
+            if self._apply([item]) == Status.NONFINITE:
+                status = Status.NONFINITE
+        return self._reply(status, push.base_version, k, local)
 
     def _pass(self, spans: Spans, local: bool) -> PushReply | None:
         """Move the positions over a batch of no example (``OffsetLedger.pass_rejected``);
@@ -535,10 +578,16 @@ class ParameterServer:
                 raise NonFiniteGradientError(f"the batch cost is {loss}")
             now = self._clock()
             norms = now - self._norms_at >= NORMS_EVERY_SECONDS
-            # The flat gradient as it came: no per-tensor views on the way (cast if need be).
-            _, self.state, info = self.opt.apply_gradients(
-                self.params, grads, self.state, inplace=True, norms=norms
-            )
+            if self.features is not None:  # dense, rows and statistics in one update
+                self.state, info = self.features.apply(
+                    self.opt, self.params, self.state, grads, [p.rows for p in items],
+                    [p.moments for p in items], [p.n / total for p in items],
+                    self.version + 1, norms,
+                )  # fmt: skip
+            else:  # the flat gradient as it came: no per-tensor views (cast if need be)
+                _, self.state, info = self.opt.apply_gradients(
+                    self.params, grads, self.state, inplace=True, norms=norms
+                )
             if norms:
                 self._norms_at, self._param_norm = now, info.param_norm
                 last["update_ratio"] = (
@@ -608,6 +657,8 @@ class ParameterServer:
         self._restore(self.checkpoints.load(path))
         self.opt = build_optimizer(self.config.optimizer, factor)
         self.version = version + 1  # versions only grow: workers see a new model
+        if self.features is not None:
+            self.features.replaced(self.version)
         self.guard.rolled_back(self.version, reason, str(path), factor)
         self._checkpoint(healthy=True)
         return True

@@ -30,9 +30,9 @@ def test_a_schema_file_is_loaded_and_a_bad_one_named(tmp_path):
     assert "type='text'" in message and "set by override 'features.schema_file'" in message
 
 
-def test_demo_and_serve_refuse_a_schema_they_cannot_train_from_yet(tmp_path, capsys):
-    # Raw-event training is not wired into the workers and the server: a schema named in
-    # the config must stop the run with a message, never be silently ignored.
+def test_the_embedded_stream_refuses_a_schema_over_a_vector_data_set(tmp_path, capsys):
+    # digits are vectors, not events: a schema named in the config must stop the run with
+    # a message that says what would work, never be silently ignored.
     from service.cli import main
 
     path = tmp_path / "clicks.json"
@@ -40,4 +40,4 @@ def test_demo_and_serve_refuse_a_schema_they_cannot_train_from_yet(tmp_path, cap
     argv = ["demo", "--features.schema-file", str(path), "--no-progress", "--out", str(tmp_path)]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "do not train from raw events yet" in err and "features.schema_file" in err
+    assert "stream.dataset = 'clicks'" in err and "features.schema_file" in err

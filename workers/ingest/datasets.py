@@ -190,3 +190,46 @@ def clicks_lines(
     dumps = json.JSONEncoder(separators=(",", ":")).encode
     for event in clicks_events(n, seed, drift_at):
         yield dumps(event).encode()
+
+
+def clicks_dataset(
+    schema: dict[str, Any] | None = None,
+    n: int = CLICKS_LENGTH,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+):
+    """The clicks stream as a data set the embedded stream replays, in order.
+
+    The first ``1 - test_fraction`` of the ``n`` events train (the drift at n // 2 among
+    them), the last ones are held out (the second regime's). x holds the featurizer's
+    encoded rows (``Featurizer.encode``) of ``schema`` (default ``CLICKS_SCHEMA``), which
+    the model assembles with the statistics of the version it trains on.
+
+    Returns:
+        A ``workers.ingest.memory.Dataset`` with ``features`` set and ``ordered`` True.
+    """
+    from workers.ingest.features import Featurizer
+    from workers.ingest.memory import Dataset
+    from workers.ingest.schema import schema_from_dict, schema_to_dict
+
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"`test_fraction` must be in (0, 1). Received: {test_fraction}")
+    spec = schema_from_dict(CLICKS_SCHEMA if schema is None else schema)
+    if spec.label is None:
+        raise ValueError("the schema has no label: the clicks events cannot train it")
+    enc = Featurizer(spec).encode_events(list(clicks_events(n, seed)))
+    if enc.y is None or not len(enc.raw):
+        raise ValueError("the schema accepts none of the clicks events")
+    split = int(round(len(enc.raw) * (1.0 - test_fraction)))
+    return Dataset(
+        x_train=enc.raw[:split],
+        y_train=enc.y[:split],
+        x_test=enc.raw[split:],
+        y_test=enc.y[split:],
+        output=spec.label.output,
+        n_outputs=spec.label.n_outputs,
+        n_features=spec.input_dim,
+        name="clicks",
+        features=schema_to_dict(spec),
+        ordered=True,
+    )

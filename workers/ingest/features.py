@@ -33,7 +33,7 @@ from typing import Any, NamedTuple, cast
 
 import numpy as np
 
-from workers.ingest.codec import REASONS, RecordError, parse_json
+from workers.ingest.codec import REASONS, Decoded, RecordError, parse_json
 from workers.ingest.hashing import murmur3_32_many
 from workers.ingest.moments import Z_MAX, Moments, moments_of, standardization
 from workers.ingest.schema import KEY_TYPES, FeatureSchema, FieldSpec
@@ -645,3 +645,23 @@ class Featurizer:
             else:
                 out[j] = items
         return out
+
+
+class EventCodec:
+    """A schema's featurizer as a stream source's codec: JSON events to encoded rows.
+
+    ``decode_many`` returns the codec's ``Decoded`` with ``x`` the ``Encoded.raw`` rows
+    (float64, statistics not applied yet): a batch of them becomes the model's input at
+    the version it trains on (``workers.model.EventModel``).
+    """
+
+    def __init__(self, schema: FeatureSchema):
+        self.featurizer = Featurizer(schema)
+        if schema.label is None:
+            raise ValueError("a schema without a label cannot decode training events")
+
+    def decode_many(self, values: Sequence[bytes]) -> Decoded:
+        """Messages as encoded rows; the rejected ones are listed, never raised."""
+        enc = self.featurizer.encode(values)
+        y = enc.y if enc.y is not None else np.zeros(0, np.float32)
+        return Decoded(enc.raw, y, enc.rows, enc.errors)

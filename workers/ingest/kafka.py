@@ -22,6 +22,8 @@ from kafka.structs import OffsetAndMetadata
 from kafka.structs import TopicPartition as KafkaTopicPartition
 
 from workers.ingest.codec import Codec, RecordError, Schema
+from workers.ingest.features import EventCodec
+from workers.ingest.schema import schema_from_dict
 from workers.ingest.source import ROWS_PER_OFFSET, Chunk, TopicPartition, split_position
 from workers.ingest.topics import ensure_topic
 from workers.transport.protocol import Progress
@@ -95,6 +97,9 @@ class KafkaSource:
         group_id: consumer group shared by the workers.
         schema: what a valid record is (``workers.ingest.codec.Schema`` or its fields).
         format: ``"json"`` or ``"binary"`` (``workers.ingest.codec``).
+        features: a feature schema (``schema_to_dict``'s form): records are raw JSON
+            events, encoded by its featurizer (``Featurizer.encode``); ``schema`` and
+            ``format`` then do not apply.
         dead_letter_topic: where rejected records go, with the reason in headers.
         client: kafka-python connection settings (``client_settings``).
         on_assign: called inside ``poll`` with newly assigned partitions; returns the
@@ -132,11 +137,14 @@ class KafkaSource:
         max_poll_interval_ms: int = 300_000,
         client_id: str = "streamtrain",
         coordinator_lost_s: float = COORDINATOR_LOST_S,
+        features: Mapping[str, Any] | None = None,
     ):
         if not isinstance(schema, Schema):
             schema = Schema(**schema)
         self.topic = topic
-        self.codec = Codec(format, schema)
+        self.codec: Codec | EventCodec = (
+            Codec(format, schema) if features is None else EventCodec(schema_from_dict(features))
+        )
         self.dead_letter_topic = dead_letter_topic
         self._client = dict(client or {"bootstrap_servers": ["127.0.0.1:9092"]})
         self._on_assign = on_assign

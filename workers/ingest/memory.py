@@ -16,7 +16,7 @@ from workers.ingest.source import Chunk, TopicPartition
 if TYPE_CHECKING:
     from workers.transport.protocol import Progress
 
-DATASETS = ("digits", "breast_cancer", "drift")
+DATASETS = ("digits", "breast_cancer", "drift")  # vector data sets; raw events: datasets.py
 
 # Second entry of every seed list, so that the random streams below never coincide.
 _SEED_PERMUTATION = 1
@@ -84,6 +84,10 @@ class Dataset(NamedTuple):
         mean: (n_features,) float32 training mean (raw units), to standardize new inputs.
         std: (n_features,) float32 training std, 0 replaced by 1.
         drift: the drift stream's parameters, None for the other data sets.
+        features: a raw-event data set's feature schema (``schema_to_dict``'s form): x
+            holds ``Featurizer.encode``'s float64 rows, not model inputs. None for vectors.
+        ordered: replay the training split in its order in every pass (a raw-event
+            stream's drift happens where it happens), not a permutation per pass.
     """
 
     x_train: np.ndarray
@@ -97,6 +101,8 @@ class Dataset(NamedTuple):
     mean: np.ndarray | None = None
     std: np.ndarray | None = None
     drift: DriftSpec | None = None
+    features: dict | None = None
+    ordered: bool = False
 
 
 def load_dataset(name: str, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
@@ -546,7 +552,8 @@ class MemoryStream:
         perm = self._permutations.get(r)
         if perm is None:
             n = len(self.dataset.x_train)
-            perm = np.random.default_rng([self.seed, _SEED_PERMUTATION, r]).permutation(n)
+            rng = np.random.default_rng([self.seed, _SEED_PERMUTATION, r])
+            perm = np.arange(n) if self.dataset.ordered else rng.permutation(n)
             if len(self._permutations) >= max(
                 _PERMUTATION_CACHE, _PERMUTATION_CACHE_BYTES // perm.nbytes
             ):

@@ -17,7 +17,7 @@ import ray
 
 from workers.transport.board import BoardReader
 from workers.transport.channel import PushConnection
-from workers.transport.protocol import BOARD, Progress, Push, PushReply, TopicPartition
+from workers.transport.protocol import BOARD, Progress, Push, PushReply, TableRows, TopicPartition
 from workers.transport.ring import SHARED_MIN_BYTES, GradientRing, SharedGradients
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,11 @@ class ServerLink(Protocol):
 
     def current(self) -> tuple[int, Any]:
         """``(version, params)``: the newest parameters, for ``PushClient.params``."""
+        ...
+
+    def features(self, since: int) -> TableRows | None:
+        """A raw-event model's table rows changed after version ``since`` (whole tables
+        for ``since`` < 0) and statistics; None for a vector model."""
         ...
 
     def positions(self) -> dict[TopicPartition, int]:
@@ -302,6 +307,9 @@ class RayServer:
 
     def positions(self) -> dict[TopicPartition, int]:
         return ray.get(self.handle.positions.remote())
+
+    def features(self, since: int) -> TableRows | None:
+        return ray.get(self.handle.features_since.remote(since))
 
     def durable_positions(self, checkpoint: bool = False) -> Pending[dict[TopicPartition, int]]:
         return _RayPending(self.handle.durable_positions.remote(checkpoint=checkpoint))

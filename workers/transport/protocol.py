@@ -53,6 +53,23 @@ class WorkerReport(NamedTuple):
     lag: Mapping[TopicPartition, int] = {}  # records behind per partition
 
 
+class TableRows(NamedTuple):
+    """A raw-event model's feature state, or the part of it that changed.
+
+    version: the model version the rows and statistics are of.
+    rows: per table, the row ids sent (None: the whole table).
+    values: per table, (len(rows), dim) current values (the whole (V, dim) table when
+        ``rows`` is None).
+    stats: the running statistics ``(count, mean, M2)`` of the number fields
+        (``workers.ingest.moments.Moments``), always whole.
+    """
+
+    version: int
+    rows: tuple[np.ndarray, ...] | None
+    values: tuple[np.ndarray, ...]
+    stats: Any
+
+
 class Push(NamedTuple):
     """k batches computed on the same parameters, offered in one message.
 
@@ -62,6 +79,9 @@ class Push(NamedTuple):
     stats: (k, n_moving) each batch's flat BN means and biased variances.
     seq: the worker's push number (0, 1, 2, ...): the server handles a worker's pushes
         in this order, so in-flight pushes are not fenced for arriving out of order.
+    rows: a raw-event model's: per batch, one ``RowGradient`` per embedding table (the
+        rows the batch touched and their gradients). None for a vector model.
+    moments: a raw-event model's: per batch, the ``Moments`` of its number fields.
     """
 
     worker: str
@@ -74,6 +94,8 @@ class Push(NamedTuple):
     recomputed: bool = False
     report: WorkerReport | None = None
     seq: int | None = None
+    rows: Sequence[Sequence[Any]] | None = None
+    moments: Sequence[Any] | None = None
 
 
 class PushReply(NamedTuple):
@@ -86,6 +108,8 @@ class PushReply(NamedTuple):
     handled: how many of the push's batches were handled (applied, or refused as
         non-finite) before ``status`` refused the next one.
     params_version: the version ``params`` are of (None: ``version``).
+    tables: a raw-event model's table rows changed since the push's base version and
+        the current statistics (``TableRows``), sent with ``params``.
     """
 
     status: Status
@@ -94,6 +118,7 @@ class PushReply(NamedTuple):
     expected: dict[TopicPartition, int] | None
     handled: int = 1
     params_version: int | None = None
+    tables: TableRows | None = None
 
 
 class Progress(NamedTuple):
