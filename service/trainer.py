@@ -237,7 +237,7 @@ class Trainer:
             "dataset": self._dataset_ref,
             "partitions": cfg.stream.partitions,
             "assigned": assign_partitions(cfg.stream.partitions, cfg.trainer.workers, index),
-            "passes": self._passes(),
+            "passes": self.passes(),
             "rate": cfg.stream.rate,
             "seed": cfg.stream.seed,
             "start": self._start,
@@ -284,9 +284,9 @@ class Trainer:
             return None
         if self.dataset.drift is not None:
             return self.dataset.drift.length
-        return len(self.dataset.x_train) * self._passes()
+        return len(self.dataset.x_train) * self.passes()
 
-    def _passes(self) -> int:
+    def passes(self) -> int:
         """Passes over the training split: one for a generated stream (drift, clicks),
         whose drift happens once."""
         generated = self.dataset.drift is not None or self.dataset.ordered

@@ -95,6 +95,8 @@ class FeatureTables:
         statistics; whole tables when the log does not reach back to ``base``."""
         log = self._log
         changed: list[list[np.ndarray]] = [[] for _ in self.state.tables]
+        if base > version:  # a replica of a lost history (the server restarted behind it)
+            return self.whole(version)
         if base < version and (base < self._whole_at or not log or log[0][0] > base + 1):
             return self.whole(version)
         for v, rows in reversed(log):

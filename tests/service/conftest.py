@@ -124,7 +124,8 @@ def assert_exact_tiling(trainer: Trainer, cfg: Config, dataset: Dataset) -> np.n
     gap and no overlap, and they add up to the stream's length.
     """
     history, tps = ray.get(trainer.server.applied_history.remote())
-    stream = MemoryStream(dataset, partitions=cfg.stream.partitions, passes=cfg.stream.passes)
+    passes = trainer.passes() if dataset is trainer.dataset else cfg.stream.passes
+    stream = MemoryStream(dataset, partitions=cfg.stream.partitions, passes=passes)
     ends = stream.end_offsets()
     assert sorted(tps) == sorted(ends), (tps, ends)
     for index, tp in enumerate(tps):
@@ -135,7 +136,7 @@ def assert_exact_tiling(trainer: Trainer, cfg: Config, dataset: Dataset) -> np.n
         assert gaps.size == 0, f"{tp}: span {rows[gaps[0]]} is followed by {rows[gaps[0] + 1]}"
         assert rows[-1, 2] == ends[tp], f"{tp} ends at {rows[-1, 2]}, not {ends[tp]}"
     total = int((history[:, 2] - history[:, 1]).sum())
-    assert total == len(dataset.x_train) * cfg.stream.passes
+    assert total == len(dataset.x_train) * passes
     return history
 
 
