@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_cli_arguments(p, sections=("kafka",))
     p.set_defaults(run=_produce)
 
-    from service import ops
+    from service import export, ops
 
     c = sub.add_parser("config", help="show the resolved configuration, secrets redacted")
     c_sub = c.add_subparsers(dest="config_command", required=True)
@@ -279,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp = k_sub.add_parser("export", help="write the model as a plain .npz that numpy alone loads")
     exp.add_argument("path", help="a checkpoint file, or a directory (its newest checkpoint)")
     exp.add_argument("--out", required=True, help="the .npz written, e.g. model.npz")
-    exp.set_defaults(run=ops.run_checkpoint_export)
+    exp.set_defaults(run=export.run_checkpoint_export)
     return parser
 
 
