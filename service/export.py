@@ -1,5 +1,5 @@
-"""`streamtrain checkpoint export`: a checkpoint's model as a plain ``.npz`` that numpy alone
-loads (see ``export_model``).
+"""`streamtrain checkpoint export`: a checkpoint's model, with a raw-event model's schema,
+statistics and tables, as a plain ``.npz`` that numpy alone loads (see ``export_model``).
 
 Reads checkpoints through service.checkpoint; starts no Ray, no Kafka.
 """
@@ -11,11 +11,13 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 
 from service.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint
+from workers.model import EventModel, FeatureState
+from workers.nn.network import Network
 
 MODEL_FORMAT = "streamtrain.model"
 MODEL_FORMAT_VERSION = 1
@@ -54,6 +56,74 @@ def network_spec(ckpt: Checkpoint) -> dict[str, Any]:
     }
 
 
+class ExportedModel(NamedTuple):
+    """What an export writes, read from a checkpoint.
+
+    Attributes:
+        header: the JSON written as ``spec_json`` (see ``export_model``).
+        net: the network; params, moving: its parameters and moving statistics.
+        model: a raw-event model's schema, featurizer and tables' layout; None for a
+            vector model.
+        state: the raw-event model's tables and statistics (no optimizer slots); None
+            for a vector model.
+    """
+
+    header: dict[str, Any]
+    net: Network
+    params: dict[str, np.ndarray]
+    moving: dict[str, np.ndarray]
+    model: EventModel | None
+    state: FeatureState | None
+
+
+def exported_model(ckpt: Checkpoint) -> ExportedModel:
+    """The model of a checkpoint as an export writes it.
+
+    A raw-event checkpoint (``meta["features"]``, the schema) adds its tables and the
+    statistics of its number fields, checked against the schema; the tables' optimizer
+    slots are left out.
+
+    Raises:
+        ValueError: no network spec; a schema that does not fit the network; a table
+            missing or of the wrong shape; a features group without a schema.
+    """
+    spec = network_spec(ckpt)
+    net = Network(**spec)
+    header: dict[str, Any] = {
+        "format": MODEL_FORMAT,
+        "format_version": MODEL_FORMAT_VERSION,
+        "version": ckpt.version,
+        "examples": ckpt.meta.get("examples"),
+        "network": spec,
+    }
+    schema = ckpt.meta.get("features")
+    if schema is None:
+        if ckpt.features:
+            raise ValueError(
+                "checkpoint has feature arrays but no feature schema (meta['features'])"
+            )
+        return ExportedModel(header, net, dict(ckpt.params), dict(ckpt.moving), None, None)
+    model = EventModel(schema, net)
+    state = model.state_from_arrays(ckpt.features)
+    header["features"] = model.spec()
+    return ExportedModel(header, net, dict(ckpt.params), dict(ckpt.moving), model, state)
+
+
+def model_arrays(exported: ExportedModel) -> dict[str, np.ndarray]:
+    """The arrays of the ``.npz`` by name, ``spec_json`` last."""
+    groups = [exported.params, exported.moving]
+    if exported.model is not None and exported.state is not None:
+        groups.append(exported.model.state_arrays(exported.state))
+    arrays: dict[str, np.ndarray] = {}
+    for group in groups:
+        for key, value in group.items():
+            if key in arrays or key == SPEC_KEY:
+                raise ValueError(f"array name {key!r} is used twice in the exported model")
+            arrays[key] = np.asarray(value)
+    arrays[SPEC_KEY] = np.array(json.dumps(exported.header))  # 0-d <U string: no pickle
+    return arrays
+
+
 def export_model(path_or_dir: str | Path, out: str | Path) -> Path:
     """Write a checkpoint's model (the newest of a directory) as a numpy-only ``.npz``.
 
@@ -67,29 +137,24 @@ def export_model(path_or_dir: str | Path, out: str | Path) -> Path:
     norm ``(z - mean) / sqrt(var + bn_epsilon) * gamma + beta``, the activation; then
     ``a @ out.W + out.b`` and the output activation.
 
+    A raw-event model (docs/features.md) adds ``"features"`` to the JSON, its schema as
+    ``schema_to_dict`` writes it (``schema_from_dict`` reads it back), and the arrays of
+    its version: per categorical field the embedding table ``emb.<field>`` (rows, dim),
+    and per number field the statistics ``features.<field>.count`` (0-d int64),
+    ``.mean`` and ``.M2`` (0-d float64). The network's input is then ``[x | emb_1 | ... |
+    emb_F]``: the featurizer's columns standardized with these statistics, then each
+    field's mean of its table's rows.
+
     Written to a temp file and renamed, so ``out`` is never a partial file.
 
     Returns:
         The path written.
 
     Raises:
-        ValueError: no checkpoint there, or one without a network spec.
+        ValueError: no checkpoint there, or one without a network spec, or a raw-event
+            checkpoint whose schema, tables and network disagree.
     """
-    ckpt = load_checkpoint(resolve_checkpoint(path_or_dir))
-    spec = network_spec(ckpt)
-    arrays = {k: np.asarray(v) for k, v in ckpt.params.items()}
-    for key, value in ckpt.moving.items():
-        if key in arrays or key == SPEC_KEY:
-            raise ValueError(f"moving statistic {key!r} clashes with a parameter name")
-        arrays[key] = np.asarray(value)
-    header = {
-        "format": MODEL_FORMAT,
-        "format_version": MODEL_FORMAT_VERSION,
-        "version": ckpt.version,
-        "examples": ckpt.meta.get("examples"),
-        "network": spec,
-    }
-    arrays[SPEC_KEY] = np.array(json.dumps(header))  # 0-d <U string: loads without pickle
+    arrays = model_arrays(exported_model(load_checkpoint(resolve_checkpoint(path_or_dir))))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
