@@ -1,7 +1,9 @@
 """`streamtrain checkpoint export`: a checkpoint's model, with a raw-event model's schema,
-statistics and tables, as a plain ``.npz`` that numpy alone loads (see ``export_model``).
+statistics and tables, as a plain ``.npz`` that numpy alone loads, or as an ONNX graph
+(``onnx_export.py`` builds it). See ``export_model``.
 
-Reads checkpoints through service.checkpoint; starts no Ray, no Kafka.
+Reads checkpoints through service.checkpoint; imports onnx only to write ONNX. Starts no
+Ray, no Kafka.
 """
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ import argparse
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple, cast
+from typing import Any, BinaryIO, NamedTuple, cast
 
 import numpy as np
 
@@ -22,6 +25,7 @@ from workers.nn.network import Network
 MODEL_FORMAT = "streamtrain.model"
 MODEL_FORMAT_VERSION = 1
 SPEC_KEY = "spec_json"
+FORMATS = ("npz", "onnx")  # --format; npz the default
 
 
 def network_spec(ckpt: Checkpoint) -> dict[str, Any]:
@@ -124,12 +128,13 @@ def model_arrays(exported: ExportedModel) -> dict[str, np.ndarray]:
     return arrays
 
 
-def export_model(path_or_dir: str | Path, out: str | Path) -> Path:
-    """Write a checkpoint's model (the newest of a directory) as a numpy-only ``.npz``.
+def export_model(path_or_dir: str | Path, out: str | Path, format: str = "npz") -> Path:
+    """Write a checkpoint's model (the newest of a directory) as a numpy-only ``.npz`` or,
+    with ``format="onnx"``, as an ONNX graph from featurized inputs to outputs.
 
-    The file holds one array per parameter and BN moving statistic under its dotted name
-    (``dense0.W``, ``bn0.gamma``, ``bn0.beta``, ``bn0.mean``, ``bn0.var``, ..., ``out.W``,
-    ``out.b``) and ``spec_json``, a 0-d string array of JSON: ``{"format":
+    The ``.npz`` holds one array per parameter and BN moving statistic under its dotted
+    name (``dense0.W``, ``bn0.gamma``, ``bn0.beta``, ``bn0.mean``, ``bn0.var``, ...,
+    ``out.W``, ``out.b``) and ``spec_json``, a 0-d string array of JSON: ``{"format":
     "streamtrain.model", "format_version": 1, "version": <updates>, "examples": <n>,
     "network": {input_dim, hidden, output, n_outputs, activation, bn_epsilon,
     bn_momentum, dtype}}``. deploy/README.md ("Using an exported model") computes a
@@ -145,22 +150,54 @@ def export_model(path_or_dir: str | Path, out: str | Path) -> Path:
     emb_F]``: the featurizer's columns standardized with these statistics, then each
     field's mean of its table's rows.
 
+    The ONNX model (``service/onnx_export.py`` describes its inputs and graph) carries the
+    same JSON as its metadata property ``spec_json``; its inputs are featurized, so a
+    raw-event model's users featurize with the ``.npz``'s schema and statistics.
+
     Written to a temp file and renamed, so ``out`` is never a partial file.
 
     Returns:
         The path written.
 
     Raises:
-        ValueError: no checkpoint there, or one without a network spec, or a raw-event
-            checkpoint whose schema, tables and network disagree.
+        ValueError: ``format`` unknown, no checkpoint there, or one without a network
+            spec, or a raw-event checkpoint whose schema, tables and network disagree.
     """
-    arrays = model_arrays(exported_model(load_checkpoint(resolve_checkpoint(path_or_dir))))
-    out = Path(out)
+    if format not in FORMATS:
+        raise ValueError(f"`format` must be one of {FORMATS}. Received: format={format!r}")
+    exported = exported_model(load_checkpoint(resolve_checkpoint(path_or_dir)))
+    if format == "onnx":
+        data = onnx_bytes(exported)
+        return _write_atomic(Path(out), lambda fh: fh.write(data))
+    arrays = model_arrays(exported)
+    # arrays only, never a flag
+    return _write_atomic(Path(out), lambda fh: np.savez(fh, **cast(dict[str, Any], arrays)))
+
+
+def onnx_bytes(exported: ExportedModel) -> bytes:
+    """The serialized ONNX model of ``exported`` (onnx is imported here, on first use)."""
+    from service.onnx_export import onnx_model
+
+    schema = exported.model.schema if exported.model is not None else None
+    tables = exported.state.tables if exported.state is not None else ()
+    model = onnx_model(
+        exported.net,
+        exported.params,
+        exported.moving,
+        schema,
+        tables,
+        metadata={SPEC_KEY: json.dumps(exported.header)},
+    )
+    return model.SerializeToString()
+
+
+def _write_atomic(out: Path, write: Callable[[BinaryIO], object]) -> Path:
+    """Call ``write`` on a temp file beside ``out``, then rename it to ``out``."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **cast(dict[str, Any], arrays))  # arrays only, never a flag
+            write(fh)
         os.replace(tmp_name, out)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
@@ -168,15 +205,40 @@ def export_model(path_or_dir: str | Path, out: str | Path) -> Path:
     return out
 
 
+def _onnx_summary(path: Path) -> tuple[dict[str, Any], str]:
+    """The ``spec_json`` of an ONNX file and its signature as text: ``opset 17, inputs x
+    (batch, 12), tags (batch, 4) -> y (batch, 3)``."""
+    import onnx
+
+    model = onnx.load(path)
+    header = json.loads({p.key: p.value for p in model.metadata_props}[SPEC_KEY])
+
+    def shown(value: onnx.ValueInfoProto) -> str:
+        dims = [d.dim_param or str(d.dim_value) for d in value.type.tensor_type.shape.dim]
+        return f"{value.name} ({', '.join(dims)}{',' if len(dims) == 1 else ''})"
+
+    inputs = ", ".join(shown(v) for v in model.graph.input)
+    outputs = ", ".join(shown(v) for v in model.graph.output)
+    return header, f"opset {model.opset_import[0].version}, inputs {inputs} -> {outputs}"
+
+
 def run_checkpoint_export(ns: argparse.Namespace) -> int:
-    """``streamtrain checkpoint export PATH_OR_DIR --out model.npz``."""
+    """``streamtrain checkpoint export PATH_OR_DIR --out FILE [--format npz|onnx]``."""
     source = resolve_checkpoint(ns.path)
-    out = export_model(source, ns.out)
+    out = export_model(source, ns.out, ns.format)
+    size = out.stat().st_size
+    if ns.format == "onnx":
+        header, signature = _onnx_summary(out)
+        print(
+            f"exported version {header['version']} of {source} to {out}: ONNX {signature} "
+            f"({size:,} bytes)"
+        )
+        return 0
     with np.load(out, allow_pickle=False) as npz:
         header = json.loads(str(npz[SPEC_KEY]))
         n_arrays = len(npz.files) - 1
     print(
         f"exported version {header['version']} of {source} to {out}: {n_arrays} arrays and "
-        f"{SPEC_KEY} ({out.stat().st_size:,} bytes; load with numpy.load(allow_pickle=False))"
+        f"{SPEC_KEY} ({size:,} bytes; load with numpy.load(allow_pickle=False))"
     )
     return 0

@@ -1,18 +1,27 @@
-"""`streamtrain checkpoint export` of a raw-event model: the .npz carries the schema, the
-statistics and the tables."""
+"""`streamtrain checkpoint export`: the .npz of a raw-event model carries the schema, the
+statistics and the tables; the ONNX graph predicts as the model does (onnxruntime)."""
 
 import json
+import re
+from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 
 from service import export
 from service.checkpoint import Checkpoint, save_checkpoint
 from service.cli import main
+from tests.service.test_ops import make_checkpoint
 from workers.ingest.moments import merge_moments
 from workers.ingest.schema import schema_from_dict, schema_to_dict
 from workers.model import EventModel, FeatureState
 from workers.nn import Network
+from workers.nn.embedding import embedding_forward
+
+ROOT = Path(__file__).resolve().parents[2]
+ATOL = 1e-5  # float32 graph against the numpy forward
 
 FIELDS = {
     "amount": {"type": "number", "transform": "log1p", "clip_min": 0.0},
@@ -170,3 +179,117 @@ def test_npz_export_refuses_features_that_do_not_fit(tmp_path):
     bad_table = Checkpoint(params, moving, {}, 9, {}, {}, ckpt.meta, features=short)
     with pytest.raises(ValueError, match=r"table 'emb.merchant' must be \(51, 4\)"):
         export.exported_model(bad_table)
+
+
+# ---------------------------------------------------------------- ONNX
+
+
+def session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1  # a shared 2-core host
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def featurized(model: EventModel, state: FeatureState, raw: np.ndarray) -> dict[str, np.ndarray]:
+    """The ONNX inputs of encoded rows: ``x`` and one index array per categorical field."""
+    x, _, _ = model.featurizer.assemble(raw, state.stats)
+    feeds = {"x": x}
+    for spec, ids in zip(
+        model.schema.categoricals, model.featurizer.index_arrays(raw), strict=True
+    ):
+        feeds[spec.name] = ids
+    return feeds
+
+
+@pytest.mark.parametrize("output", ["sigmoid", "softmax"])
+def test_onnx_of_a_raw_event_model_predicts_as_the_model(capsys, tmp_path, output):
+    model, params, moving, state = event_model(output)
+    save_checkpoint(tmp_path / "ckpt", event_checkpoint(model, params, moving, state))
+    out = tmp_path / "model.onnx"
+    argv = ["checkpoint", "export", str(tmp_path / "ckpt"), "--out", str(out), "--format", "onnx"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    n = 1 if output == "sigmoid" else 3
+    assert (
+        f"exported version 9 of {tmp_path / 'ckpt' / 'ckpt-000000000009.npz'} to {out}: "
+        f"ONNX opset 17, inputs x (batch, {len(model.schema.columns)}), merchant (batch,), "
+        f"country (batch,), tags (batch, 4), colors (batch, 3) -> y (batch, {n})"
+    ) in printed
+
+    proto = onnx.load(out)
+    onnx.checker.check_model(proto, full_check=True)
+    spec = json.loads({p.key: p.value for p in proto.metadata_props}["spec_json"])
+    assert spec["features"] == schema_to_dict(model.schema) and spec["version"] == 9
+    gathered = {n.input[0] for n in proto.graph.node if n.op_type == "Gather"}
+    assert gathered == set(model.table_names)  # each embedding is a Gather on its table
+
+    enc = model.featurizer.encode_events(random_events(300, 5), labels=False)
+    assert not enc.errors and len(enc.raw) == 300
+    got = session(out).run(["y"], featurized(model, state, enc.raw))[0]
+    expected = model.predict(params, moving, state, enc.raw)
+    assert got.shape == expected.shape == (300, n)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=ATOL)
+    assert np.ptp(expected, axis=0).min() > 0.05  # the outputs vary: a real comparison
+
+
+def test_onnx_bags_any_padding_and_a_row_of_only_minus_one_gives_zeros(tmp_path):
+    """Index arrays the featurizer would not make: -1 anywhere in a row, a row without a
+    valid id. The reference embeds the valid ids with ``embedding_forward``, whose empty
+    bag is zeros."""
+    model, params, moving, state = event_model("softmax")
+    save_checkpoint(tmp_path, event_checkpoint(model, params, moving, state))
+    out = export.export_model(tmp_path, tmp_path / "m.onnx", format="onnx")
+    rng = np.random.default_rng(8)
+    m = 40
+    feeds = {"x": rng.normal(0.0, 1.0, (m, len(model.schema.columns))).astype(np.float32)}
+    parts = [feeds["x"]]
+    for spec, table in zip(model.schema.categoricals, state.tables, strict=True):
+        if spec.type == "category":
+            ids = rng.integers(0, spec.table_rows, m)
+            parts.append(embedding_forward(table, ids)[0])
+        else:
+            ids = rng.integers(0, spec.table_rows, (m, spec.max_values))
+            ids[rng.random(ids.shape) < 0.4] = -1
+            ids[:3] = -1  # nothing valid
+            valid = ids >= 0
+            offsets = np.concatenate([[0], np.cumsum(valid.sum(axis=1))])
+            parts.append(embedding_forward(table, ids[valid], offsets)[0])
+        feeds[spec.name] = ids.astype(np.int64)
+    expected = model.net.predict(params, moving, np.concatenate(parts, axis=1))
+    got = session(out).run(["y"], feeds)[0]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=ATOL)
+    assert not np.isnan(got).any()
+
+
+@pytest.mark.parametrize("output", ["sigmoid", "softmax", "identity"])
+def test_onnx_of_a_vector_model_predicts_as_the_network(tmp_path, output):
+    ckpt, net = make_checkpoint(4, output=output)
+    save_checkpoint(tmp_path, ckpt)
+    out = export.export_model(tmp_path, tmp_path / "m.onnx", format="onnx")
+    proto = onnx.load(out)
+    assert [i.name for i in proto.graph.input] == ["x"]
+    x = np.random.default_rng(3).normal(0.0, 2.0, (300, net.input_dim)).astype(np.float32)
+    got = session(out).run(["y"], {"x": x})[0]
+    np.testing.assert_allclose(got, net.predict(ckpt.params, ckpt.moving, x), rtol=0, atol=ATOL)
+
+
+def test_a_bad_format_is_an_argparse_error(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["checkpoint", "export", str(tmp_path), "--out", "m.pt", "--format", "pt"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --format: invalid choice: 'pt'" in err
+    assert re.search(r"\(choose from '?npz'?, '?onnx'?\)", err)  # quoted from Python 3.12.8
+    with pytest.raises(ValueError, match=r"`format` must be one of \('npz', 'onnx'\)"):
+        export.export_model(tmp_path, tmp_path / "m.pt", format="pt")
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_a_categorical_field_cannot_be_named_like_the_graphs_input(tmp_path):
+    schema = schema_from_dict({"fields": {"x": {"type": "category", "buckets": 4, "dim": 2}}})
+    net = Network(schema.input_dim, (3,), "sigmoid")
+    model = EventModel(schema, net)
+    params, moving = net.init(0)
+    save_checkpoint(tmp_path, event_checkpoint(model, params, moving, model.init_state(0)))
+    with pytest.raises(ValueError, match="a categorical field named 'x' cannot be an ONNX input"):
+        export.export_model(tmp_path, tmp_path / "m.onnx", format="onnx")
