@@ -293,3 +293,27 @@ def test_a_categorical_field_cannot_be_named_like_the_graphs_input(tmp_path):
     save_checkpoint(tmp_path, event_checkpoint(model, params, moving, model.init_state(0)))
     with pytest.raises(ValueError, match="a categorical field named 'x' cannot be an ONNX input"):
         export.export_model(tmp_path, tmp_path / "m.onnx", format="onnx")
+
+
+def docs_onnx_inputs():
+    """The ``onnx_inputs`` function of docs/features.md ("Exporting"), executed as written."""
+    text = (ROOT / "docs" / "features.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    (code,) = [b for b in blocks if "def onnx_inputs(" in b]
+    namespace: dict = {}
+    exec(compile(code, "docs/features.md", "exec"), namespace)  # the project's own docs
+    return namespace["onnx_inputs"]
+
+
+def test_the_docs_featurizer_feeds_the_onnx_model(tmp_path):
+    model, params, moving, state = event_model("sigmoid")
+    save_checkpoint(tmp_path / "ckpt", event_checkpoint(model, params, moving, state))
+    npz = export.export_model(tmp_path / "ckpt", tmp_path / "model.npz")
+    onnx_file = export.export_model(tmp_path / "ckpt", tmp_path / "model.onnx", format="onnx")
+    events = random_events(200, 21)
+    events[7] = {"amount": "12"}  # rejected: a string number, and hour is missing
+    feeds, errors = docs_onnx_inputs()(npz, events)
+    assert [i for i, _ in errors] == [7]
+    got = session(onnx_file).run(["y"], feeds)[0]
+    raw = model.featurizer.encode_events(events[:7] + events[8:], labels=False).raw
+    np.testing.assert_allclose(got, model.predict(params, moving, state, raw), rtol=0, atol=ATOL)
