@@ -265,6 +265,23 @@ def latest_checkpoint(directory: str | Path, healthy_only: bool = False) -> Path
     return next((p for p in reversed(paths) if _is_healthy(p)), None)
 
 
+def resolve_checkpoint(path_or_dir: str | Path) -> Path:
+    """The checkpoint file itself, or the newest checkpoint of a directory.
+
+    Raises:
+        ValueError: the path does not exist or the directory holds no checkpoint.
+    """
+    path = Path(path_or_dir)
+    if path.is_dir():
+        newest = latest_checkpoint(path)
+        if newest is None:
+            raise ValueError(f"no checkpoints in {path} (files named ckpt-<version>.npz)")
+        return newest
+    if not path.exists():
+        raise ValueError(f"no checkpoint file or directory at {path}")
+    return path
+
+
 def _open(path: Path) -> np.lib.npyio.NpzFile:
     with path.open("rb") as fh:
         magic = fh.read(4)

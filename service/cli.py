@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_cli_arguments(p, sections=("kafka",))
     p.set_defaults(run=_produce)
 
-    from service import ops
+    from service import export, ops
 
     c = sub.add_parser("config", help="show the resolved configuration, secrets redacted")
     c_sub = c.add_subparsers(dest="config_command", required=True)
@@ -276,10 +276,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="also the applied spans per partition and whether they tile it once",
     )
     ins.set_defaults(run=ops.run_checkpoint_inspect)
-    exp = k_sub.add_parser("export", help="write the model as a plain .npz that numpy alone loads")
+    exp = k_sub.add_parser(
+        "export", help="write the model as a plain .npz that numpy alone loads, or as ONNX"
+    )
     exp.add_argument("path", help="a checkpoint file, or a directory (its newest checkpoint)")
-    exp.add_argument("--out", required=True, help="the .npz written, e.g. model.npz")
-    exp.set_defaults(run=ops.run_checkpoint_export)
+    exp.add_argument("--out", required=True, help="the file written, e.g. model.npz")
+    exp.add_argument(
+        "--format",
+        choices=export.FORMATS,
+        default=export.FORMATS[0],
+        help="npz: every array and the spec, numpy alone loads it; onnx: the graph from "
+        "featurized inputs to outputs (default: npz)",
+    )
+    exp.set_defaults(run=export.run_checkpoint_export)
     return parser
 
 

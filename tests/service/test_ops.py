@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service import logs, ops
+from service import export, logs, ops
 from service.checkpoint import Checkpoint, save_checkpoint
 from service.cli import main
 from service.config import (
@@ -453,7 +453,7 @@ def test_the_readme_predict_function_matches_the_network(tmp_path, output, activ
             meta={**ckpt.meta, "network": spec},
         )
     save_checkpoint(tmp_path, ckpt)
-    out = ops.export_model(tmp_path, tmp_path / "model.npz")
+    out = export.export_model(tmp_path, tmp_path / "model.npz")
     x = np.random.default_rng(2).standard_normal((20, 6)).astype(np.float32)
     np.testing.assert_allclose(
         readme_predict()(out, x), net.predict(ckpt.params, ckpt.moving, x), rtol=1e-5, atol=1e-6

@@ -326,6 +326,26 @@ class Featurizer:
             bags.append(Bag(block[used].astype(np.int64), offsets))  # row-major: in order
         return x, tuple(bags), moments_of(values, present)
 
+    def index_arrays(self, raw: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The categorical fields' table rows of encoded rows as dense int64 arrays: the
+        index inputs of the ONNX export (``assemble``'s bags hold the same rows).
+
+        Args:
+            raw: (m, ``raw_width``) float64 rows from ``encode``.
+
+        Returns:
+            Per categorical field, in schema order: (m,) for a ``category`` field, (m,
+            max_values) padded with -1 after an event's rows for a ``categories`` field.
+        """
+        raw = np.asarray(raw, np.float64)
+        if raw.ndim != 2 or raw.shape[1] != self.raw_width:
+            raise ValueError(f"`raw` must be (m, {self.raw_width}). Received: {raw.shape}")
+        out = []
+        for spec, (lo, hi) in zip(self.schema.categoricals, self._slots, strict=True):
+            block = raw[:, lo:hi].astype(np.int64)  # (m, width); exact, rows are below 2**53
+            out.append(block[:, 0] if spec.type == "category" else block)  # (m, 1) -> (m,)
+        return tuple(out)
+
     def _featurize(
         self,
         events: list,

@@ -163,6 +163,26 @@ def test_categories_vocabulary_oov_integers_and_bags(schema):
     assert tags.offsets.tolist() == [0, 3, 4, 5]
 
 
+def test_index_arrays_hold_the_bags_rows_dense_and_padded(schema):
+    f = Featurizer(schema)
+    events = [
+        {"hour": 1, "clicked": 0, "country": "FR", "merchant": 42, "tags": ["a", "b", "a"]},
+        {"hour": 1, "clicked": 0, "country": "US", "merchant": "42", "tags": []},
+        {"hour": 1, "clicked": 0, "tags": ["b"]},
+    ]
+    enc = f.encode_events(events)
+    _, bags, _ = f.assemble(enc.raw, _zeros(schema))
+    merchant, country, device, tags = f.index_arrays(enc.raw)
+    for dense, bag in zip((merchant, country, device), bags[:3], strict=True):
+        assert dense.dtype == np.int64 and dense.shape == (3,)
+        assert dense.tolist() == bag.ids.tolist()
+    h = {v: murmur3_32(v.encode(), 7) % 64 for v in "ab"}
+    assert tags.dtype == np.int64
+    assert tags.tolist() == [[h["a"], h["b"], h["a"]], [64, -1, -1], [h["b"], -1, -1]]
+    with pytest.raises(ValueError, match=r"`raw` must be \(m, "):
+        f.index_arrays(enc.raw[:, 1:])
+
+
 def test_nested_paths_and_softmax_classes():
     schema = S.schema_from_dict(
         {
