@@ -91,9 +91,9 @@ def _describe(cfg: Config, port: int) -> str:
     if cfg.stream.source == "kafka":
         stream = f"Kafka topic {cfg.kafka.topic}"
     else:
-        stream = (
-            f"{cfg.stream.dataset} ({cfg.stream.passes} passes, {cfg.stream.partitions} partitions)"
-        )
+        generated = cfg.stream.dataset in ("drift", "clicks")  # one pass: Trainer.passes
+        passes = "1 pass" if generated else f"{cfg.stream.passes} passes"
+        stream = f"{cfg.stream.dataset} ({passes}, {cfg.stream.partitions} partitions)"
     return (
         f"streamtrain {'serve' if cfg.stream.source == 'kafka' else 'demo'}: "
         f"{cfg.trainer.workers} {cfg.trainer.mode} workers, {stream}, "

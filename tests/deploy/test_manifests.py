@@ -509,3 +509,11 @@ def test_the_dockerfile_builds_a_non_root_image_of_the_project():
                 assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
     (entry,) = [json.loads(rest) for w, rest in instructions if w == "ENTRYPOINT"]
     assert entry == ["streamtrain"]
+
+
+def test_the_shipped_clicks_schema_is_the_bundled_one():
+    """The README's quickstart serves the clicks events with deploy/schemas/clicks.toml."""
+    from workers.ingest.datasets import CLICKS_SCHEMA
+    from workers.ingest.schema import load_schema, schema_from_dict
+
+    assert load_schema(ROOT / "deploy/schemas/clicks.toml") == schema_from_dict(CLICKS_SCHEMA)

@@ -25,7 +25,7 @@ def test_the_clicks_stream_trains_end_to_end(mode, tmp_path, make_trainer, run, 
             "batching.min_batch": 32,
         },
     )
-    dataset = clicks_dataset(n=24_000, test_fraction=0.25, seed=3)
+    dataset = clicks_dataset(n=18_000, test_fraction=0.25, seed=3)
     trainer = make_trainer(cfg, dataset)
     result = run(trainer, timeout=120)
 

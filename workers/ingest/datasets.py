@@ -200,8 +200,9 @@ def clicks_dataset(
 ):
     """The clicks stream as a data set the embedded stream replays, in order.
 
-    The first ``1 - test_fraction`` of the ``n`` events train (the drift at n // 2 among
-    them), the last ones are held out (the second regime's). x holds the featurizer's
+    The ``n`` events train: exactly what ``streamtrain produce --dataset clicks`` sends in
+    one pass, the drift at n // 2. The ``n * test_fraction`` events that follow them in
+    the stream (the second regime's, never sent by one pass) are held out. x holds the featurizer's
     encoded rows (``Featurizer.encode``) of ``schema`` (default ``CLICKS_SCHEMA``), which
     the model assembles with the statistics of the version it trains on.
 
@@ -217,10 +218,12 @@ def clicks_dataset(
     spec = schema_from_dict(CLICKS_SCHEMA if schema is None else schema)
     if spec.label is None:
         raise ValueError("the schema has no label: the clicks events cannot train it")
-    enc = Featurizer(spec).encode_events(list(clicks_events(n, seed)))
+    n_test = int(n * test_fraction)
+    featurizer = Featurizer(spec)
+    enc = featurizer.encode_events(list(clicks_events(n + n_test, seed, drift_at=n // 2)))
     if enc.y is None or not len(enc.raw):
         raise ValueError("the schema accepts none of the clicks events")
-    split = int(round(len(enc.raw) * (1.0 - test_fraction)))
+    split = int(enc.rows[:n].sum())  # the accepted events among the first n
     return Dataset(
         x_train=enc.raw[:split],
         y_train=enc.y[:split],
