@@ -289,6 +289,22 @@ def build_parser() -> argparse.ArgumentParser:
         "featurized inputs to outputs (default: npz)",
     )
     exp.set_defaults(run=export.run_checkpoint_export)
+
+    from service.infer import run_schema_infer
+
+    sc = sub.add_parser("schema", help="feature schemas of raw events")
+    sc_sub = sc.add_subparsers(dest="schema_command", required=True)
+    inf = sc_sub.add_parser(
+        "infer", help="read a sample of a JSON-lines file or a topic; print a proposed schema"
+    )
+    source = inf.add_mutually_exclusive_group()
+    source.add_argument("--file", help="a .jsonl file of events (default: the topic)")
+    source.add_argument("--topic", help="the topic to sample (default: kafka.topic)")
+    inf.add_argument("--label", default="", help="the label's dotted path (default: none)")
+    inf.add_argument("--sample", type=int, default=10_000, help="events read (default: 10000)")
+    inf.add_argument("--out", help="write the TOML there instead of printing it")
+    add_cli_arguments(inf, sections=("kafka",))
+    inf.set_defaults(run=run_schema_infer)
     return parser
 
 

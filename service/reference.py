@@ -22,6 +22,7 @@ from service.config import ENV_PREFIX, SECTIONS, Config, add_cli_arguments, dump
 from service.monitor import TrainingMetrics
 from service.ops import toml_values
 from workers.ingest.codec import REASONS
+from workers.ingest.features import FEATURE_REASONS
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGURATION = Path("docs/configuration.md")
@@ -187,6 +188,9 @@ def metrics_markdown() -> str:
         "Besides the reasons present at start-up, `streamtrain_records_rejected_total` counts",
         "the codec's, as the Kafka source reports them (`workers/ingest/codec.py`): "
         + ", ".join(f"`{r}`" for r in REASONS)
+        + "; and with a feature schema the featurizer's "
+        + "(`workers/ingest/features.py`): "
+        + ", ".join(f"`{r}`" for r in FEATURE_REASONS if r not in REASONS)
         + ".",
         "",
         "## HTTP API",
