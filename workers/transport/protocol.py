@@ -62,12 +62,15 @@ class TableRows(NamedTuple):
         ``rows`` is None).
     stats: the running statistics ``(count, mean, M2)`` of the number fields
         (``workers.ingest.moments.Moments``), always whole.
+    trained: with whole tables, per table the (V,) bool rows some update has trained;
+        None with changed rows, which an update trained every one of.
     """
 
     version: int
     rows: tuple[np.ndarray, ...] | None
     values: tuple[np.ndarray, ...]
     stats: Any
+    trained: tuple[np.ndarray, ...] | None = None
 
 
 class Push(NamedTuple):
