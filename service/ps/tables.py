@@ -12,18 +12,21 @@ tables: a restore) gets whole tables.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from workers.ingest.features import InputCounts, input_counts_zeros
+from workers.ingest.hashing import collision_share, distinct_estimate
 from workers.ingest.moments import Moments, merge_moments, moments_zeros
 from workers.model import EventModel, FeatureState, apply_update, init_slots
 from workers.nn.embedding import RowGradient
 from workers.nn.network import Params
 from workers.nn.optimizers import Optimizer
-from workers.transport.protocol import TableRows
+from workers.transport.protocol import FieldStats, TableRows
 
 LOG_VERSIONS = 1024  # versions whose changed rows are kept for replicas' deltas
 
@@ -125,6 +128,48 @@ class FeatureTables:
     def _stats_copy(self) -> Moments:
         s = self.state.stats
         return Moments(s.count.copy(), s.mean.copy(), s.M2.copy())
+
+    # -- monitoring -------------------------------------------------------------------------
+
+    def field_stats(self, inputs: InputCounts | None) -> tuple[FieldStats, ...]:
+        """Per input field, in schema order: the workers' counts ``inputs`` (cumulative;
+        None before the first), the number fields' statistics, and the hashed tables'
+        occupancy and the estimates read off it."""
+        schema = self.model.schema
+        counts = input_counts_zeros(len(schema.fields)) if inputs is None else inputs
+        stats = self.state.stats
+        numbers = {spec.name: j for j, spec in enumerate(schema.numbers)}
+        masks = {spec.name: m for spec, m in zip(schema.categoricals, self.trained, strict=True)}
+        out = []
+        for j, spec in enumerate(schema.fields):
+            mean = std = distinct = collision = math.nan
+            buckets = occupied = 0
+            k = numbers.get(spec.name)
+            if k is not None and stats.count[k] > 0:
+                mean = float(stats.mean[k])
+                std = math.sqrt(max(float(stats.M2[k]), 0.0) / int(stats.count[k]))
+            if spec.name in masks and not spec.vocabulary:
+                buckets = spec.buckets
+                occupied = int(np.count_nonzero(masks[spec.name][:buckets]))  # not the missing row
+                distinct = distinct_estimate(occupied, buckets)
+                collision = collision_share(occupied, buckets)
+            out.append(
+                FieldStats(
+                    name=spec.name,
+                    type=spec.type,
+                    values=int(counts.events),
+                    missing=int(counts.missing[j]),
+                    lookups=int(counts.lookups[j]),
+                    unseen=int(counts.unseen[j]),
+                    mean=mean,
+                    std=std,
+                    buckets=buckets,
+                    occupied=occupied,
+                    distinct=distinct,
+                    collision=collision,
+                )
+            )
+        return tuple(out)
 
     # -- checkpoints ------------------------------------------------------------------------
 

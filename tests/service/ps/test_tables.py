@@ -108,3 +108,24 @@ def test_trained_rows_are_checkpointed_and_inferred_for_a_checkpoint_without_the
     arrays["emb.shop.trained"] = np.zeros(3, bool)
     with pytest.raises(ValueError, match=r"'emb.shop.trained' must be \(17,\)"):
         Run().tables.restore(arrays, run.opt)
+
+
+def test_field_stats_before_any_count_and_occupancy_without_the_missing_row():
+    run = Run()
+    fresh = run.tables.field_stats(None)
+    assert [(f.name, f.values, f.missing, f.occupied) for f in fresh] == [
+        ("amount", 0, 0, 0), ("promo", 0, 0, 0), ("shop", 0, 0, 0), ("tags", 0, 0, 0),
+        ("size", 0, 0, 0),
+    ]  # fmt: skip
+    assert np.isnan(fresh[0].mean) and fresh[2].distinct == 0.0 and fresh[2].collision == 0.0
+    run.update(EVENTS)
+    shop, tags, size = run.tables.field_stats(None)[2:]
+    # shop: s1, s2 and the missing row; tags: t1, t2, t3 (t1 and t3 share row 3 of 8) and
+    # the missing row of [].
+    assert run.tables.trained[1][8] and (tags.buckets, tags.occupied) == (8, 2)
+    assert run.tables.trained[0][16] and (shop.buckets, shop.occupied) == (16, 2)
+    assert shop.distinct == pytest.approx(2.0, rel=0.05)
+    assert (size.buckets, size.occupied) == (0, 0) and np.isnan(size.distinct)
+    amount = run.tables.field_stats(None)[0]
+    values = np.log1p([3.0, 120.0, 0.5])  # the null amount is left out
+    assert (amount.mean, amount.std) == pytest.approx((values.mean(), values.std()))
