@@ -47,8 +47,9 @@ class Checkpoint:
         history: (n, 4) int64 rows ``(partition_index, start, end, version)`` of the spans
             applied; (0, 4) when not kept.
         features: a raw-event model's feature state (``workers.model``): embedding tables
-            ``emb.<field>``, their optimizer slots ``emb.<field>.<slot>``, and the running
-            statistics ``features.<field>.count|mean|M2``; empty for a vector model.
+            ``emb.<field>``, their optimizer slots ``emb.<field>.<slot>``, the rows some
+            update has trained ``emb.<field>.trained`` (bool), and the running statistics
+            ``features.<field>.count|mean|M2``; empty for a vector model.
     """
 
     params: dict[str, np.ndarray]

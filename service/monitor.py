@@ -25,6 +25,7 @@ REFUSALS = tuple(str(status) for status in PROTOCOL_REFUSALS)
 PUSH_BUCKETS = (2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 1.0, 5.0)
 CHANNELS = ("local", "ray")  # how a push reached the server: node-local socket, Ray call
 REJECT_REASONS = ("nonfinite_gradient",)  # codecs add theirs when the Kafka source reports
+CATEGORICAL = ("category", "categories")  # field types looked up in an embedding table
 
 
 class TrainingMetrics:
@@ -163,6 +164,7 @@ class TrainingMetrics:
             ["topic", "partition"],
             registry=registry,
         )
+        self._input_metrics(registry)
         for state in STATES:
             self.state.labels(state=state).set(1.0 if state == "healthy" else 0.0)
         for reason in REJECT_REASONS:
@@ -175,7 +177,7 @@ class TrainingMetrics:
             self.pushes.labels(channel=channel)
         self._instance: str | None = None
         self._seen: dict[str, dict[Any, int]] = {
-            "counters": {}, "staleness": {}, "batch_sizes": {}, "rejected": {}
+            "counters": {}, "staleness": {}, "batch_sizes": {}, "rejected": {}, "features": {}
         }  # fmt: skip
         self.events: list[GuardEvent] = []  # every divergence event seen, for logs and plots
 
@@ -192,8 +194,11 @@ class TrainingMetrics:
         if stats.instance != self._instance:
             # A restarted server counts from zero again, even past the old instance's counts.
             self._instance = stats.instance
-            self._seen = {"counters": {}, "staleness": {}, "batch_sizes": {}, "rejected": {}}
+            self._seen = {
+                "counters": {}, "staleness": {}, "batch_sizes": {}, "rejected": {}, "features": {}
+            }  # fmt: skip
         self._record_watch(stats)
+        self._record_features(stats)
         counters = stats.counters.as_dict()
         seen = self._seen["counters"]
         self.updates.inc(_delta(seen, "applied", counters["applied"]))
@@ -231,6 +236,92 @@ class TrainingMetrics:
         self.version.set(stats.version)
         self.checkpoint_age.set(stats.checkpoint_age_seconds)
         self.workers.set(stats.workers)
+
+    def _input_metrics(self, registry: CollectorRegistry) -> None:
+        """A raw-event model's series per input field (docs/features.md, "Watching the
+        inputs"); a field's appear with the first stats record that has it."""
+        p = "streamtrain_feature_"
+        by = ["field"]
+        self.feature_values = Counter(
+            p + "values",
+            "Field values in the events the workers computed gradients on (one per event; "
+            "a list counts once), by field",
+            by,
+            registry=registry,
+        )
+        self.feature_missing = Counter(
+            p + "missing",
+            "Field values absent, null or an empty list (imputed), by field",
+            by,
+            registry=registry,
+        )
+        self.feature_lookups = Counter(
+            p + "lookups",
+            "Categorical values looked up in the field's embedding table (each of a list's), "
+            "by field",
+            by,
+            registry=registry,
+        )
+        self.feature_unseen = Counter(
+            p + "unseen",
+            "Looked-up values with no trained row of their own: out of the vocabulary, or "
+            "hashed into a row no update had trained, by field",
+            by,
+            registry=registry,
+        )
+        self.feature_mean = Gauge(
+            p + "mean",
+            "Running mean of a number field after clipping and transform (the model's "
+            "standardization), by field",
+            by,
+            registry=registry,
+        )
+        self.feature_std = Gauge(
+            p + "std",
+            "Running standard deviation sqrt(M2/count) of a number field after clipping and "
+            "transform, by field",
+            by,
+            registry=registry,
+        )
+        self.feature_occupied = Gauge(
+            p + "buckets_occupied",
+            "Rows of a hashed field's table that some update has trained, by field",
+            by,
+            registry=registry,
+        )
+        self.feature_distinct = Gauge(
+            p + "distinct_values",
+            "Distinct values of a hashed field, estimated from its occupied rows, by field",
+            by,
+            registry=registry,
+        )
+        self.feature_collision = Gauge(
+            p + "collision_ratio",
+            "Estimated share of a hashed field's distinct values that share their row with "
+            "another value, by field",
+            by,
+            registry=registry,
+        )
+
+    def _record_features(self, stats: ServerStats) -> None:
+        """Per input field of a raw-event model: counts, statistics, table occupancy."""
+        seen = self._seen["features"]
+        for f in stats.features:
+            counts = [(self.feature_values, "values", f.values),
+                      (self.feature_missing, "missing", f.missing)]  # fmt: skip
+            if f.type in CATEGORICAL:
+                counts += [(self.feature_lookups, "lookups", f.lookups),
+                           (self.feature_unseen, "unseen", f.unseen)]  # fmt: skip
+            for counter, what, now in counts:
+                counter.labels(field=f.name).inc(_delta(seen, (f.name, what), now))
+                seen[(f.name, what)] = now
+            if math.isfinite(f.mean):  # a number field once it has a value
+                self.feature_mean.labels(field=f.name).set(f.mean)
+                self.feature_std.labels(field=f.name).set(f.std)
+            if f.buckets:  # a hashed field
+                self.feature_occupied.labels(field=f.name).set(f.occupied)
+                self.feature_distinct.labels(field=f.name).set(f.distinct)
+                self.feature_collision.labels(field=f.name).set(f.collision)
 
     def _record_watch(self, stats: ServerStats) -> None:
         """Divergence state, trend, drift, accuracy, push latency and lag."""

@@ -193,6 +193,10 @@ def metrics_markdown() -> str:
         + ", ".join(f"`{r}`" for r in FEATURE_REASONS if r not in REASONS)
         + ".",
         "",
+        "The `streamtrain_feature_*` series are a raw-event model's, one per input field of its",
+        "feature schema, present once the first stats record names them; a vector model has",
+        'none. `docs/features.md` ("Watching the inputs") defines them and the estimates.',
+        "",
         "## HTTP API",
         "",
         "Recorded by the API's request middleware (`service/api/middleware.py`, `ApiMetrics`), in",

@@ -20,6 +20,7 @@ import numpy as np
 import ray
 
 from workers.ingest.batcher import PowerOfTwoBatcher
+from workers.ingest.features import InputCounts, add_input_counts
 from workers.ingest.memory import MemoryStream
 from workers.ingest.moments import Moments, moments_zeros
 from workers.ingest.source import Batch, Source, TopicPartition
@@ -143,6 +144,8 @@ class GradientWorker:
         self._sleep = sleep
         self.net, self.event_model = build_model(net_spec)
         self._features: FeatureState | None = None  # a raw-event model's table replica
+        # and per table, (rows,) bool: the rows some update of the replica's version trained
+        self._trained: tuple[np.ndarray, ...] = ()
         self.batcher = PowerOfTwoBatcher(**batching)
         self.source: Source = make_source(
             source_spec, self._on_assign, self._on_revoke, self._claim_rejections
@@ -345,10 +348,15 @@ class GradientWorker:
         if tables.rows is None or self._features is None:
             if tables.rows is not None:
                 raise RuntimeError("table rows arrived before the tables")
+            if tables.trained is None:
+                raise RuntimeError("whole tables arrived without their trained rows")
             whole = tuple(np.array(v) for v in tables.values)  # writable copies
             self._features = FeatureState(whole, stats)
+            self._trained = tuple(np.array(m, bool) for m in tables.trained)
             return
         apply_rows(self._features.tables, tables.rows, tables.values)
+        for mask, rows in zip(self._trained, tables.rows, strict=True):
+            mask[rows] = True  # changed by an update: trained
         self._features = FeatureState(self._features.tables, stats)
 
     def _gradients(self, batch: Batch) -> tuple[float, np.ndarray, np.ndarray, np.ndarray, Any]:
@@ -388,6 +396,7 @@ class GradientWorker:
         grads, stats, losses, ns, correct = [], [], [], [], 0.0
         rows: list[Any] = []
         moments: list[Any] = []
+        inputs: InputCounts | None = None
         for batch in batches:
             if not len(batch.x):
                 grads.append(np.zeros(self.net.n_params, self.net.dtype))
@@ -413,10 +422,14 @@ class GradientWorker:
             if not recomputed:
                 self._counts["examples"] += n
                 self._sizes[n] = self._sizes.get(n, 0) + 1
+                if self.event_model is not None:  # on the tables the gradients met
+                    counts = self.event_model.featurizer.count(batch.x, self._trained)
+                    inputs = counts if inputs is None else add_input_counts(inputs, counts)
         report = WorkerReport(
             accuracy=correct / sum(ns) if sum(ns) else float("nan"),
             push_seconds=tuple(self._push_seconds),
             lag=self.source.lag(self.batcher.cursors()),
+            inputs=inputs,
         )
         self._push_seconds = []
         push = Push(

@@ -30,6 +30,7 @@ from service.ps.ledger import OffsetLedger
 from service.ps.publish import Publisher, publish_params
 from service.ps.rounds import Item, SyncRound, WeightedSum, pooled_statistics
 from service.ps.tables import FeatureTables
+from workers.ingest.features import InputCounts, add_input_counts
 from workers.model import build_model
 from workers.nn import NonFiniteGradientError
 from workers.transport.board import BoardInfo
@@ -72,6 +73,7 @@ class _Observations:
         self.staleness: dict[int, int] = {}
         self.batch_sizes: dict[int, int] = {}
         self.last: dict[str, Any] = {}
+        self.inputs: InputCounts | None = None  # a raw-event model's, cumulative
 
     def take(self) -> tuple[list[CostPoint], list[float], list[float], list[float]]:
         taken = (self.costs, self.step_seconds, self.accuracies, self.push_seconds)
@@ -84,6 +86,9 @@ class _Observations:
         self.push_seconds.extend(float(x) for x in report.push_seconds)
         for tp, lag in report.lag.items():
             self.lag[(str(tp[0]), int(tp[1]))] = int(lag)
+        if report.inputs is not None:
+            total = self.inputs
+            self.inputs = report.inputs if total is None else add_input_counts(total, report.inputs)
         for values in (self.accuracies, self.push_seconds):  # bounded when nobody reads
             del values[:-MAX_OBSERVATIONS]
 
@@ -670,6 +675,8 @@ class ParameterServer:
         with self._lock:
             costs, steps, accuracies, push_seconds = self.observed.take()
             observed = self.observed
+            tables = self.features
+            per_field = () if tables is None else tables.field_stats(observed.inputs)
             return ServerStats(
                 instance=self.instance,
                 version=self.version,
@@ -691,6 +698,7 @@ class ParameterServer:
                 batch_sizes=dict(observed.batch_sizes),
                 lag=dict(observed.lag),
                 rejected=dict(self.ledger.rejected),
+                features=per_field,
             )
 
 

@@ -1,5 +1,6 @@
 """A raw-event model's feature state at the server: embedding tables, their optimizer
-slots, the running statistics, and which rows changed at which version.
+slots, the running statistics, which rows changed at which version, and which rows any
+update has trained (what the input counts and the collision estimate read).
 
 Workers and the API keep replicas of the tables. A reply that carries new parameters
 carries the rows changed since the push's base version with their current values
@@ -11,18 +12,21 @@ tables: a restore) gets whole tables.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from workers.ingest.features import InputCounts, input_counts_zeros
+from workers.ingest.hashing import collision_share, distinct_estimate
 from workers.ingest.moments import Moments, merge_moments, moments_zeros
 from workers.model import EventModel, FeatureState, apply_update, init_slots
 from workers.nn.embedding import RowGradient
 from workers.nn.network import Params
 from workers.nn.optimizers import Optimizer
-from workers.transport.protocol import TableRows
+from workers.transport.protocol import FieldStats, TableRows
 
 LOG_VERSIONS = 1024  # versions whose changed rows are kept for replicas' deltas
 
@@ -50,8 +54,11 @@ class FeatureTables:
 
     def __init__(self, model: EventModel, opt: Optimizer, seed: int) -> None:
         self.model = model
+        self.seed = seed
         self.state = model.init_state(seed)
         self.slots = init_slots(opt, self.state)
+        # Per table, (rows,) bool: rows some update has touched. Checkpointed with the tables.
+        self.trained = tuple(np.zeros(len(t), bool) for t in self.state.tables)
         self._log: deque[tuple[int, tuple[np.ndarray, ...]]] = deque(maxlen=LOG_VERSIONS)
         self._whole_at = 0  # a replica older than this version needs whole tables
 
@@ -85,6 +92,8 @@ class FeatureTables:
             opt, params, opt_state, self.state, self.slots, grads, per_table, merged,
             self.model.schema.freeze_limit(), norms,
         )  # fmt: skip
+        for mask, g in zip(self.trained, per_table, strict=True):
+            mask[g.rows] = True
         self._log.append((version, tuple(g.rows for g in per_table)))
         return opt_state, info
 
@@ -109,23 +118,71 @@ class FeatureTables:
         return TableRows(version, ids, values, self._stats_copy())
 
     def whole(self, version: int) -> TableRows:
-        """Copies of the whole tables and the statistics."""
+        """Copies of the whole tables, the statistics and the trained rows."""
         return TableRows(
-            version, None, tuple(t.copy() for t in self.state.tables), self._stats_copy()
+            version,
+            None,
+            tuple(t.copy() for t in self.state.tables),
+            self._stats_copy(),
+            tuple(m.copy() for m in self.trained),
         )
 
     def _stats_copy(self) -> Moments:
         s = self.state.stats
         return Moments(s.count.copy(), s.mean.copy(), s.M2.copy())
 
+    # -- monitoring -------------------------------------------------------------------------
+
+    def field_stats(self, inputs: InputCounts | None) -> tuple[FieldStats, ...]:
+        """Per input field, in schema order: the workers' counts ``inputs`` (cumulative;
+        None before the first), the number fields' statistics, and the hashed tables'
+        occupancy and the estimates read off it."""
+        schema = self.model.schema
+        counts = input_counts_zeros(len(schema.fields)) if inputs is None else inputs
+        stats = self.state.stats
+        numbers = {spec.name: j for j, spec in enumerate(schema.numbers)}
+        masks = {spec.name: m for spec, m in zip(schema.categoricals, self.trained, strict=True)}
+        out = []
+        for j, spec in enumerate(schema.fields):
+            mean = std = distinct = collision = math.nan
+            buckets = occupied = 0
+            k = numbers.get(spec.name)
+            if k is not None and stats.count[k] > 0:
+                mean = float(stats.mean[k])
+                std = math.sqrt(max(float(stats.M2[k]), 0.0) / int(stats.count[k]))
+            if spec.name in masks and not spec.vocabulary:
+                buckets = spec.buckets
+                occupied = int(np.count_nonzero(masks[spec.name][:buckets]))  # not the missing row
+                distinct = distinct_estimate(occupied, buckets)
+                collision = collision_share(occupied, buckets)
+            out.append(
+                FieldStats(
+                    name=spec.name,
+                    type=spec.type,
+                    values=int(counts.events),
+                    missing=int(counts.missing[j]),
+                    lookups=int(counts.lookups[j]),
+                    unseen=int(counts.unseen[j]),
+                    mean=mean,
+                    std=std,
+                    buckets=buckets,
+                    occupied=occupied,
+                    distinct=distinct,
+                    collision=collision,
+                )
+            )
+        return tuple(out)
+
     # -- checkpoints ------------------------------------------------------------------------
 
     def arrays(self, opt: Optimizer) -> dict[str, np.ndarray]:
-        """Tables, statistics and slots (``emb.<field>.<slot>``) as named copies."""
+        """Tables, statistics, slots (``emb.<field>.<slot>``) and trained rows
+        (``emb.<field>.trained``) as named copies."""
         out = {k: np.array(v) for k, v in self.model.state_arrays(self.state).items()}
-        for name, slots in zip(self.model.table_names, self.slots, strict=True):
+        for name, slots, mask in zip(self.model.table_names, self.slots, self.trained, strict=True):
             for slot_name, slot in zip(opt.slots, slots, strict=True):
                 out[f"{name}.{slot_name}"] = np.array(slot)
+            out[f"{name}.trained"] = mask.copy()
         return out
 
     def restore(self, arrays: Mapping[str, np.ndarray], opt: Optimizer) -> None:
@@ -143,6 +200,25 @@ class FeatureTables:
                 )
             )
         self.slots = tuple(slots)
+        self.trained = self._restored_trained(arrays)
+
+    def _restored_trained(self, arrays: Mapping[str, np.ndarray]) -> tuple[np.ndarray, ...]:
+        """The checkpoint's trained rows; for one written without them, the rows whose
+        weights moved from their initialization (the seed's)."""
+        init: tuple[np.ndarray, ...] | None = None
+        masks = []
+        names = self.model.table_names
+        for t, (name, table) in enumerate(zip(names, self.state.tables, strict=True)):
+            key = f"{name}.trained"
+            if key in arrays:
+                mask = np.array(arrays[key], bool)
+                if mask.shape != (len(table),):
+                    raise ValueError(f"{key!r} must be ({len(table)},). Received: {mask.shape}")
+            else:
+                init = self.model.init_state(self.seed).tables if init is None else init
+                mask = (table != init[t]).any(axis=1)  # (rows, dim) -> (rows,)
+            masks.append(mask)
+        return tuple(masks)
 
     def replaced(self, version: int) -> None:
         """The tables were replaced whole at ``version``: older replicas get whole tables."""

@@ -116,9 +116,33 @@ def test_the_dashboard_shows_what_the_issue_lists():
         "lag": {"streamtrain_consumer_lag_records"},
         "staleness": {"streamtrain_staleness_bucket"},
         "latency": {"streamtrain_step_seconds_bucket", "streamtrain_push_seconds_bucket"},
+        "input features": {
+            "streamtrain_feature_values_total",
+            "streamtrain_feature_missing_total",
+            "streamtrain_feature_lookups_total",
+            "streamtrain_feature_unseen_total",
+            "streamtrain_feature_mean",
+            "streamtrain_feature_std",
+            "streamtrain_feature_collision_ratio",
+        },
     }
     missing = {topic: names - named for topic, names in wanted.items() if names - named}
     assert missing == {}
+
+
+def test_the_input_features_row_holds_its_four_panels():
+    board = dashboard()
+    rows = [p for p in board["panels"] if p["type"] == "row"]
+    (row,) = [r for r in rows if r["title"] == "Input features"]
+    below = [p for p in board["panels"] if p["gridPos"]["y"] > row["gridPos"]["y"]]
+    assert [p["title"] for p in below] == [
+        "Missing rate by field",
+        "Unseen rate by field",
+        "Mean ± std by field",
+        "Hash collision share",
+    ]
+    for panel in below:  # one series per field
+        assert all("{{field}}" in t["legendFormat"] for t in panel["targets"]), panel["title"]
 
 
 def test_panels_use_the_datasource_variable_and_fit_the_grid_without_overlap():

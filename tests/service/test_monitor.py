@@ -6,8 +6,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from service.monitor import REFUSALS, CostFilter, TrainingMetrics
+from workers.ingest.hashing import collision_share, distinct_estimate
 from workers.transport.protocol import (
     CostPoint,
+    FieldStats,
     GuardEvent,
     GuardState,
     LastUpdate,
@@ -224,3 +226,70 @@ def test_divergence_and_rollback_events_are_counted_even_when_healed_at_once():
     assert registry.get_sample_value("streamtrain_divergences_total") == 1.0
     assert registry.get_sample_value("streamtrain_rollbacks_total") == 1.0
     assert metrics.events == events
+
+
+def raw_event_fields(values: int, scale: int = 1) -> tuple[FieldStats, ...]:
+    """A raw-event model's fields after ``values`` events, its counts times ``scale``."""
+    return (
+        FieldStats("amount", "number", values, 4 * scale, mean=3.25, std=1.5),
+        FieldStats("returning", "boolean", values, 0),
+        FieldStats("merchant", "category", values, 0, lookups=values, unseen=37 * scale,
+                   buckets=1024, occupied=300, distinct=distinct_estimate(300, 1024),
+                   collision=collision_share(300, 1024)),
+        FieldStats("device", "category", values, 5 * scale, lookups=values - 5 * scale,
+                   unseen=2 * scale),
+        FieldStats("tags", "categories", values, 20 * scale, lookups=180 * scale,
+                   unseen=50 * scale, buckets=64, occupied=64, distinct=math.inf,
+                   collision=1.0),
+    )  # fmt: skip
+
+
+def test_a_raw_event_model_exports_its_fields(registry):
+    metrics = TrainingMetrics(registry)
+    metrics.record(stats_record(features=raw_event_fields(100)))
+    metrics.record(stats_record(features=raw_event_fields(200, scale=2)))
+    names = ("amount", "returning", "merchant", "device", "tags")
+    for name, missing in zip(names, (8, 0, 0, 10, 40), strict=True):
+        assert value(registry, "streamtrain_feature_values_total", field=name) == 200
+        assert value(registry, "streamtrain_feature_missing_total", field=name) == missing
+    # Lookups and unseen values of the categorical fields only.
+    for name, lookups, unseen in (("merchant", 200, 74), ("device", 190, 4), ("tags", 360, 100)):
+        assert value(registry, "streamtrain_feature_lookups_total", field=name) == lookups
+        assert value(registry, "streamtrain_feature_unseen_total", field=name) == unseen
+    for name in ("amount", "returning"):
+        assert value(registry, "streamtrain_feature_lookups_total", field=name) is None
+    # Statistics of the number fields; occupancy and its estimates of the hashed ones.
+    assert value(registry, "streamtrain_feature_mean", field="amount") == 3.25
+    assert value(registry, "streamtrain_feature_std", field="amount") == 1.5
+    assert value(registry, "streamtrain_feature_mean", field="returning") is None
+    assert value(registry, "streamtrain_feature_buckets_occupied", field="merchant") == 300
+    assert value(registry, "streamtrain_feature_distinct_values", field="merchant") == (
+        pytest.approx(math.log(1 - 300 / 1024) / math.log(1 - 1 / 1024))
+    )
+    assert value(registry, "streamtrain_feature_collision_ratio", field="merchant") == (
+        pytest.approx(299 / 1023)
+    )
+    assert value(registry, "streamtrain_feature_collision_ratio", field="tags") == 1.0
+    assert value(registry, "streamtrain_feature_distinct_values", field="tags") == math.inf
+    assert value(registry, "streamtrain_feature_buckets_occupied", field="device") is None
+
+
+def test_field_counts_of_a_restarted_server_count_from_zero(registry):
+    metrics = TrainingMetrics(registry)
+    metrics.record(stats_record(features=raw_event_fields(300, scale=3)))
+    metrics.record(stats_record(instance="b", features=raw_event_fields(100)))
+    assert value(registry, "streamtrain_feature_values_total", field="amount") == 400
+    assert value(registry, "streamtrain_feature_missing_total", field="amount") == 16
+    assert value(registry, "streamtrain_feature_unseen_total", field="merchant") == 4 * 37
+
+
+def test_a_vector_model_exports_no_field_series(registry):
+    metrics = TrainingMetrics(registry)
+    metrics.record(stats_record(counters={"applied": 1}))
+    feature_samples = [
+        s.name
+        for family in registry.collect()
+        if family.name.startswith("streamtrain_feature_")
+        for s in family.samples
+    ]
+    assert feature_samples == []

@@ -11,6 +11,10 @@ field whose ``missing`` is ``"impute"``. Each ``category``/``categories`` field 
 a vocabulary's values rows ``[0, V)`` and the out-of-vocabulary row ``V``; the table's last
 row is the field's missing row.
 
+**Counts** (``Featurizer.count``): the missing values of encoded rows and the categorical
+values that found no trained row, read back off the rows (docs/features.md, "Watching the
+inputs").
+
 **Rejections** (``FeatureError.reason``, a ``RecordError``): a message is checked in this
 order and its first failure names it. ``oversized`` (more than max_bytes), ``bad_json``
 (not UTF-8, not JSON, not an object, an id that is not an int64 integer); then each field in
@@ -108,6 +112,41 @@ class Encoded(NamedTuple):
     y: np.ndarray | None
     rows: np.ndarray
     errors: list[tuple[int, RecordError]]
+
+
+class InputCounts(NamedTuple):
+    """The field values of some encoded rows: how many were missing, and how many categorical
+    values found no trained row of their own. Per field, in schema order; counts add up
+    (``add_input_counts``), so a stream's are the sum of its batches'.
+
+    Attributes:
+        events: rows counted; each holds one value of every field (a list counts once).
+        missing: (F,) int64 rows whose field was absent, null or an empty list (imputed).
+        lookups: (F,) int64 categorical values looked up in the field's table (each of a
+            list's values; a missing value is not looked up); 0 for numbers and booleans.
+        unseen: (F,) int64 of those lookups, the ones with no trained row of their own: a
+            vocabulary's out-of-vocabulary values, a hashed value whose row no update had
+            trained in the model version the rows met.
+    """
+
+    events: int
+    missing: np.ndarray
+    lookups: np.ndarray
+    unseen: np.ndarray
+
+
+def input_counts_zeros(n_fields: int) -> InputCounts:
+    """Counts of no row."""
+    return InputCounts(0, *(np.zeros(n_fields, np.int64) for _ in range(3)))
+
+
+def add_input_counts(a: InputCounts, b: InputCounts) -> InputCounts:
+    """The counts of both sets of rows."""
+    if len(a.missing) != len(b.missing):
+        raise ValueError(f"counts of {len(a.missing)} and {len(b.missing)} fields cannot be added")
+    return InputCounts(
+        a.events + b.events, a.missing + b.missing, a.lookups + b.lookups, a.unseen + b.unseen
+    )
 
 
 def _show(value: Any) -> str:
@@ -230,6 +269,7 @@ class Featurizer:
             at += width
         self._slots = tuple(slots)
         self.raw_width = at
+        self._field = {spec.name: j for j, spec in enumerate(schema.fields)}
 
     # -- decoding --------------------------------------------------------------------------
 
@@ -345,6 +385,46 @@ class Featurizer:
             block = raw[:, lo:hi].astype(np.int64)  # (m, width); exact, rows are below 2**53
             out.append(block[:, 0] if spec.type == "category" else block)  # (m, 1) -> (m,)
         return tuple(out)
+
+    def count(self, raw: np.ndarray, trained: Sequence[np.ndarray]) -> InputCounts:
+        """The missing and unseen values of encoded rows (``InputCounts``).
+
+        Read off the rows alone: NaN is an imputed number or boolean, the table's last row a
+        missing categorical value, row V a vocabulary's out-of-vocabulary value.
+
+        Args:
+            raw: (m, ``raw_width``) float64 rows from ``encode``.
+            trained: per categorical field, (table_rows,) bool: the rows some update of the
+                model version the rows meet had trained.
+        """
+        raw = np.asarray(raw, np.float64)
+        if raw.ndim != 2 or raw.shape[1] != self.raw_width:
+            raise ValueError(f"`raw` must be (m, {self.raw_width}). Received: {raw.shape}")
+        specs = self.schema.categoricals
+        if len(trained) != len(specs) or any(
+            np.shape(t) != (s.table_rows,) for t, s in zip(trained, specs, strict=False)
+        ):
+            raise ValueError(
+                "`trained` must hold one (table_rows,) mask per categorical field: "
+                f"{[s.table_rows for s in specs]}. Received: {[np.shape(t) for t in trained]}"
+            )
+        counts = input_counts_zeros(len(self.schema.fields))
+        dense = (*self.schema.numbers, *self._booleans_order)  # raw's first columns
+        absent = np.isnan(raw[:, : len(dense)]).sum(axis=0)  # (m, len(dense)) -> (len(dense),)
+        for spec, n in zip(dense, absent.tolist(), strict=True):
+            counts.missing[self._field[spec.name]] = n
+        for spec, (lo, hi), mask in zip(specs, self._slots, trained, strict=True):
+            block = raw[:, lo:hi].astype(np.int64)  # (m, 1 or max_values), -1 padding
+            j = self._field[spec.name]
+            # An absent value, or list, takes the missing row once, in the slot's first column.
+            counts.missing[j] = int((block[:, 0] == spec.missing_row).sum())
+            ids = block[(block >= 0) & (block != spec.missing_row)]  # (lookups,) rows
+            counts.lookups[j] = len(ids)
+            if spec.vocabulary:
+                counts.unseen[j] = int((ids == len(spec.vocabulary)).sum())
+            else:
+                counts.unseen[j] = len(ids) - int(np.count_nonzero(mask[ids]))
+        return counts._replace(events=len(raw))
 
     def _featurize(
         self,

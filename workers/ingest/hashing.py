@@ -1,4 +1,5 @@
-"""MurmurHash3 x86_32, seeded: one value in pure Python, many at once in numpy.
+"""MurmurHash3 x86_32, seeded: one value in pure Python, many at once in numpy; and what
+the occupied rows of a hashed table tell about the values hashed into it.
 
 Standard library and numpy only. Category values hash with it into embedding rows; the
 result depends on the bytes and the seed alone (never Python's salted ``hash()``), so a
@@ -7,6 +8,7 @@ worker, the API and an exported model agree on every platform.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -96,3 +98,60 @@ def murmur3_32_many(items: Sequence[bytes], seed: int = 0) -> np.ndarray:
         h *= np.uint32(0xC2B2AE35)
         h ^= h >> np.uint32(16)
     return h
+
+
+# -- occupancy --------------------------------------------------------------------------------
+
+
+def distinct_estimate(occupied: int, buckets: int) -> float:
+    """The number of distinct values whose hashes occupy ``occupied`` of ``buckets`` rows.
+
+    n distinct values hashed uniformly and independently into B buckets leave a bucket
+    empty with probability (1 - 1/B)^n, so the occupied buckets U have the mean
+    E[U] = B (1 - (1 - 1/B)^n). Solving it at the observed U (linear counting, Whang,
+    Vander-Zanden and Taylor 1990, with the exact mean instead of its e^(-n/B) form)::
+
+        n = ln(1 - U/B) / ln(1 - 1/B)
+
+    Conventions: 0 for U = 0; ``inf`` once every bucket is occupied (the count can no
+    longer be told). The estimate is good while U/B is well below 1: its spread grows
+    as 1 / (1 - U/B).
+
+    Args:
+        occupied: U, buckets holding at least one value, in [0, buckets].
+        buckets: B >= 1.
+    """
+    if buckets < 1:
+        raise ValueError(f"`buckets` must be >= 1. Received: buckets={buckets}")
+    if not 0 <= occupied <= buckets:
+        raise ValueError(f"`occupied` must be in [0, {buckets}]. Received: occupied={occupied}")
+    if occupied == 0:
+        return 0.0
+    if occupied == buckets:
+        return math.inf
+    return math.log1p(-occupied / buckets) / math.log1p(-1.0 / buckets)
+
+
+def collision_share(occupied: int, buckets: int) -> float:
+    """The estimated share of distinct values that share their bucket with another value.
+
+    One value's bucket receives none of the n - 1 others with probability
+    (1 - 1/B)^(n-1); at n = ``distinct_estimate(U, B)``, where (1 - 1/B)^n = 1 - U/B,
+    the share is::
+
+        1 - (1 - 1/B)^(n - 1) = 1 - (1 - U/B) / (1 - 1/B) = (U - 1) / (B - 1)
+
+    Per distinct value; as a value's bucket-mates do not depend on how often it occurs,
+    it is also the expected share of the occurrences, whatever the values' frequencies.
+    Conventions: 1 once every bucket is occupied; else 0 for U <= 1 (at most one value:
+    nothing to share with).
+
+    Args:
+        occupied: U, buckets holding at least one value, in [0, buckets].
+        buckets: B >= 1.
+    """
+    if math.isinf(distinct_estimate(occupied, buckets)):  # (which validates)
+        return 1.0
+    if occupied <= 1:
+        return 0.0
+    return (occupied - 1) / (buckets - 1)

@@ -2,9 +2,9 @@
 
 One module both sides import: what a push carries (``Push``), what the server answers
 (``PushReply``, ``Status``), and the typed stats records the server and the workers
-report (``ServerStats``, ``WorkerStats``). Plain data only: NamedTuples travel cheaply
-through pickle (a push is one pickled frame on the node-local socket, one Ray argument
-otherwise); records read by the service are frozen dataclasses.
+report (``ServerStats`` and its ``FieldStats``, ``WorkerStats``). Plain data only:
+NamedTuples travel cheaply through pickle (a push is one pickled frame on the node-local
+socket, one Ray argument otherwise); records read by the service are frozen dataclasses.
 """
 
 from __future__ import annotations
@@ -14,9 +14,12 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from workers.ingest.features import InputCounts
 
 TopicPartition = tuple[str, int]
 Spans = Mapping[TopicPartition, tuple[int, int]]  # per partition, a half-open offset range
@@ -51,6 +54,9 @@ class WorkerReport(NamedTuple):
     accuracy: float = math.nan  # of the pushed batches, measured before training on them
     push_seconds: tuple[float, ...] = ()  # round trips of the pushes settled since
     lag: Mapping[TopicPartition, int] = {}  # records behind per partition
+    # A raw-event model's: the field values of the pushed batches (each batch once, however
+    # often it is recomputed). None for a vector model.
+    inputs: InputCounts | None = None
 
 
 class TableRows(NamedTuple):
@@ -62,12 +68,15 @@ class TableRows(NamedTuple):
         ``rows`` is None).
     stats: the running statistics ``(count, mean, M2)`` of the number fields
         (``workers.ingest.moments.Moments``), always whole.
+    trained: with whole tables, per table the (V,) bool rows some update has trained;
+        None with changed rows, which an update trained every one of.
     """
 
     version: int
     rows: tuple[np.ndarray, ...] | None
     values: tuple[np.ndarray, ...]
     stats: Any
+    trained: tuple[np.ndarray, ...] | None = None
 
 
 class Push(NamedTuple):
@@ -200,6 +209,40 @@ class LastUpdate:
 
 
 @dataclass(frozen=True)
+class FieldStats:
+    """One input field of a raw-event model (docs/features.md, "Watching the inputs").
+
+    Counts are cumulative for the server instance, of the events the workers computed
+    gradients on; figures not defined for a field's type are 0 (counts) or NaN.
+
+    name, type: the schema's field and its type (number, boolean, category, categories).
+    values: events read (each holds one value of the field; a list counts once).
+    missing: of them, events whose field was absent, null or an empty list (imputed).
+    lookups: categorical values looked up in the field's table (each of a list's).
+    unseen: of them, the values with no trained row of their own: out of the vocabulary,
+        or hashed into a row no update had trained in the version computed on.
+    mean, std: a number field's running statistics (after clipping and transform), the
+        standardization's: mean and sqrt(M2 / count); NaN before its first value.
+    buckets, occupied: a hashed field's B rows, and how many of them an update has trained.
+    distinct, collision: a hashed field's estimated distinct values, and share of them
+        sharing their row with another value (``workers.ingest.hashing``).
+    """
+
+    name: str
+    type: str
+    values: int = 0
+    missing: int = 0
+    lookups: int = 0
+    unseen: int = 0
+    mean: float = math.nan
+    std: float = math.nan
+    buckets: int = 0
+    occupied: int = 0
+    distinct: float = math.nan
+    collision: float = math.nan
+
+
+@dataclass(frozen=True)
 class ServerStats:
     """The parameter server's stats record; lists hold what happened since the last one."""
 
@@ -223,6 +266,7 @@ class ServerStats:
     batch_sizes: dict[int, int] = field(default_factory=dict)  # cumulative histogram
     lag: dict[TopicPartition, int] = field(default_factory=dict)
     rejected: dict[str, int] = field(default_factory=dict)  # bad records by reason
+    features: tuple[FieldStats, ...] = ()  # a raw-event model's input fields, schema order
 
 
 @dataclass(frozen=True)

@@ -431,3 +431,92 @@ def test_no_nan_ever(values, count, mean, var):
     assert np.isfinite(out.x).all()
     assert np.isfinite(out.moments.mean).all() and np.isfinite(out.moments.M2).all()
     assert np.isfinite(M.standardization(M.merge_moments(stats, out.moments)).scale).all()
+
+
+# -- input counts ------------------------------------------------------------------------------
+
+COUNTED = [
+    EVENT,  # no tags, vip or geo: missing; device null: missing
+    {"amount": None, "hour": 1, "merchant": "m-1", "country": "FR", "device": "ios",
+     "tags": ["a", "b", "a"], "vip": True, "geo": {"lat": 1.5}, "clicked": False},
+    {"hour": 2, "merchant": "m-8812", "country": "US", "device": 3, "tags": [], "vip": False,
+     "geo": {"lat": None}, "clicked": True},
+    {"amount": 3, "hour": 3, "country": "DE", "tags": ["c"], "clicked": True},
+]  # fmt: skip
+
+
+def _row(schema, name, value):
+    spec = next(s for s in schema.fields if s.name == name)
+    return murmur3_32(value.encode(), schema.hash_seed) % spec.buckets
+
+
+def _untrained(schema):
+    return [np.zeros(s.table_rows, bool) for s in schema.categoricals]
+
+
+def test_input_counts_by_hand(schema):
+    featurizer = Featurizer(schema)
+    raw = featurizer.encode_events(COUNTED).raw
+    trained = _untrained(schema)
+    merchant, tags = trained[0], trained[3]
+    merchant[_row(schema, "merchant", "m-8812")] = True
+    tags[_row(schema, "tags", "a")] = True
+    assert _row(schema, "merchant", "m-1") != _row(schema, "merchant", "m-8812")
+    assert len({_row(schema, "tags", t) for t in "abc"}) == 3
+    counts = featurizer.count(raw, trained)
+    names = [f.name for f in schema.fields]
+    assert names == ["amount", "hour", "merchant", "country", "device", "tags", "vip", "lat"]
+    assert counts.events == 4
+    # amount: null and absent; merchant: absent; device: null, absent; tags: absent, []; vip:
+    # absent twice; lat: absent geo twice and a null.
+    assert counts.missing.tolist() == [2, 0, 1, 0, 2, 2, 2, 3]
+    # Values looked up: 3 merchants, 4 countries, 2 devices, tags a, b, a and c.
+    assert counts.lookups.tolist() == [0, 0, 3, 4, 2, 4, 0, 0]
+    # m-1 untrained; FR out of the vocabulary; both devices untrained; b and c untrained.
+    assert counts.unseen.tolist() == [0, 0, 1, 1, 2, 2, 0, 0]
+    assert counts.missing.dtype == counts.lookups.dtype == counts.unseen.dtype == np.int64
+
+
+def test_input_counts_of_batches_add_up_to_those_of_the_stream(schema):
+    featurizer = Featurizer(schema)
+    raw = featurizer.encode_events(COUNTED * 3).raw
+    trained = _untrained(schema)
+    whole = featurizer.count(raw, trained)
+    parts = [featurizer.count(raw[a:b], trained) for a, b in ((0, 5), (5, 5), (5, 12))]
+    total = F.input_counts_zeros(len(schema.fields))
+    for part in parts:
+        total = F.add_input_counts(total, part)
+    assert total.events == whole.events == 12
+    for a, b in zip(total[1:], whole[1:], strict=True):
+        assert a.tolist() == b.tolist()
+    with pytest.raises(ValueError, match="counts of 8 and 2 fields"):
+        F.add_input_counts(total, F.input_counts_zeros(2))
+
+
+def test_input_counts_refuse_masks_that_do_not_fit_the_tables(schema):
+    featurizer = Featurizer(schema)
+    raw = featurizer.encode_events(COUNTED).raw
+    with pytest.raises(ValueError, match=r"one \(table_rows,\) mask per categorical field"):
+        featurizer.count(raw, _untrained(schema)[:3])
+    with pytest.raises(ValueError, match=r"`raw` must be \(m, "):
+        featurizer.count(raw[:, 1:], _untrained(schema))
+
+
+def test_input_counts_of_the_clicks_stream_find_its_missing_rates():
+    from workers.ingest.datasets import CLICKS_SCHEMA, clicks_events
+
+    schema = S.schema_from_dict(CLICKS_SCHEMA)
+    featurizer = Featurizer(schema)
+    raw = featurizer.encode_events(list(clicks_events(8192, seed=3))).raw
+    counts = featurizer.count(raw, _untrained(schema))
+    rates = dict(zip([f.name for f in schema.fields], counts.missing / counts.events, strict=True))
+    # The generator's: amount null 4%, device null 5%, session absent 10%, discount 30%,
+    # user_age null 15%, promo absent 25%, no tag one event in five (0-4 tags, uniform).
+    expected = {"amount": 0.04, "device": 0.05, "session_seconds": 0.10, "discount": 0.30,
+                "user_age": 0.15, "promo": 0.25, "tags": 0.20}  # fmt: skip
+    for name, rate in rates.items():
+        assert rate == pytest.approx(expected.get(name, 0.0), abs=0.015), name
+    # Nothing trained: every hashed lookup is unseen; the devices are all in the vocabulary.
+    missing, lookups, unseen = (dict(zip(rates, c.tolist(), strict=True)) for c in counts[1:])
+    assert unseen["merchant"] == lookups["merchant"] == counts.events
+    assert unseen["device"] == 0 and lookups["device"] == counts.events - missing["device"]
