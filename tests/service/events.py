@@ -49,11 +49,12 @@ def network_spec(hidden: tuple[int, ...] = (16, 8)) -> dict[str, Any]:
     }
 
 
-def make_server(**overrides: Any) -> ParameterServer:
-    """An in-process server of the raw-event model: no checkpoints, divergence alerts only."""
+def make_server(ckpt_dir: Any = None, **overrides: Any) -> ParameterServer:
+    """An in-process server of the raw-event model: checkpoints only in ``ckpt_dir`` when
+    asked (``checkpoint()``), divergence alerts only."""
     settings = {
         "divergence.action": "alert",
-        "checkpoint.dir": "unused",
+        "checkpoint.dir": str(ckpt_dir) if ckpt_dir else "unused",
         "checkpoint.resume": False,
         "checkpoint.every_updates": 0,
         "checkpoint.every_seconds": 0.0,
@@ -61,7 +62,9 @@ def make_server(**overrides: Any) -> ParameterServer:
         "optimizer.learning_rate": 0.05,
     }
     cfg = ServerConfig.from_config(load_config(env={}, overrides=settings | overrides))
-    return ParameterServer(network_spec(), dataclasses.replace(cfg, checkpoint_dir=None))
+    if ckpt_dir is None:
+        cfg = dataclasses.replace(cfg, checkpoint_dir=None)
+    return ParameterServer(network_spec(), cfg)
 
 
 def event(rng: np.random.Generator) -> dict[str, Any]:
