@@ -1,14 +1,241 @@
-"""The API of a raw-event model: its cache kept current by changed table rows, snapshots that
-stay as they were while held, and raw-event checkpoints served."""
+"""The API of a raw-event model: /predict for raw events and its errors, its cache kept
+current by changed table rows, snapshots that stay as they were while held, and raw-event
+checkpoints served."""
 
+import json
 import threading
 import time
 
+import httpx
 import numpy as np
 import pytest
 
-from service.api import ModelCache
+from service.api import ModelCache, start_api
+from service.config import ApiConfig
 from tests.service import events
+from workers.ingest.moments import Moments
+from workers.model import FEATURES, FeatureState, build_model
+from workers.nn import Network
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A raw-event model after 20 updates, as ``ParameterServer.model()`` returns it."""
+    server = events.make_server()
+    pusher = events.Pusher(server)
+    for _ in range(20):
+        pusher.push(32)
+    return server.model()
+
+
+@pytest.fixture
+def serve():
+    """Start APIs on free ports; stop them after the test. Returns a client."""
+    started = []
+
+    def start(cache, **api):
+        server = start_api(cache, ApiConfig(port=0, **api))
+        client = httpx.Client(base_url=server.url, timeout=10.0)
+        started.append((server, client))
+        return client
+
+    yield start
+    for server, client in started:
+        client.close()
+        server.stop()
+
+
+def post_json(client: httpx.Client, body, charset: bool = False) -> httpx.Response:
+    """POST ``body`` as JSON text: as ``application/json`` (the fast path), or with a
+    charset parameter (FastAPI's routing and validation)."""
+    text = body if isinstance(body, str | bytes) else json.dumps(body)
+    kind = "application/json; charset=utf-8" if charset else "application/json"
+    return client.post("/predict", content=text, headers={"content-type": kind})
+
+
+def expected_predictions(model: dict, batch: list) -> np.ndarray:
+    """What the model gives a batch of good events, computed here from its parts."""
+    net, event_model = build_model({**model["network"], FEATURES: model["features"]})
+    tables = model["tables"]
+    state = FeatureState(tuple(tables.values), Moments(*tables.stats))
+    raw = event_model.featurizer.encode_events(batch, labels=False).raw
+    return net.predict(model["params"], model["moving"], event_model.inputs(raw, state)[0])
+
+
+def vector_model() -> dict:
+    net = Network(3, (4,), "softmax", 3)
+    params, moving = net.init(0)
+    return {"version": 5, "params": params, "moving": moving, "network": net.spec()}
+
+
+EVENT = {
+    "amount": 12.5,
+    "hour": 14,
+    "score": 4.0,
+    "geo": {"lat": 48.1},
+    "returning": True,
+    "promo": 0,
+    "merchant": "m-8812",
+    "device": "ios",
+    "tags": ["t1", "t2"],
+}
+
+
+# ---------------------------------------------------------------- /predict with raw events
+
+
+@pytest.mark.parametrize("charset", [False, True], ids=["fast path", "FastAPI"])
+def test_one_event_and_a_batch_are_predicted_with_the_served_version(trained, serve, charset):
+    client = serve(ModelCache.from_model(trained))
+    batch = [EVENT, {**EVENT, "merchant": 42, "tags": []}, {"hour": 3, "promo": False}]
+
+    one = post_json(client, {"event": EVENT}, charset)
+    many = post_json(client, {"events": batch}, charset)
+
+    assert one.status_code == 200 and many.status_code == 200, (one.text, many.text)
+    for reply, sent in ((one.json(), [EVENT]), (many.json(), batch)):
+        assert reply["version"] == trained["version"] == 20 and reply["output"] == "sigmoid"
+        expected = expected_predictions(trained, sent)[:, 0]  # (m,)
+        assert [p["probability"] for p in reply["predictions"]] == expected.tolist()
+        assert [p["class"] for p in reply["predictions"]] == (expected > 0.5).tolist()
+
+
+def test_a_label_in_the_event_is_ignored(trained, serve):
+    client = serve(ModelCache.from_model(trained))
+    plain = post_json(client, {"event": EVENT}).json()
+    for label in (True, "not even a label", None):
+        labelled = post_json(client, {"event": {**EVENT, "clicked": label}})
+        assert labelled.status_code == 200, labelled.text
+        assert labelled.json() == plain
+
+
+BAD_EVENTS = [
+    ("missing_field", {**EVENT, "hour": None}, "field 'hour' is missing or null"),
+    ("wrong_type", {**EVENT, "amount": "12.5"}, "`amount` must be a number"),
+    ("non_finite", {**EVENT, "score": 1e39}, "is not a finite float32"),
+    ("bad_json", [1, 2], "not a JSON object"),
+    ("wrong_type", {**EVENT, "geo": 5}, "a path through a non-object"),
+]
+
+
+@pytest.mark.parametrize("charset", [False, True], ids=["fast path", "FastAPI"])
+def test_bad_events_are_422_naming_each_index_and_reason(trained, serve, charset):
+    client = serve(ModelCache.from_model(trained))
+    batch = [EVENT] + [bad for _, bad, _ in BAD_EVENTS]
+
+    reply = post_json(client, {"events": batch}, charset)
+
+    assert reply.status_code == 422, reply.text
+    body = reply.json()
+    assert [(e["index"], e["reason"]) for e in body["errors"]] == [
+        (i + 1, reason) for i, (reason, _, _) in enumerate(BAD_EVENTS)
+    ]
+    for error, (_, _, message) in zip(body["errors"], BAD_EVENTS, strict=True):
+        assert message in error["detail"]
+    assert body["detail"].startswith("events[1]: missing_field: field 'hour' is missing")
+    assert "events[3]: non_finite: " in body["detail"] and body["detail"].endswith("(and 2 more)")
+    one = post_json(client, {"event": {**EVENT, "promo": 2}}, charset)
+    assert one.status_code == 422
+    assert one.json()["detail"].startswith("event: wrong_type: `promo` must be true, false")
+    assert one.json()["errors"][0]["index"] == 0
+
+
+@pytest.mark.parametrize("charset", [False, True], ids=["fast path", "FastAPI"])
+@pytest.mark.parametrize(
+    "body",
+    [{"x": [0.5, 1.0, 2.0]}, {"x": [[0.5] * 3] * 2}, {"x": "a"}, {"y": 1}, [EVENT]],
+    ids=["one vector", "vectors", "bad x", "no x", "a bare list"],
+)
+def test_a_raw_event_model_answers_any_other_body_with_the_event_shape(
+    trained, serve, charset, body
+):
+    client = serve(ModelCache.from_model(trained))
+    reply = post_json(client, body, charset)
+    assert reply.status_code == 422, reply.text
+    detail = reply.json()["detail"]
+    assert detail.startswith("model version 20 takes raw events, not feature vectors: send ")
+    assert '{"event": {...}} or {"events": [{...}, ...]}' in detail
+    assert "fields amount, hour, score, geo.lat, returning, promo, merchant" in detail
+
+
+@pytest.mark.parametrize("charset", [False, True], ids=["fast path", "FastAPI"])
+@pytest.mark.parametrize(
+    "body",
+    [{"event": EVENT}, {"events": [EVENT]}, {"events": []}, {"event": {}, "events": [{}]}],
+    ids=["event", "events", "no events", "both"],
+)
+def test_a_vector_model_answers_raw_events_with_the_vector_shape(serve, charset, body):
+    client = serve(ModelCache.from_model(vector_model()))
+    reply = post_json(client, body, charset)
+    assert reply.status_code == 422, reply.text
+    assert reply.json()["detail"] == (
+        'model version 5 takes feature vectors, not raw events: send {"x": [...]} with '
+        'input_dim=3 numbers, or {"x": [[...], ...]} for a batch'
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"events": []}, 'events is empty: send one event as {"event": {...}}'),
+        ({"events": 3}, "events must be a list of event objects"),
+        ({"events": None}, "`events` must be a list of event objects"),
+        ({"event": EVENT, "events": [EVENT]}, "send either `event` (one object) or `events`"),
+        ({"event": EVENT, "x": [1]}, "x: Extra inputs are not permitted"),
+        ('{"events": [', "malformed JSON at character"),
+    ],
+    ids=["empty", "not a list", "null", "both", "extra key", "malformed"],
+)
+def test_malformed_event_bodies_are_422_with_a_clear_message(trained, serve, body, message):
+    client = serve(ModelCache.from_model(trained))
+    for charset in (False, True):
+        reply = post_json(client, body, charset)
+        assert reply.status_code == 422, reply.text
+        assert message in reply.json()["detail"]
+
+
+def test_more_events_than_max_batch_are_refused(trained, serve):
+    client = serve(ModelCache.from_model(trained), max_batch=4)
+    assert post_json(client, {"events": [EVENT] * 4}).status_code == 200
+    reply = post_json(client, {"events": [EVENT] * 5})
+    assert reply.status_code == 422
+    assert reply.json()["detail"] == "events has 5 events; at most api.max_batch=4"
+
+
+def test_the_automatic_body_limit_is_room_for_max_batch_events(trained, serve):
+    client = serve(ModelCache.from_model(trained), max_batch=4)
+    wide = {**EVENT, "merchant": "m" * 120, "tags": ["t" * 120] * 5}
+    assert post_json(client, {"events": [wide] * 4}).status_code == 200
+    reply = post_json(client, {"events": [wide] * 4, "padding": "x" * 20_000})
+    assert reply.status_code == 413
+    assert reply.json()["detail"].endswith(
+        "(api.max_body_bytes=0, automatic: room for api.max_batch=4 events of the served "
+        "schema, category values of up to 128 bytes)"
+    )
+
+
+def test_model_and_openapi_describe_the_event_shape(trained, serve):
+    client = serve(ModelCache.from_model(trained), max_batch=16)
+    info = client.get("/model").json()
+    assert info["features"] == trained["features"] and info["version"] == 20
+
+    schema = client.get("/openapi.json").json()
+    predict = schema["paths"]["/predict"]["post"]
+    body = predict["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/EventsRequest"}
+    request = schema["components"]["schemas"]["EventsRequest"]
+    event = request["properties"]["event"]
+    assert event["required"] == ["hour", "promo"]
+    number = event["properties"]["geo"]["properties"]["lat"]["anyOf"][0]
+    assert number == {"type": "number", "minimum": -3.4028234663852886e38,
+                      "maximum": 3.4028234663852886e38}  # fmt: skip
+    assert request["properties"]["events"]["maxItems"] == 16
+    assert "At most 16 events" in predict["description"]
+    for example in request["examples"]:
+        assert post_json(client, example).status_code == 200
+
+
+# ---------------------------------------------------------------- the cache
 
 
 class CountingServer:
