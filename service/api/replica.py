@@ -4,14 +4,15 @@ the transport protocol; nothing else of the API.
 
 **Double buffering.** Requests featurize with the tables of the snapshot they started on,
 while the refresher thread brings the replica to newer versions. Writing a delta into the
-tables a request reads would let it see half of it. Copy-on-write would keep what is read
-immutable but copy a whole table (64 MiB and more) whenever a row of it changes, which is
-at every refresh of a model in training; copying only the changed rows is not an option
-for arrays that must be contiguous for the gather. So the replica keeps two buffers: the
-front one is published (read-only views) and never written; a delta is written into the
-back one, which then becomes the front. The back one is still the previous version's, so
-it first takes the delta that made the current front (kept for that), then the new one:
-O(rows changed) per refresh, and twice the tables' memory.
+tables a request reads would let it see half of it. Copy-on-write of whole tables would
+copy tens of MiB whenever a row changes, that is at every refresh of a model in training;
+copy-on-write of rows would need an overlay of changed rows in the gather, and the API
+must featurize with the workers' own code (``EventModel.inputs`` on plain arrays). So
+the replica keeps two buffers: the front one is published (read-only views) and never
+written; a delta is written into the back one, which then becomes the front. The back one
+is still the previous version's, so it first takes the delta that made the current front
+(kept for that), then the new one: O(rows changed) per refresh, for twice the tables'
+memory. One writer at a time (the cache's lock); any number of readers.
 
 **When a buffer may be written.** A buffer is written only once nothing can read it: it
 records a weak reference to the object published with it (``publish``), which every
