@@ -9,8 +9,12 @@ import time
 import httpx
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
 
-from service.api import ModelCache, start_api
+from service.api import EventsRequest, ModelCache, start_api
+from service.api.middleware import _plain_events
 from service.config import ApiConfig
 from tests.service import events
 from workers.ingest.moments import Moments
@@ -233,6 +237,36 @@ def test_model_and_openapi_describe_the_event_shape(trained, serve):
     assert "At most 16 events" in predict["description"]
     for example in request["examples"]:
         assert post_json(client, example).status_code == 200
+
+
+json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=3)),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=2), inner),
+    max_leaves=8,
+)
+event_bodies = st.one_of(
+    st.dictionaries(st.sampled_from(["event", "events", "x"]), json_values, max_size=3),
+    st.fixed_dictionaries({"events": st.lists(json_values, max_size=3)}),
+    json_values,
+)
+
+
+@given(body=event_bodies)
+@settings(max_examples=400, deadline=None)
+def test_the_fast_path_takes_exactly_the_event_bodies_the_request_model_accepts(body):
+    """As FastAPI validates it (the parsed JSON), and each event left as it came."""
+    text = json.dumps(body)
+    parsed = json.loads(text)
+    fast = _plain_events(parsed)
+    try:
+        model = EventsRequest.model_validate(parsed)
+    except ValidationError:
+        model = None
+    assert (fast is None) == (model is None), text
+    if model is not None and fast is not None:
+        events, single = model.batch()
+        assert single == fast[1]
+        assert all(a is b for a, b in zip(events, fast[0], strict=True)), text
 
 
 # ---------------------------------------------------------------- the cache
