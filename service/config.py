@@ -428,12 +428,13 @@ class ApiConfig(_Section):
     enabled: bool = _opt(True, "serve the prediction API beside training")
     host: str = _opt("127.0.0.1", "address the API binds")
     port: int = _opt(8000, "API port (0 = pick a free port)")
-    max_batch: int = _opt(1024, "most rows one /predict request may carry")
+    max_batch: int = _opt(1024, "most rows (or raw events) one /predict request may carry")
     max_body_bytes: int = _opt(
         0,
         "largest request body in bytes (0 = automatic: room for max_batch rows of the served "
-        "model's input_dim numbers, 1024 + max_batch * (8 + 32 * input_dim); a value set "
-        "here wins, even a smaller one)",
+        "model's input_dim numbers, 1024 + max_batch * (8 + 32 * input_dim), or for a "
+        "raw-event model max_batch events of its schema with category values of up to 128 "
+        "bytes; a value set here wins, even a smaller one)",
     )
     refresh_seconds: float = _opt(0.2, "how often newer parameters are fetched")
 

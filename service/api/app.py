@@ -15,20 +15,24 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api.bodies import (
+    EVENT_KEYS,
+    EventsRequest,
     Health,
     ModelInfo,
-    PredictRequest,
+    PredictBody,
     PredictResponse,
     Problem,
     Readiness,
+    events_expected,
     problem,
     unreadable,
     validation_message,
+    vectors_expected,
 )
-from service.api.cache import ModelCache, Snapshot
-from service.api.limits import RequestShape, feature_bound, publish_request_shape
+from service.api.cache import ModelCache
+from service.api.limits import RequestShape, publish_request_shape, request_shape
 from service.api.middleware import ApiMetrics, BodyLimit, FastPredict, RequestMetrics
-from service.api.predict import predict_response
+from service.api.predict import predict_events_response, predict_response
 from service.config import ApiConfig
 
 log = logging.getLogger("streamtrain.api")
@@ -41,8 +45,10 @@ def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
         "an integer too long to convert",
         413: "Request body larger than `api.max_body_bytes` (automatic: room for "
         "`api.max_batch` rows of the model's input)",
-        422: "Malformed JSON or an invalid `x` (dimension, non-finite, empty, too many rows)",
-        503: "No model loaded yet",
+        422: "Malformed JSON, an invalid `x` (dimension, non-finite, empty, too many rows), "
+        "rejected raw events (each with its index and reason in `errors`), or a body of the "
+        "kind the served model does not take",
+        503: "No model loaded yet, or a model that gives non-finite outputs",
     }
     return {code: {"model": Problem, "description": text[code]} for code in codes}
 
@@ -83,13 +89,24 @@ def create_app(
         title="streamtrain prediction API",
         version="1",
         description="Predictions of the model that streamtrain keeps training, served from "
-        "the newest parameters fetched every `api.refresh_seconds`. Features are expected "
-        "standardized as the training stream's.",
+        "the newest parameters fetched every `api.refresh_seconds`. A model of feature "
+        "vectors takes them standardized as the training stream's; a model of raw events "
+        "takes the events and featurizes them as the workers do.",
     )
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return problem(422, validation_message(list(exc.errors()), exc.body))
+        snap, body, errors = cache.snapshot, exc.body, list(exc.errors())
+        parsed = not isinstance(body, bytes | str) and all(
+            e.get("type") != "json_invalid" for e in errors
+        )
+        if snap is not None and parsed:  # JSON of the kind the model does not take?
+            events_body = isinstance(body, dict) and any(k in body for k in EVENT_KEYS)
+            if snap.features is not None and not events_body:
+                return problem(422, events_expected(snap.version, snap.features.model.schema))
+            if snap.features is None and events_body:
+                return problem(422, vectors_expected(snap.version, snap.net.input_dim))
+        return problem(422, validation_message(errors, body))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -104,11 +121,13 @@ def create_app(
         response_model=PredictResponse,
         response_model_exclude_none=True,
         responses=_responses(400, 413, 422, 503),
-        summary="Predict one example or a batch",
+        summary="Predict one example or a batch: feature vectors or raw events",
         description="Inference-mode batch norm (moving statistics). At most "
-        f"{cfg_api.max_batch} rows per request.",  # and the model's shape, in openapi()
+        f"{cfg_api.max_batch} rows or events per request.",  # the model's shape: openapi()
     )
-    async def predict(body: PredictRequest) -> Any:
+    async def predict(body: PredictBody) -> Any:
+        if isinstance(body, EventsRequest):
+            return predict_events_response(cache, cfg_api.max_batch, *body.batch())
         return predict_response(cache, cfg_api.max_batch, body.x)
 
     @app.get("/healthz", response_model=Health, summary="Liveness")
@@ -153,6 +172,7 @@ def create_app(
             "version": snap.version,
             "examples": snap.examples,
             "architecture": snap.network,
+            "features": None if snap.features is None else snap.features.schema,
             "n_params": snap.net.n_params,
             "optimizer": f.get("optimizer"),
             "checkpoint": f.get("checkpoint"),
@@ -176,7 +196,9 @@ def create_app(
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     fastapi_openapi = app.openapi
-    checked: Snapshot | None = None  # the snapshot whose shape was last computed
+    # The snapshot whose shape was last computed, by version and fetch time: holding the
+    # snapshot itself would keep its table buffer from taking deltas (cache.replica).
+    checked: tuple[int, float] | None = None
     shape: RequestShape | None = None  # that shape
     patched: dict[str, Any] | None = None  # the schema that publishes it
 
@@ -185,9 +207,10 @@ def create_app(
         the served model takes it; made again when a new model changes that shape."""
         nonlocal checked, shape, patched
         snap = cache.snapshot
-        if snap is not checked:
-            checked = snap
-            now = None if snap is None else RequestShape(snap.net.input_dim, feature_bound(snap))
+        key = None if snap is None else (snap.version, snap.fetched_at)
+        if key != checked:
+            checked = key
+            now = None if snap is None else request_shape(snap)
             if now != shape:
                 shape, app.openapi_schema = now, None  # FastAPI makes a new one
         schema = fastapi_openapi()

@@ -1,6 +1,6 @@
-"""What requests and responses carry: the pydantic bodies, the ``Problem`` every error
-answers with, and the messages that say what was wrong with a request body.
-Imports nothing else of the API."""
+"""What requests and responses carry: the pydantic bodies (feature vectors or raw events),
+the ``Problem`` every error answers with, and the messages that say what was wrong with a
+request body. Imports nothing else of the API."""
 
 from __future__ import annotations
 
@@ -8,11 +8,17 @@ import sys
 from typing import Annotated, Any
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+
+from workers.ingest.codec import RecordError
+from workers.ingest.schema import FeatureSchema
 
 MAX_ERRORS_SHOWN = 3  # validation errors quoted in one 422 message
-# pydantic's names of the two shapes of `x` in error locations.
+# pydantic's names of the two shapes of `x` in error locations, and the tags of the two
+# kinds of /predict body.
 _SINGLE, _BATCH = "list[float]", "list[list[float]]"
+_VECTORS, _EVENTS = "feature vectors", "raw events"
+EVENT_KEYS = ("event", "events")
 SHOWN_CHARS = 40  # longest repr of a bad value quoted in a message
 
 # Strict: JSON true or "1.5" is not a feature value. Python's json module reads NaN and
@@ -34,6 +40,58 @@ class PredictRequest(BaseModel):
         description="Standardized features: one example of `input_dim` numbers, or a batch "
         "of at most `api.max_batch` such rows. Finite numbers only."
     )
+
+
+class EventsRequest(BaseModel):
+    """Raw events for a model that featurizes them: one (``event``) or a batch (``events``)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"event": {"amount": 12.5, "merchant": "m-8812", "hour": 14}},
+                {"events": [{"amount": 12.5, "hour": 14}, {"amount": None, "hour": 9}]},
+            ]
+        },
+    )
+    event: Any = Field(
+        None,
+        description="One raw event: a JSON object with the schema's fields (a label field "
+        "in it is ignored).",
+    )
+    events: list[Any] | None = Field(
+        None, description="A batch of 1 to `api.max_batch` raw events.", min_length=1
+    )
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> EventsRequest:
+        given = self.model_fields_set & set(EVENT_KEYS)
+        if len(given) != 1:
+            raise ValueError("send either `event` (one object) or `events` (a list), not both")
+        if "events" in given and self.events is None:
+            raise ValueError("`events` must be a list of event objects")
+        return self
+
+    def batch(self) -> tuple[list[Any], bool]:
+        """The events as a list, and whether the body held a single one."""
+        if self.events is not None:
+            return self.events, False
+        return [self.event], True
+
+
+def _body_kind(body: Any) -> str:
+    """Which request model a /predict body is for: raw events when it has their keys."""
+    if isinstance(body, dict) and any(k in body for k in EVENT_KEYS):
+        return _EVENTS
+    return _VECTORS
+
+
+# The body of /predict: validated as the one model its keys point to, so that errors name
+# the fields of that one.
+PredictBody = Annotated[
+    Annotated[PredictRequest, Tag(_VECTORS)] | Annotated[EventsRequest, Tag(_EVENTS)],
+    Discriminator(_body_kind),
+]
 
 
 class Prediction(BaseModel):
@@ -58,8 +116,20 @@ class PredictResponse(BaseModel):
     predictions: list[Prediction] = Field(description="one per row of `x`, in order")
 
 
+class EventProblem(BaseModel):
+    index: int = Field(description="the event's index in `events` (0 for `event`)")
+    reason: str = Field(
+        description="the featurizer's reason: bad_json, missing_field, wrong_type or "
+        "non_finite (docs/features.md)"
+    )
+    detail: str = Field(description="what was wrong with it")
+
+
 class Problem(BaseModel):
     detail: str = Field(description="what was wrong, naming the bad value")
+    errors: list[EventProblem] | None = Field(
+        None, description="raw events: every rejected event of the request, in order"
+    )
 
 
 class Health(BaseModel):
@@ -87,6 +157,9 @@ class ModelInfo(BaseModel):
     version: int
     examples: int = Field(description="examples trained into this version")
     architecture: Architecture
+    features: dict[str, Any] | None = Field(
+        None, description="a raw-event model's feature schema (docs/features.md)"
+    )
     n_params: int
     optimizer: dict[str, Any] | None = Field(None, description="optimizer and hyperparameters")
     checkpoint: str | None = Field(None, description="newest checkpoint written")
@@ -100,9 +173,41 @@ def problem(status: int, detail: str) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status)
 
 
+def rejected_events(
+    errors: list[tuple[int, RecordError]], single: bool
+) -> tuple[str, list[dict[str, Any]]]:
+    """The 422 message and the ``EventProblem`` rows for events the featurizer rejected."""
+    rows = [{"index": i, "reason": e.reason, "detail": str(e)} for i, e in errors]
+    shown = [
+        f"{'event' if single else f'events[{i}]'}: {e.reason}: {e}"
+        for i, e in errors[:MAX_ERRORS_SHOWN]
+    ]
+    more = len(errors) - MAX_ERRORS_SHOWN
+    return "; ".join(shown) + (f" (and {more} more)" if more > 0 else ""), rows
+
+
+def vectors_expected(version: int, input_dim: int) -> str:
+    """The answer to raw events sent to a model of feature vectors."""
+    return (
+        f"model version {version} takes feature vectors, not raw events: send "
+        f'{{"x": [...]}} with input_dim={input_dim} numbers, or {{"x": [[...], ...]}} '
+        "for a batch"
+    )
+
+
+def events_expected(version: int, schema: FeatureSchema) -> str:
+    """The answer to anything but raw events sent to a model of raw events."""
+    fields = ", ".join(spec.path for spec in schema.fields)
+    return (
+        f"model version {version} takes raw events, not feature vectors: send "
+        '{"event": {...}} or {"events": [{...}, ...]}, JSON objects with the fields '
+        f"{fields} (the schema: GET /model)"
+    )
+
+
 def _location(loc: tuple) -> str:
     """``('body', 'x', 'list[list[float]]', 2, 5)`` -> ``x[2][5]`` (union branch dropped)."""
-    parts = [p for p in loc if p not in ("body", _BATCH, _SINGLE)]
+    parts = [p for p in loc if p not in ("body", _BATCH, _SINGLE, _VECTORS, _EVENTS)]
     text = ""
     for p in parts:
         text += f"[{p}]" if isinstance(p, int) else (f".{p}" if text else str(p))
@@ -150,6 +255,8 @@ def validation_message(errors: list[dict[str, Any]], body: Any) -> str:
             )
     if isinstance(body, bytes | str):  # FastAPI parses JSON only when the request says so
         return "the body must be a JSON object sent with Content-Type: application/json"
+    if _body_kind(body) == _EVENTS:
+        return _events_message(errors, body)
     x = body.get("x") if isinstance(body, dict) else None
     if isinstance(body, dict) and "x" in body and not isinstance(x, list):
         return f"x must be a list of numbers (one example) or of rows (a batch). Received: {x!r}"
@@ -167,6 +274,24 @@ def validation_message(errors: list[dict[str, Any]], body: Any) -> str:
         else:
             value = "" if isinstance(got, dict | list) or got is None else f" (got {_shown(got)})"
             line = f"{_location(e['loc'])}: {e['msg']}{value}"
+        if line not in shown:
+            shown.append(line)
+    more = len(shown) - MAX_ERRORS_SHOWN
+    return "; ".join(shown[:MAX_ERRORS_SHOWN]) + (f" (and {more} more)" if more > 0 else "")
+
+
+def _events_message(errors: list[dict[str, Any]], body: dict[str, Any]) -> str:
+    """``validation_message`` for a body of raw events (``EventsRequest``)."""
+    if body.get("events") == [] and len(body) == 1:
+        return 'events is empty: send one event as {"event": {...}} or a list of at least one'
+    shown: list[str] = []
+    for e in errors:
+        if e.get("type") == "value_error":
+            line = str(e.get("ctx", {}).get("error", e["msg"]))
+        elif e.get("type") == "list_type":
+            line = f"{_location(e['loc'])} must be a list of event objects (one goes as event)"
+        else:
+            line = f"{_location(e['loc'])}: {e['msg']}"
         if line not in shown:
             shown.append(line)
     more = len(shown) - MAX_ERRORS_SHOWN

@@ -12,8 +12,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from service.api.bodies import problem
 from service.api.cache import ModelCache
-from service.api.limits import needed_body_bytes
-from service.api.predict import predict_response
+from service.api.limits import request_room
+from service.api.predict import predict_events_response, predict_response
 from service.config import ApiConfig
 
 log = logging.getLogger("streamtrain.api")
@@ -108,8 +108,9 @@ def _replay(body: bytes, receive):
 
 
 class BodyLimit:
-    """Pure ASGI middleware: 413 for a request body over ``max_body_bytes(cfg_api, d)``
-    bytes, ``d`` the served model's input dimension.
+    """Pure ASGI middleware: 413 for a request body over ``api.max_body_bytes``, or when
+    that is 0 over what ``api.max_batch`` rows (or raw events) of the served model may take
+    (``limits.request_room``).
 
     The declared Content-Length is checked first; a chunked body is read up to the limit
     and handed on whole, so an endless body never reaches the JSON parser. With the
@@ -119,38 +120,33 @@ class BodyLimit:
 
     def __init__(self, app, cache: ModelCache, cfg_api: ApiConfig):
         self.app, self.cache, self.cfg = app, cache, cfg_api
-        self._checked_dim: int | None = None  # the input dimension the limit was checked for
+        self._checked: str | None = None  # what the set limit was last checked against
 
-    def _limit(self) -> int | None:
+    def _limit(self) -> tuple[int, str] | None:
+        """The limit and what the automatic one is room for; None: no model, no limit."""
         snap = self.cache.snapshot
         if snap is None:
-            return self.cfg.max_body_bytes or None
-        d = snap.net.input_dim
-        needed = needed_body_bytes(self.cfg.max_batch, d)
-        if self.cfg.max_body_bytes and d != self._checked_dim:
-            self._checked_dim = d
+            return (self.cfg.max_body_bytes, "") if self.cfg.max_body_bytes else None
+        needed, room = request_room(self.cfg.max_batch, snap)
+        if self.cfg.max_body_bytes and room != self._checked:
+            self._checked = room
             if self.cfg.max_body_bytes < needed:
                 log.warning(
-                    "api.max_body_bytes=%d is below the %d bytes api.max_batch=%d rows of "
-                    "input_dim=%d features may take: larger batches get 413 "
-                    "(api.max_body_bytes=0 sets the limit from them)",
+                    "api.max_body_bytes=%d is below the %d bytes %s may take: larger "
+                    "batches get 413 (api.max_body_bytes=0 sets the limit from them)",
                     self.cfg.max_body_bytes,
                     needed,
-                    self.cfg.max_batch,
-                    d,
+                    room,
                 )
-        return self.cfg.max_body_bytes or needed
+        return self.cfg.max_body_bytes or needed, room
 
-    async def _refuse(self, scope, receive, send, size: str, limit: int) -> None:
+    async def _refuse(self, scope, receive, send, size: str, limit: int, room: str) -> None:
         detail = f"request body of {size} bytes exceeds "
         if self.cfg.max_body_bytes:
             detail += f"api.max_body_bytes={limit}"
         else:
-            snapshot = self.cache.snapshot
-            d = snapshot.net.input_dim if snapshot is not None else "?"
             detail += (
-                f"the limit of {limit} bytes (api.max_body_bytes=0, automatic: room for "
-                f"api.max_batch={self.cfg.max_batch} rows of input_dim={d} features)"
+                f"the limit of {limit} bytes (api.max_body_bytes=0, automatic: room for {room})"
             )
         await problem(413, detail)(scope, receive, send)
 
@@ -158,13 +154,14 @@ class BodyLimit:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
-        limit = self._limit()
-        if limit is None:
+        limited = self._limit()
+        if limited is None:
             await problem(503, "no model loaded yet")(scope, receive, send)
             return
+        limit, room = limited
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > limit:
-                await self._refuse(scope, receive, send, value.decode(), limit)
+                await self._refuse(scope, receive, send, value.decode(), limit, room)
                 return
         chunks, size = [], 0
         while True:
@@ -174,7 +171,7 @@ class BodyLimit:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                await self._refuse(scope, receive, send, f"more than {limit}", limit)
+                await self._refuse(scope, receive, send, f"more than {limit}", limit, room)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -214,13 +211,26 @@ def _plain_x(body: Any) -> list | None:
     return x if _plain_row(x) else None
 
 
+def _plain_events(body: Any) -> tuple[list, bool] | None:
+    """The events of a body ``EventsRequest`` accepts (``{"event": value}`` or
+    ``{"events": [value, ...]}``) and whether it held one, else None. Each value is left
+    for the featurizer to judge, as the endpoint leaves it."""
+    if type(body) is not dict or len(body) != 1:
+        return None
+    if "event" in body:
+        return [body["event"]], True
+    events = body.get("events")
+    return (events, False) if type(events) is list and events else None
+
+
 class FastPredict:
     """Pure ASGI middleware: a well-formed ``POST /predict`` answered without FastAPI's
     per-request machinery (routing, dependency solving, pydantic): a single example costs
     the server 0.37 ms of CPU here instead of 0.56 ms.
 
-    Only bodies that ``PredictRequest`` certainly accepts take this path; the answer is
-    ``predict_response``'s, as the endpoint's. Anything else (another content type, JSON
+    Only bodies that ``PredictRequest`` or ``EventsRequest`` certainly accepts take this
+    path; the answer is ``predict_response``'s or ``predict_events_response``'s, as the
+    endpoint's. Anything else (another content type, JSON
     that does not parse, a body of another shape, a value FastAPI would refuse) is handed
     to the app with its body, so every error keeps FastAPI's status and message.
     """
@@ -247,13 +257,20 @@ class FastPredict:
                 break
         body = b"".join(chunks)
         try:
-            x = _plain_x(json.loads(body))
+            parsed = json.loads(body)
         except (ValueError, RecursionError):
             # Not JSON, not UTF-8 (UnicodeDecodeError is a ValueError), an integer too long
             # to convert, or arrays nested too deeply: FastAPI parses it again, fails the
             # same way and answers 400 (see http_error in app.py).
-            x = None
+            await self.app(scope, _replay(body, receive), send)
+            return
+        x = _plain_x(parsed)
         if x is not None:
             await predict_response(self.cache, self.max_batch, x)(scope, receive, send)
+            return
+        events = _plain_events(parsed)
+        if events is not None:
+            answer = predict_events_response(self.cache, self.max_batch, *events)
+            await answer(scope, receive, send)
             return
         await self.app(scope, _replay(body, receive), send)

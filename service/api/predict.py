@@ -1,15 +1,18 @@
-"""The answer to ``POST /predict``: the cached model's predictions, or a problem naming what
-is wrong. Shared by the endpoint (``app``) and its fast path (``middleware``)."""
+"""The answer to ``POST /predict``: the cached model's predictions for feature vectors or for
+raw events, or a problem naming what is wrong. Shared by the endpoint (``app``) and its
+fast path (``middleware``)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from fastapi.responses import JSONResponse
 
-from service.api.bodies import problem
-from service.api.cache import ModelCache
+from service.api.bodies import events_expected, problem, rejected_events, vectors_expected
+from service.api.cache import ModelCache, Snapshot
+from workers.ingest.codec import RecordError
 
 
 def _prediction_rows(output: str, y: np.ndarray) -> list[dict[str, Any]]:
@@ -30,6 +33,8 @@ def predict_response(cache: ModelCache, max_batch: int, x: list) -> JSONResponse
     snap = cache.snapshot
     if snap is None:
         return problem(503, "no model loaded yet")
+    if snap.features is not None:
+        return problem(422, events_expected(snap.version, snap.features.model.schema))
     if not snap.finite:
         return problem(503, f"model version {snap.version} has non-finite parameters")
     single = not isinstance(x[0], list)
@@ -55,6 +60,66 @@ def predict_response(cache: ModelCache, max_batch: int, x: list) -> JSONResponse
             422,
             f"rows {bad[:5].tolist()} give non-finite outputs: their features are too "
             "large in magnitude for the model",
+        )
+    return JSONResponse(
+        {
+            "version": snap.version,
+            "output": snap.net.output,
+            "predictions": _prediction_rows(snap.net.output, y),
+        }
+    )
+
+
+def event_inputs(
+    snap: Snapshot, events: Sequence[Any]
+) -> tuple[np.ndarray, list[tuple[int, RecordError]]]:
+    """The network's inputs for raw events, made as a worker makes them for the version it
+    trains on: the schema's featurizer (labels not read), then ``EventModel.inputs`` with
+    the snapshot's tables and statistics, so the same version gives the same vectors.
+
+    Args:
+        snap: a snapshot of a raw-event model (``snap.features`` set); hold it while
+            its tables are read.
+        events: decoded JSON values, one per event.
+
+    Returns:
+        (m, input_dim) inputs of the accepted events in order, and ``(index, FeatureError)``
+        for each rejected one.
+    """
+    features = snap.features
+    if features is None:
+        raise ValueError(f"model version {snap.version} is not a raw-event model")
+    model = features.model
+    encoded = model.featurizer.encode_events(events, labels=False)
+    return model.inputs(encoded.raw, features.state)[0], encoded.errors
+
+
+def predict_events_response(
+    cache: ModelCache, max_batch: int, events: list[Any], single: bool
+) -> JSONResponse:
+    """The answer to ``POST /predict`` for raw events (``EventsRequest.batch()``): the
+    predictions of the cached snapshot, a 422 naming every rejected event (its index and
+    the featurizer's reason), or a 503."""
+    snap = cache.snapshot
+    if snap is None:
+        return problem(503, "no model loaded yet")
+    if snap.features is None:
+        return problem(422, vectors_expected(snap.version, snap.net.input_dim))
+    if not snap.finite:
+        return problem(503, f"model version {snap.version} has non-finite parameters")
+    if len(events) > max_batch:
+        return problem(422, f"events has {len(events)} events; at most api.max_batch={max_batch}")
+    inputs, errors = event_inputs(snap, events)
+    if errors:
+        detail, rows = rejected_events(errors, single)
+        return JSONResponse({"detail": detail, "errors": rows}, status_code=422)
+    with np.errstate(all="ignore"):  # overflow shows as a non-finite output, below
+        y = snap.net.predict(snap.params, snap.moving, inputs)  # (m, n_outputs)
+    bad = np.flatnonzero(~np.isfinite(y).all(axis=1))
+    if bad.size:  # inputs are bounded (|z| <= 1e6): the model's tables or weights are not
+        return problem(
+            503,
+            f"model version {snap.version} gives non-finite outputs for events {bad[:5].tolist()}",
         )
     return JSONResponse(
         {

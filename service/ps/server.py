@@ -356,9 +356,16 @@ class ParameterServer:
                 return self.features.whole(self.version)
             return self.features.since(base, self.version)
 
-    def model(self) -> dict[str, Any]:
-        """Copies of parameters and moving statistics, with version and network spec; a
-        raw-event model's schema (``features``) and whole tables (``tables``) too."""
+    def model(self, since: int = -1, instance: str | None = None) -> dict[str, Any]:
+        """Copies of parameters and moving statistics, with version, network spec and this
+        server's ``instance``; a raw-event model's schema (``features``) and feature state
+        (``tables``, a ``TableRows``) too.
+
+        The tables are whole, unless the caller holds a replica of them at version
+        ``since`` taken from this instance (``since`` >= 0, ``instance`` this server's):
+        then only the rows changed after ``since`` (``features_since``). Parameters,
+        statistics and rows are read under one lock: all of one version.
+        """
         with self._lock:
             out = {
                 "version": self.version,
@@ -366,10 +373,13 @@ class ParameterServer:
                 "moving": {k: np.array(v) for k, v in self.moving.items()},
                 "network": self.net.spec(),
                 "examples": self.examples,
+                "instance": self.instance,
             }
             if self.features is not None and self.event_model is not None:
+                # Versions only grow within an instance: a base ahead of it is not ours.
+                ours = instance == self.instance and 0 <= since <= self.version
                 out["features"] = self.event_model.spec()
-                out["tables"] = self.features.whole(self.version)
+                out["tables"] = self.features_since(since if ours else -1)
             return out
 
     def applied_history(self) -> tuple[np.ndarray, list[TopicPartition]]:

@@ -15,7 +15,9 @@ from service.ps.publish import INLINE_PARAMS_BYTES
 from service.ps.rounds import AVERAGE_CHUNK, WeightedSum, pooled_statistics
 from service.ps.server import NORMS_EVERY_SECONDS
 from service.trainer import network_spec
+from tests.service import events
 from workers.ingest.memory import MemoryStream, load_dataset
+from workers.model import apply_rows
 from workers.nn import (
     SGD,
     Adam,
@@ -874,3 +876,51 @@ def test_the_actor_timer_thread_writes_the_checkpoint_by_itself(tmp_path):
                  == ["ckpt-000000000001.npz"])  # fmt: skip
     finally:
         server.close()
+
+
+# ---------------------------------------------------------------- a raw-event model's replicas
+
+
+def test_model_since_a_replicas_version_carries_only_the_rows_changed_after_it():
+    server = events.make_server()
+    pusher = events.Pusher(server)
+    first = server.model()
+    assert first["tables"].rows is None and first["tables"].version == first["version"] == 0
+    replica = [np.array(t) for t in first["tables"].values]
+    for _ in range(3):
+        pusher.push()
+
+    delta = server.model(since=0, instance=first["instance"])
+    now = server.model()  # whole, for the comparison
+
+    tables = delta["tables"]
+    assert delta["version"] == tables.version == now["version"] == 3
+    assert tables.rows is not None
+    assert 0 < sum(len(r) for r in tables.rows) < sum(len(t) for t in replica)
+    apply_rows(replica, tables.rows, tables.values)
+    for mine, whole in zip(replica, now["tables"].values, strict=True):
+        assert np.array_equal(mine, whole)
+    for mine, whole in zip(tables.stats, now["tables"].stats, strict=True):
+        assert np.array_equal(mine, whole)
+    assert int(tables.stats.count[0]) == 3 * 16  # statistics of the version, always whole
+    for key, value in now["params"].items():
+        assert np.array_equal(delta["params"][key], value)  # of the same version
+    unchanged = server.model(since=3, instance=first["instance"])["tables"]
+    assert unchanged.rows is not None and all(len(r) == 0 for r in unchanged.rows)
+
+
+@pytest.mark.parametrize(
+    ("since", "instance"),
+    [(0, "another server"), (0, None), (-1, "ours"), (4, "ours")],
+    ids=["another instance", "no instance", "no replica", "ahead of the server"],
+)
+def test_model_sends_whole_tables_unless_the_replica_is_this_instances(since, instance):
+    server = events.make_server()
+    events.Pusher(server).push()
+    instance = server.instance if instance == "ours" else instance
+    assert server.model(since=since, instance=instance)["tables"].rows is None
+
+
+def test_a_vector_models_reply_has_no_tables():
+    model = make_server().model(since=0, instance="x")
+    assert "tables" not in model and "features" not in model and model["instance"]
