@@ -8,6 +8,7 @@ the sections, their sources and the precedence between them are one contract.
 import argparse
 import dataclasses
 import difflib
+import json
 import math
 import os
 import re
@@ -469,6 +470,58 @@ class FeaturesConfig(_Section):
 
 
 @dataclass(frozen=True)
+class LoopConfig(_Section):
+    """Delayed labels: /predict logs what it served, labels arrive later on their own topic,
+    and the trainer joins them (docs/architecture.md, "Delayed labels")."""
+
+    section: ClassVar[str] = "loop"
+    enabled: bool = _opt(
+        False,
+        "log /predict's predictions and train on them joined with the labels topic, instead "
+        "of kafka.topic's labelled records",
+    )
+    predictions_topic: str = _opt("streamtrain.predictions", "topic of logged predictions")
+    labels_topic: str = _opt(
+        "streamtrain.labels", "topic of labels keyed by prediction id (as many partitions)"
+    )
+    window_seconds: float = _opt(600.0, "a label later than this after its prediction is late")
+    grace_seconds: float = _opt(60.0, "how long a label that came first waits for its prediction")
+    policy: str = _opt(
+        "drop",
+        "a prediction whose window closed without a label: drop it, or train it with default_label",
+        choices=("drop", "default"),
+    )
+    default_label: str = _opt("", 'the label of the default policy, as JSON (0, false, "cat")')
+    max_pending: int = _opt(
+        1_000_000, "most predictions (and most early labels) waiting per worker"
+    )
+    log_buffer: int = _opt(
+        10_000, "predictions /predict holds while the broker is slow or down; more are not logged"
+    )
+
+    def _validate(self) -> None:
+        self._positive("window_seconds", "max_pending", "log_buffer")
+        self._non_negative("grace_seconds")
+        self._require(self.predictions_topic != "", "predictions_topic", "be a topic name")
+        self._require(self.labels_topic != "", "labels_topic", "be a topic name")
+        self._require(
+            self.predictions_topic != self.labels_topic, "labels_topic",
+            "differ from predictions_topic",
+        )  # fmt: skip
+        if self.policy == "default":
+            self._require(self.default_label != "", "default_label", "be set for policy default")
+        if self.default_label:
+            try:
+                json.loads(self.default_label)
+            except ValueError:
+                self._fail("default_label", 'be a JSON value (0, 1, true, "cat")')
+
+    def default_value(self) -> Any:
+        """The default label as the JSON value it spells (None when unset)."""
+        return json.loads(self.default_label) if self.default_label else None
+
+
+@dataclass(frozen=True)
 class LogConfig(_Section):
     """Logging level and format."""
 
@@ -498,6 +551,7 @@ class Config:
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
