@@ -65,6 +65,9 @@ def run_demo(
     return run_service(cfg, out_dir, progress, echo)
 
 
+LOOP_PARTITIONS = 4  # of new loop topics when kafka.topic does not exist either
+
+
 def run_serve(
     cfg: Config,
     out_dir: str | Path = "runs/serve",
@@ -76,9 +79,24 @@ def run_serve(
     from workers.ingest.topics import check_topics
 
     k = cfg.kafka
-    partitions = check_topics(
-        client_settings(config_to_dict(cfg)["kafka"]), k.topic, k.dead_letter_topic
-    )
+    client = client_settings(config_to_dict(cfg)["kafka"])
+    if cfg.loop.enabled:  # the logged predictions and their labels, not k.topic's records
+        from workers.ingest.topics import ensure_loop_topics, topic_partitions
+
+        loop = cfg.loop
+        partitions = ensure_loop_topics(
+            client, loop.predictions_topic, loop.labels_topic,
+            topic_partitions(client, k.topic) or LOOP_PARTITIONS,
+        )  # fmt: skip
+        if k.dead_letter_topic:
+            check_topics(client, loop.predictions_topic, k.dead_letter_topic)
+        echo(
+            f"loop: predictions {loop.predictions_topic!r} joined with labels "
+            f"{loop.labels_topic!r} ({partitions} partitions), window {loop.window_seconds:g} s, "
+            f"grace {loop.grace_seconds:g} s, unlabelled: {loop.policy}"
+        )
+        return run_service(cfg, out_dir, progress, echo)
+    partitions = check_topics(client, k.topic, k.dead_letter_topic)
     echo(
         f"topic {cfg.kafka.topic!r}: {partitions} partitions on {cfg.kafka.bootstrap_servers}, "
         f"group {cfg.kafka.group_id!r}, {cfg.kafka.format} records, dead letters to "

@@ -23,7 +23,7 @@ _TMP_SUFFIX = ".tmp"
 _HEADER = "header"
 _HISTORY = "history"
 # Each dict of arrays is stored as members "<group>.<i>", its names and order in the header.
-_GROUPS = ("params", "moving", "optimizer", "features")
+_GROUPS = ("params", "moving", "optimizer", "features", "joins")
 
 
 def _empty_history() -> np.ndarray:
@@ -50,6 +50,8 @@ class Checkpoint:
             ``emb.<field>``, their optimizer slots ``emb.<field>.<slot>``, the rows some
             update has trained ``emb.<field>.trained`` (bool), and the running statistics
             ``features.<field>.count|mean|M2``; empty for a vector model.
+        joins: a closed loop's decided predictions (``service/ps/joins.py``): ``joins.low``,
+            ``joins.above``, ``joins.labels_from``, ``joins.history``; empty without one.
     """
 
     params: dict[str, np.ndarray]
@@ -61,6 +63,7 @@ class Checkpoint:
     meta: dict
     history: np.ndarray = field(default_factory=_empty_history)
     features: dict[str, np.ndarray] = field(default_factory=dict)
+    joins: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.version, bool) or not isinstance(self.version, int | np.integer):

@@ -209,6 +209,18 @@ class Trainer:
             from workers.ingest.kafka import client_settings
 
             k = cfg.kafka
+            loop = {}
+            if cfg.loop.enabled:  # predictions joined with labels, not labelled records
+                loop = {
+                    "kind": "join",
+                    "topic": cfg.loop.predictions_topic,
+                    "labels_topic": cfg.loop.labels_topic,
+                    "window_ms": int(cfg.loop.window_seconds * 1000),
+                    "grace_ms": int(cfg.loop.grace_seconds * 1000),
+                    "policy": cfg.loop.policy,
+                    "default_label": cfg.loop.default_value(),
+                    "max_pending": cfg.loop.max_pending,
+                }
             return {
                 "kind": "kafka",
                 "topic": k.topic,
@@ -231,7 +243,7 @@ class Trainer:
                 "heartbeat_interval_ms": k.heartbeat_interval_ms,
                 "max_poll_interval_ms": k.max_poll_interval_ms,
                 "client_id": f"streamtrain-{worker_id}",
-            }
+            } | loop
         return {
             "kind": "memory",
             "dataset": self._dataset_ref,

@@ -23,7 +23,7 @@ from workers.ingest.batcher import PowerOfTwoBatcher
 from workers.ingest.features import InputCounts, add_input_counts
 from workers.ingest.memory import MemoryStream
 from workers.ingest.moments import Moments, moments_zeros
-from workers.ingest.source import Batch, Source, TopicPartition
+from workers.ingest.source import Batch, DecidingSource, Source, TopicPartition
 from workers.model import EventModel, FeatureState, apply_rows, build_model
 from workers.nn.embedding import RowGradient
 from workers.transport.client import (
@@ -57,6 +57,7 @@ def make_source(
     on_assign: Callable[[list[TopicPartition]], Mapping[TopicPartition, int]] | None = None,
     on_revoke: Callable[[list[TopicPartition]], None] | None = None,
     claim: Callable[[list[tuple[TopicPartition, int, str]]], list[bool]] | None = None,
+    join_state: Callable[[list[int]], Mapping[int, tuple[int, list[int], int]]] | None = None,
 ) -> Source:
     """A stream source from plain settings: ``{"kind": "memory" | "kafka", ...its args}``.
 
@@ -80,7 +81,13 @@ def make_source(
         from workers.ingest.kafka import KafkaSource
 
         return KafkaSource(**spec, on_assign=on_assign, on_revoke=on_revoke, claim=claim)
-    raise ValueError(f"unknown source kind {kind!r}; valid: ['kafka', 'memory']")
+    if kind == "join":
+        from workers.ingest.joined import JoinedSource
+
+        if join_state is None:
+            raise ValueError("a join source needs the server's join state")
+        return JoinedSource(**spec, on_assign=on_assign, on_revoke=on_revoke, join_state=join_state)
+    raise ValueError(f"unknown source kind {kind!r}; valid: ['join', 'kafka', 'memory']")
 
 
 class _InFlight(NamedTuple):
@@ -148,8 +155,10 @@ class GradientWorker:
         self._trained: tuple[np.ndarray, ...] = ()
         self.batcher = PowerOfTwoBatcher(**batching)
         self.source: Source = make_source(
-            source_spec, self._on_assign, self._on_revoke, self._claim_rejections
-        )
+            source_spec, self._on_assign, self._on_revoke, self._claim_rejections,
+            lambda partitions: self.link.join_state(partitions),
+        )  # fmt: skip
+        self._deciding = self.source if isinstance(self.source, DecidingSource) else None
         self.commit_every_s = float(commit_every_s)
         self._commit: Pending[dict[TopicPartition, int]] | None = None  # durable positions
         self._commit_at = time.monotonic() + self.commit_every_s
@@ -445,7 +454,11 @@ class GradientWorker:
             seq=self._seq,
             rows=rows if self.event_model is not None else None,
             moments=moments if self.event_model is not None else None,
-        )
+            decided=None if self._deciding is None else [
+                self._deciding.decisions(b.spans) for b in batches
+            ],
+            labels_from=None if self._deciding is None else self._deciding.labels_from(),
+        )  # fmt: skip
         handle = self._open().send(push)
         self._seq += 1
         return _InFlight(batches, handle, recomputed, time.perf_counter())
@@ -453,6 +466,9 @@ class GradientWorker:
     def _reply(self, item: _InFlight) -> PushReply:
         reply = self._open().receive(item.handle)
         self._push_seconds.append(time.perf_counter() - item.sent)
+        if self._deciding is not None:
+            for batch in item.batches[: reply.handled]:
+                self._deciding.settled(batch.spans)
         self._count(reply)
         if reply.params is not None:
             version = reply.version if reply.params_version is None else reply.params_version

@@ -100,7 +100,7 @@ class OffsetLedger:
             self.tps.append(tp)
         self.history.append((index, start, end, version))
 
-    def pass_rejected(self, spans: Spans) -> dict[TopicPartition, int] | None:
+    def pass_rejected(self, spans: Spans, claimed: bool = True) -> dict[TopicPartition, int] | None:
         """Move positions over spans of dead-lettered records only (a batch of no example).
 
         Fencing as for a batch: each span must start at its partition's position. It must
@@ -108,14 +108,17 @@ class OffsetLedger:
         no pending sync round may hold the partition (its reservation would move the
         position back when it applies). Passed spans join the history as ``PASSED``.
 
+        ``claimed=False`` skips the last check: a closed loop's pass covers predictions
+        decided without an example, which the join ledger checks instead.
+
         Returns:
             None when passed, else the positions the spans must start at (the caller
             refuses them as fenced; the worker reads again from there).
         """
         expected = self.expected(spans)
         for tp, (start, end) in spans.items():
-            claimed = self.rejected_next.get(tp, 0) * ROWS_PER_OFFSET
-            if tp in self.reserved or start != expected[tp] or not start < end <= claimed:
+            bound = self.rejected_next.get(tp, 0) * ROWS_PER_OFFSET if claimed else end
+            if tp in self.reserved or start != expected[tp] or not start < end <= bound:
                 return expected
         for tp, (start, end) in spans.items():
             self.offsets[tp] = end

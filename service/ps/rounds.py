@@ -25,6 +25,7 @@ class Item(NamedTuple):
     base_version: int
     rows: Any = None  # a raw-event model's: one RowGradient per table
     moments: Any = None  # a raw-event model's: the batch's Moments
+    decided: Any = None  # a closed loop's: (partition, prediction offset, kind) decided
 
 
 class SyncRound:

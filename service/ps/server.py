@@ -26,6 +26,7 @@ from service.checkpoint import Checkpoint
 from service.ps.checkpointing import CheckpointPolicy
 from service.ps.config import ServerConfig, build_optimizer
 from service.ps.guard import DivergenceGuard
+from service.ps.joins import JoinLedger
 from service.ps.ledger import OffsetLedger
 from service.ps.publish import Publisher, publish_params
 from service.ps.rounds import Item, SyncRound, WeightedSum, pooled_statistics
@@ -124,6 +125,7 @@ class ParameterServer:
         self._clock = clock
         self._lock = threading.Condition()
         self.ledger = OffsetLedger(config.history)
+        self.joins = JoinLedger(config.history)
         self.round = SyncRound()
         self._weighted_sum = WeightedSum()
         self.publisher = Publisher(self.net.n_params, self.net.dtype, config.publish_every, publish)
@@ -186,6 +188,7 @@ class ParameterServer:
             ckpt.offsets, ckpt.meta.get("topics", []), ckpt.history,
             ckpt.meta.get("rejected_next", []),
         )  # fmt: skip
+        self.joins.restore(ckpt.joins)
         self.guard.restore(ckpt.meta.get("guard"), lr_factor)
 
     def checkpoint_if_due(self) -> str | None:
@@ -247,6 +250,7 @@ class ParameterServer:
             },
             history=ledger.history,
             features={} if self.features is None else self.features.arrays(self.opt),
+            joins=self.joins.arrays(),
         )
         path = self.checkpoints.write(ckpt)
         self.ledger.made_durable(ledger.offsets)
@@ -345,6 +349,17 @@ class ParameterServer:
         """The version and the published flat parameters."""
         with self._lock:
             return self.publisher.params(self.version, self.params.flat, fresh=True)
+
+    def join_state(self, partitions: list[int]) -> dict[int, tuple[int, list[int], int]]:
+        """A closed loop's decided predictions per partition: ``(low, decided offsets at or
+        above low, labels offset to read from)`` (``JoinLedger.state``)."""
+        with self._lock:
+            return self.joins.state(partitions)
+
+    def join_history(self) -> np.ndarray:
+        """(n, 4) int64 rows ``(partition, prediction offset, kind index, version)``."""
+        with self._lock:
+            return self.joins.arrays()["joins.history"]
 
     def features_since(self, base: int) -> TableRows | None:
         """A raw-event model's table rows changed after version ``base`` and the current
@@ -466,10 +481,16 @@ class ParameterServer:
             self.counts["pushes"] += 1
             self.counts["local_pushes"] += local
             self.counts["recomputed"] += bool(push.recomputed)
+            decided = None if push.decided is None else push.decided[i]
+            if decided and self.joins.conflicts(decided):  # decided before: train nothing twice
+                fenced = self._refused(Status.FENCED, self.ledger.expected(spans), local)
+                return fenced._replace(handled=i)
             if not push.ns[i]:  # a pass over dead-lettered records: no update
-                refusal = self._pass(spans, local)
+                refusal = self._pass(spans, local, claimed=decided is None)
                 if refusal is not None:
                     return refusal._replace(handled=i)
+                if decided:
+                    self.joins.record(decided, -1)
                 continue
             refusal = self._refusal(push.base_version, spans, local)
             if refusal is not None:
@@ -478,20 +499,25 @@ class ParameterServer:
                         float(push.losses[i]), np.asarray(push.stats[i]), spans,
                         int(push.base_version),
                         None if push.rows is None else push.rows[i],
-                        None if push.moments is None else push.moments[i])  # fmt: skip
+                        None if push.moments is None else push.moments[i], decided)  # fmt: skip
             if self.config.mode == "sync":
-                return self._join_round(item, local)
+                reply = self._join_round(item, local)
+                if push.labels_from and reply.status in (Status.APPLIED, Status.NONFINITE):
+                    self.joins.report_labels_from(push.labels_from)
+                return reply
             if self._apply([item]) == Status.NONFINITE:
                 status = Status.NONFINITE
+        if push.labels_from:
+            self.joins.report_labels_from(push.labels_from)
         return self._reply(status, push.base_version, k, local)
 
-    def _pass(self, spans: Spans, local: bool) -> PushReply | None:
+    def _pass(self, spans: Spans, local: bool, claimed: bool = True) -> PushReply | None:
         """Move the positions over a batch of no example (``OffsetLedger.pass_rejected``);
         the fenced refusal when it does not line up. Staleness does not matter: nothing
         is applied."""
         if self.guard.paused:
             return self._refusal(self.version, spans, local)
-        expected = self.ledger.pass_rejected(spans)
+        expected = self.ledger.pass_rejected(spans, claimed)
         if expected is None:
             return None
         return self._refused(Status.FENCED, expected, local)
@@ -614,6 +640,8 @@ class ParameterServer:
             last["nonfinite_reason"] = str(exc)
             for p in items:
                 self.ledger.advance(p.spans, self.version, applied=False)
+                if p.decided:
+                    self.joins.record(p.decided, -1)
             self.counts["consumed"] += total
             version = self.version
             self._watch(math.nan if math.isfinite(loss) else loss, math.nan)
@@ -621,6 +649,8 @@ class ParameterServer:
             return Status.NONFINITE
         for p in items:
             self.ledger.advance(p.spans, self.version, applied=True)
+            if p.decided:
+                self.joins.record(p.decided, self.version + 1)
         self.counts["consumed"] += total
         stats = pooled_statistics(self.net.moving_layout, [p.stats for p in items], counts)
         # In place: readers (model, checkpoints) copy the statistics under the lock.

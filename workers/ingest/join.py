@@ -43,6 +43,8 @@ JOINED, DEFAULTED, EXPIRED, EVICTED, DUPLICATE_PREDICTION = (
     "evicted",
     "duplicate_prediction",
 )
+REJECTED = "rejected"  # joined, but the event and its label made no valid example
+KINDS = (JOINED, DEFAULTED, EXPIRED, EVICTED, DUPLICATE_PREDICTION, REJECTED)  # codes: index
 POLICIES = ("default", "drop")
 
 

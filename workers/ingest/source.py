@@ -127,3 +127,21 @@ class Source(Protocol):
     def close(self) -> None:
         """Release the source; it must not be polled afterwards."""
         ...
+
+
+@runtime_checkable
+class DecidingSource(Protocol):
+    """A source whose batches decide logged predictions (``joined.JoinedSource``): a push
+    says which, and the source learns which of its batches the model applied."""
+
+    def decisions(self, spans: Mapping[TopicPartition, tuple[int, int]]) -> list:
+        """``(partition, prediction offset, kind)`` of what the spans decide."""
+        ...
+
+    def settled(self, spans: Mapping[TopicPartition, tuple[int, int]]) -> None:
+        """The spans were applied."""
+        ...
+
+    def labels_from(self) -> dict[int, int]:
+        """Per labels partition, the offset the labels still needed start at."""
+        ...

@@ -140,6 +140,10 @@ class ServerLink(Protocol):
         """The next position of each partition the model's history reaches."""
         ...
 
+    def join_state(self, partitions: list[int]) -> dict[int, tuple[int, list[int], int]]:
+        """A closed loop's decided predictions and labels offsets per partition."""
+        ...
+
     def durable_positions(self, checkpoint: bool = False) -> Pending[dict[TopicPartition, int]]:
         """The positions the newest durable checkpoint covers (after writing one when
         ``checkpoint``), as a result that comes later: the worker keeps training meanwhile."""
@@ -310,6 +314,9 @@ class RayServer:
 
     def features(self, since: int) -> TableRows | None:
         return ray.get(self.handle.features_since.remote(since))
+
+    def join_state(self, partitions: list[int]) -> dict[int, tuple[int, list[int], int]]:
+        return ray.get(self.handle.join_state.remote(partitions))
 
     def durable_positions(self, checkpoint: bool = False) -> Pending[dict[TopicPartition, int]]:
         return _RayPending(self.handle.durable_positions.remote(checkpoint=checkpoint))

@@ -91,6 +91,10 @@ class Push(NamedTuple):
     rows: a raw-event model's: per batch, one ``RowGradient`` per embedding table (the
         rows the batch touched and their gradients). None for a vector model.
     moments: a raw-event model's: per batch, the ``Moments`` of its number fields.
+    decided: a closed loop's: per batch, ``(partition, prediction offset, kind)`` of the
+        predictions it decides (its examples, and those decided without one).
+    labels_from: a closed loop's: per labels partition, the offset from which the labels
+        still needed would be read again, as of this push.
     """
 
     worker: str
@@ -105,6 +109,8 @@ class Push(NamedTuple):
     seq: int | None = None
     rows: Sequence[Sequence[Any]] | None = None
     moments: Sequence[Any] | None = None
+    decided: Sequence[Sequence[tuple[int, int, str]]] | None = None
+    labels_from: Mapping[int, int] | None = None
 
 
 class PushReply(NamedTuple):
