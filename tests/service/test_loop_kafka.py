@@ -164,7 +164,7 @@ def test_kill9_twice_and_a_broker_restart_train_each_prediction_once(tmp_path):
     from tests.kafka_broker import kb
 
     tag = "crash"
-    n = int(os.environ.get("STREAMTRAIN_LOOP_PREDICTIONS", "20000"))
+    n = int(os.environ.get("LOOP_TEST_PREDICTIONS", "20000"))
     rate = 1000.0
     with kb.LocalBroker(data_dir=tmp_path / "kafka") as broker:
         bootstrap = broker.bootstrap
