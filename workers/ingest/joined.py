@@ -41,6 +41,7 @@ LINE_PREFIX = "joined:"  # the decision line of predictions topic T is "joined:T
 # A partition read to its end is known to hold nothing stamped before now - this (the
 # broker's LogAppendTime and this clock may differ by that much).
 CAUGHT_UP_MARGIN_MS = 1000
+CAUGHT_UP_EVERY_S = 0.5  # how often the broker is asked for a partition's end
 MAX_ID_BYTES = 256
 
 JoinState = Callable[[list[int]], Mapping[int, tuple[int, list[int], int]]]
@@ -109,6 +110,7 @@ class JoinedSource(KafkaSource):
         self._joiners: dict[int, Joiner] = {}
         self._seq: dict[int, int] = {}  # the next position of each decision line
         self._emitted: dict[int, deque[tuple[int, Decision]]] = {}  # not yet settled
+        self._caught_up_at = -math.inf  # monotonic time of the last end_offsets request
         kafka["claim"] = None  # bad records are this consumer's to report (at least once)
         kafka["format"] = "json"  # a joined example is made as a JSON record
         super().__init__(topic, **kafka)
@@ -244,15 +246,32 @@ class JoinedSource(KafkaSource):
             self._reject(tp, bad)
 
     def _advance_caught_up(self) -> None:
-        """A partition read to its end holds nothing stamped before about now."""
-        now_ms = int(time.time() * 1000) - CAUGHT_UP_MARGIN_MS
+        """A partition read to the end the broker gave at time q holds nothing stamped
+        before q: its joiner's time may pass q, although no record said so (a quiet
+        partition). Asked of the broker itself (``end_offsets``), at most every
+        ``CAUGHT_UP_EVERY_S``: a consumer's last fetched high watermark may be old."""
+        now = time.monotonic()
+        if now < self._caught_up_at + CAUGHT_UP_EVERY_S or not self._joiners:
+            return
+        self._caught_up_at = now
+        asked_ms = int(time.time() * 1000) - CAUGHT_UP_MARGIN_MS  # before the request
+        ktps = [
+            KafkaTopicPartition(topic, p)
+            for p in self._joiners
+            for topic in (self.topic, self.labels_topic)
+        ]
+        try:
+            ends = self.consumer.end_offsets(ktps)
+        except KafkaError as exc:  # the broker is away: times move with records only
+            log.debug("end offsets not read (%s)", exc)
+            return
         for p, joiner in self._joiners.items():
             done = []
             for topic in (self.topic, self.labels_topic):
                 ktp = KafkaTopicPartition(topic, p)
-                end = self.consumer.highwater(ktp)
+                end = ends.get(ktp)
                 done.append(end is not None and self.consumer.position(ktp) >= end)
-            joiner.advance(now_ms if done[0] else -1, now_ms if done[1] else -1)
+            joiner.advance(asked_ms if done[0] else -1, asked_ms if done[1] else -1)
 
     def _chunk(self, p: int, decisions: list[Decision]) -> Chunk:
         """The decisions as positions of partition p's line; examples as rows."""
