@@ -266,6 +266,9 @@ def test_fast_path_takes_only_bodies_the_request_model_accepts(body):
         {"x": [0.1] * 4},  # wrong dimension: a 422 from predict_response
         {"x": [[0.1] * 3] * 9},  # over max_batch
         {"x": [1e300, 0, 0]},  # beyond float32
+        {"x": [0.5, -1, 3], "id": 17},
+        {"x": [[0.5, -1, 3], [0, 0, 1]], "ids": ["imp-1", "é" * 128]},
+        {"x": [[0.5, -1, 3]] * 9, "ids": ["a"] * 9},  # over max_batch
     ],
 )
 def test_fast_path_answers_as_the_endpoint_does(body, serve):
@@ -404,9 +407,10 @@ def test_default_body_limit_fits_max_batch_rows_of_any_doubles(model, serve):
     cfg = ApiConfig()
     assert cfg.max_body_bytes == 0 and cfg.max_batch == 1024
     longest = [-2.2250738585072014e-308, -(MAX_FEATURE_BOUND - 1)]  # 24 and 17 characters
+    ids = ["i" * 256] * cfg.max_batch  # the longest ids
     for value in longest:
         for dim in (1, 3, 64, 784):
-            full = json.dumps({"x": [[value] * dim] * cfg.max_batch})
+            full = json.dumps({"x": [[value] * dim] * cfg.max_batch, "ids": ids})
             assert len(full) <= max_body_bytes(cfg, dim), (value, dim)
     # The case: 1024 rows of 64 floats (1.6 MB here) once got 413 from the 1 MiB
     # default.

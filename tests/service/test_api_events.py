@@ -209,7 +209,7 @@ def test_more_events_than_max_batch_are_refused(trained, serve):
 def test_the_automatic_body_limit_is_room_for_max_batch_events(trained, serve):
     client = serve(ModelCache.from_model(trained), max_batch=4)
     wide = {**EVENT, "merchant": "m" * 120, "tags": ["t" * 120] * 5}
-    assert post_json(client, {"events": [wide] * 4}).status_code == 200
+    assert post_json(client, {"events": [wide] * 4, "ids": ["i" * 256] * 4}).status_code == 200
     reply = post_json(client, {"events": [wide] * 4, "padding": "x" * 20_000})
     assert reply.status_code == 413
     assert reply.json()["detail"].endswith(

@@ -99,11 +99,7 @@ def test_predict_answers_while_no_broker_answers_and_counts_what_it_could_not_lo
     assert sample(registry, "streamtrain_predictions_log_buffer_capacity_records") == 8
     ready = client.get("/readyz")
     assert ready.status_code == 503
-    assert ready.json() == {
-        "status": "not ready",
-        "version": 7,
-        "reason": ready.json()["reason"],
-    }
+    assert ready.json()["status"] == "not ready" and ready.json()["version"] == 7
     assert ready.json()["reason"].startswith(
         f"predictions are not being logged to topic {TOPIC!r}: 12 buffer_full since start"
     )
