@@ -85,7 +85,7 @@ def prediction_value(
         time: Unix seconds when it was served.
         version: the model version that served it.
         kind: ``"event"`` (a raw-event model: ``row`` is the event as received) or ``"x"``
-            (a vector model: ``row`` is the list of features as received).
+            (a vector model: ``row`` is the list of features as the model read them).
         outputs: the row's outputs as served (``Network.predict``'s row).
     """
     if kind not in ("event", "x"):
