@@ -264,7 +264,9 @@ class PredictionLog:
                     id, served.time, served.version, served.kind, served.rows[i], outputs[i]
                 )
                 future = producer.send(self.topic, key=id_key(id), value=value)
-            except KafkaError as exc:  # no metadata within max_block_ms, a record too large
+            except (KafkaError, ValueError, TypeError) as exc:
+                # No metadata within max_block_ms, a record over max_request_size, or one the
+                # producer refuses: counted, and the thread goes on with the next.
                 self._lost(SEND_FAILED, 1, held=True, error=exc)
                 continue
             future.add_callback(self._acked)
