@@ -27,6 +27,8 @@ from workers.transport.protocol import GuardEvent
 
 log = logging.getLogger("streamtrain")
 
+LOOP_TOPICS_TIMEOUT_S = 30.0  # how long startup waits for a broker when loop.enabled
+
 
 def ensure_ray(address: str, num_cpus: int) -> bool:
     """Join ``address`` or start a local Ray; True when this call started it."""
@@ -144,6 +146,7 @@ class Service:
         self._http: Any = None
         self._api: Any = None
         self._cache: Any = None
+        self._predlog: Any = None
         self._run_log: RunLog | None = None
         self._bar: Any = None
         self._previous: dict[int, Any] = {}
@@ -160,6 +163,8 @@ class Service:
 
     def startup(self) -> None:
         cfg = self.cfg
+        if cfg.loop.enabled:  # before Ray: a missing broker or a bad topic pair fails fast
+            self._check_loop_topics()
         dataset = resolve_dataset(cfg)
         self._started_ray = ensure_ray(cfg.trainer.ray_address, cfg.trainer.workers + 1)
         registry = CollectorRegistry()
@@ -173,8 +178,20 @@ class Service:
 
             # Predictions from the newest parameters, fetched by a thread of their own.
             self._cache = ModelCache(trainer.server, cfg.api.refresh_seconds).start()
-            self._api = start_api(self._cache, cfg.api, trainer_info(trainer), registry)
+            if cfg.loop.enabled:
+                from service.api.predlog import PredictionLog
+                from workers.ingest.kafka import client_settings
+
+                client = client_settings(config_to_dict(cfg)["kafka"])
+                self._predlog = PredictionLog(
+                    client, cfg.loop.predictions_topic, cfg.loop.log_buffer, registry
+                ).start()
+            self._api = start_api(
+                self._cache, cfg.api, trainer_info(trainer), registry, predlog=self._predlog
+            )
             self.echo(f"predictions on {self._api.url}/predict (health {self._api.url}/healthz)")
+        elif cfg.loop.enabled:
+            log.warning("loop.enabled with api.enabled false: no prediction is served or logged")
         # Costs and events as JSON lines, written as they come: `streamtrain plot` reads them.
         self._run_log = RunLog(self.out_dir / LOG_NAME)
         if threading.current_thread() is threading.main_thread():
@@ -187,6 +204,32 @@ class Service:
             self._bar = tqdm(
                 total=trainer.total_examples(), unit="ex", unit_scale=True, smoothing=0.1
             )
+
+    def _check_loop_topics(self) -> None:
+        """The predictions and labels topics exist (made if missing) and fit the join."""
+        from service.loop import ensure_loop_topics
+        from workers.ingest.kafka import client_settings
+
+        cfg, loop = self.cfg, self.cfg.loop
+        try:
+            partitions = ensure_loop_topics(
+                client_settings(config_to_dict(cfg)["kafka"]),
+                loop.predictions_topic,
+                loop.labels_topic,
+                cfg.kafka.topic,
+                LOOP_TOPICS_TIMEOUT_S,
+            )
+        except ConnectionError as exc:
+            raise ConnectionError(
+                f"loop.enabled logs /predict's predictions to Kafka, but {exc}; or run "
+                "without the loop (--loop.enabled false)"
+            ) from exc
+        self.echo(
+            f"predictions logged to topic {loop.predictions_topic!r}, labels read from "
+            f"{loop.labels_topic!r} ({partitions} partitions each) on "
+            f"{cfg.kafka.bootstrap_servers}; at most {loop.log_buffer} held while the broker "
+            "is slow or down"
+        )
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.echo(f"signal {signum}: draining in-flight work")
@@ -248,6 +291,8 @@ class Service:
             if self._api is not None:
                 self._api.stop()
                 self._cache.stop()
+            if self._predlog is not None:  # after the API: nothing more comes in
+                self._predlog.close()
             if self._http is not None:
                 self._http.shutdown()
         finally:

@@ -242,6 +242,27 @@ def build_parser() -> argparse.ArgumentParser:
     add_cli_arguments(p, sections=("kafka",))
     p.set_defaults(run=_produce)
 
+    from service.labels import run_label
+
+    lb = sub.add_parser(
+        "label",
+        help="send delayed labels to loop.labels_topic, keyed by the id /predict gave "
+        "(docs/operations.md, Delayed labels)",
+    )
+    which = lb.add_mutually_exclusive_group(required=True)
+    which.add_argument("--id", help="one label: the prediction's id (the reply's ids)")
+    which.add_argument(
+        "--file",
+        help='a JSON-lines file, one {"id": ..., "label": ..., "time": ...} per line (time '
+        "optional); every line is checked before any is sent",
+    )
+    lb.add_argument("--label", help='with --id: the label as JSON (1, true, "cat", [0.5])')
+    lb.add_argument(
+        "--time", type=float, default=None, help="with --id: when it was observed, Unix seconds"
+    )
+    add_cli_arguments(lb, sections=("kafka", "loop"))
+    lb.set_defaults(run=run_label)
+
     from service import export, ops
 
     c = sub.add_parser("config", help="show the resolved configuration, secrets redacted")

@@ -433,9 +433,10 @@ class ApiConfig(_Section):
     max_body_bytes: int = _opt(
         0,
         "largest request body in bytes (0 = automatic: room for max_batch rows of the served "
-        "model's input_dim numbers, 1024 + max_batch * (8 + 32 * input_dim), or for a "
+        "model's input_dim numbers, 1024 + max_batch * (8 + 264 + 32 * input_dim), or for a "
         "raw-event model max_batch events of its schema with category values of up to 128 "
-        "bytes; a value set here wins, even a smaller one)",
+        "bytes, each row or event with an id of up to 256 bytes; a value set here wins, even "
+        "a smaller one)",
     )
     refresh_seconds: float = _opt(0.2, "how often newer parameters are fetched")
 

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
 from service.api import ApiMetrics
+from service.api.predlog import PredictionLogMetrics
 from service.config import ENV_PREFIX, SECTIONS, Config, add_cli_arguments, dump_toml
 from service.monitor import TrainingMetrics
 from service.ops import toml_values
@@ -163,8 +164,13 @@ def metrics_markdown() -> str:
     train = TrainingMetrics(train_registry)
     api_registry = CollectorRegistry()
     api = ApiMetrics(api_registry, lambda: -1.0)
+    log_registry = CollectorRegistry()
+    predlog = PredictionLogMetrics(log_registry)
     out = [
-        *_banner("the series of `service/monitor.py` and `service/api/middleware.py`"),
+        *_banner(
+            "the series of `service/monitor.py`, `service/api/middleware.py` and "
+            "`service/api/predlog.py`"
+        ),
         "# Metrics",
         "",
         "`streamtrain demo` and `streamtrain serve` expose one `/metrics` endpoint on",
@@ -203,6 +209,14 @@ def metrics_markdown() -> str:
         "the same registry as the training series when the API runs beside training.",
         "",
         *_table(header, _metric_rows(_collect(api_registry, api))),
+        "",
+        "## Prediction log",
+        "",
+        "With `loop.enabled`, /predict logs each row it serves to `loop.predictions_topic`",
+        '(`service/api/predlog.py`, `PredictionLogMetrics`; docs/operations.md, "Delayed',
+        'labels"). Every row served is counted once: logged, or not logged with its reason.',
+        "",
+        *_table(header, _metric_rows(_collect(log_registry, predlog))),
         "",
     ]
     return "\n".join(out)

@@ -33,7 +33,9 @@ from service.api.cache import ModelCache
 from service.api.limits import RequestShape, publish_request_shape, request_shape
 from service.api.middleware import ApiMetrics, BodyLimit, FastPredict, RequestMetrics
 from service.api.predict import predict_events_response, predict_response
+from service.api.predlog import PredictionLog
 from service.config import ApiConfig
+from service.loop import MAX_ID_BYTES
 
 log = logging.getLogger("streamtrain.api")
 
@@ -46,8 +48,9 @@ def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
         413: "Request body larger than `api.max_body_bytes` (automatic: room for "
         "`api.max_batch` rows of the model's input)",
         422: "Malformed JSON, an invalid `x` (dimension, non-finite, empty, too many rows), "
-        "rejected raw events (each with its index and reason in `errors`), or a body of the "
-        "kind the served model does not take",
+        "rejected raw events (each with its index and reason in `errors`), ids that are not "
+        f"one per row or not strings or integers of 1 to {MAX_ID_BYTES} bytes, or a body of "
+        "the kind the served model does not take",
         503: "No model loaded yet, or a model that gives non-finite outputs",
     }
     return {code: {"model": Problem, "description": text[code]} for code in codes}
@@ -59,6 +62,7 @@ def create_app(
     info: Callable[[], Mapping[str, Any]] | None = None,
     registry: CollectorRegistry | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    predlog: PredictionLog | None = None,
 ) -> FastAPI:
     """The prediction API over ``cache``.
 
@@ -73,6 +77,8 @@ def create_app(
             own ``streamtrain_api_*`` series are created in it (so one registry takes
             one app). None: a private registry.
         clock: seconds, for request durations.
+        predlog: where /predict logs what it serves (``loop.enabled``): replies then carry
+            ``ids``, and /readyz is 503 while predictions are being lost.
     """
     registry = registry if registry is not None else CollectorRegistry()
     metrics = ApiMetrics(registry, lambda: -1 if cache.version is None else cache.version)
@@ -127,8 +133,11 @@ def create_app(
     )
     async def predict(body: PredictBody) -> Any:
         if isinstance(body, EventsRequest):
-            return predict_events_response(cache, cfg_api.max_batch, *body.batch())
-        return predict_response(cache, cfg_api.max_batch, body.x)
+            events, single = body.batch()
+            return predict_events_response(
+                cache, cfg_api.max_batch, events, single, body.row_ids(), predlog
+            )
+        return predict_response(cache, cfg_api.max_batch, body.x, body.row_ids(), predlog)
 
     @app.get("/healthz", response_model=Health, summary="Liveness")
     async def healthz() -> Any:
@@ -139,7 +148,8 @@ def create_app(
         response_model=Readiness,
         response_model_exclude_none=True,
         responses={503: {"model": Readiness, "description": "Not ready, with the reason"}},
-        summary="Readiness: a model is loaded and the stream source is connected",
+        summary="Readiness: a model is loaded, the stream source is connected and, when "
+        "predictions are logged, none is being lost",
     )
     async def readyz() -> Any:
         snap = cache.snapshot
@@ -152,6 +162,12 @@ def create_app(
             reason = f.get("source_reason") or "the stream source is not connected"
             return JSONResponse(
                 {"status": "not ready", "version": snap.version, "reason": str(reason)},
+                status_code=503,
+            )
+        lost = predlog.loss_reason() if predlog is not None else None
+        if lost is not None:
+            return JSONResponse(
+                {"status": "not ready", "version": snap.version, "reason": lost},
                 status_code=503,
             )
         return {"status": "ready", "version": snap.version}
@@ -221,7 +237,7 @@ def create_app(
 
     app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented override
 
-    app.add_middleware(FastPredict, cache=cache, max_batch=cfg_api.max_batch)
+    app.add_middleware(FastPredict, cache=cache, max_batch=cfg_api.max_batch, predlog=predlog)
     app.add_middleware(BodyLimit, cache=cache, cfg_api=cfg_api)
     app.add_middleware(RequestMetrics, metrics=metrics, clock=clock)  # outermost: counts 413s
     return app

@@ -8,8 +8,17 @@ import sys
 from typing import Annotated, Any
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    WithJsonSchema,
+    model_validator,
+)
 
+from service.loop import MAX_ID_BYTES, normalize_id
 from workers.ingest.codec import RecordError
 from workers.ingest.schema import FeatureSchema
 
@@ -21,6 +30,72 @@ _VECTORS, _EVENTS = "feature vectors", "raw events"
 EVENT_KEYS = ("event", "events")
 SHOWN_CHARS = 40  # longest repr of a bad value quoted in a message
 
+# An id as the published schema states it: any 64 characters fit in MAX_ID_BYTES bytes of
+# UTF-8, and integers are bounded as a 64-bit one; longer ids that fit are taken too.
+_ID_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": "string", "minLength": 1, "maxLength": MAX_ID_BYTES // 4},
+        {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1},
+    ]
+}
+_ID_TEXT = (
+    f"a string of 1 to {MAX_ID_BYTES} bytes as UTF-8, or an integer (sent back and logged "
+    "as its decimal text)"
+)
+# Validated with the rows they go with (``request_ids``): the published schema shows them.
+RowId = Annotated[
+    Any,
+    WithJsonSchema(
+        {
+            "anyOf": [*_ID_SCHEMA["anyOf"], {"type": "null"}],
+            "description": f"The example's id: {_ID_TEXT}; null or missing: generated.",
+        }
+    ),
+]
+RowIds = Annotated[
+    Any,
+    WithJsonSchema(
+        {
+            "type": "array",
+            "items": {"anyOf": [*_ID_SCHEMA["anyOf"], {"type": "null"}]},
+            "minItems": 1,
+            "description": f"One id per row, in order: {_ID_TEXT}; null or missing: generated.",
+        }
+    ),
+]
+
+
+def request_ids(id: Any, ids: Any, rows: int, single: bool, row: str) -> list[str | None] | None:
+    """The ids a /predict body gives (``id`` with one example, ``ids`` with a batch), one
+    per row and normalized (``service.loop.normalize_id``), None where a row has none; None
+    when the body gives none.
+
+    Args:
+        rows: the rows (or events) of the body; ``single``: it held one example.
+        row: what a row is called in messages (``"row"``, ``"event"``).
+
+    Raises:
+        ValueError: ``id`` with a batch, ``ids`` with one example (or both), ``ids`` not
+            a list of one id (or null) per row, or an id ``normalize_id`` refuses.
+    """
+    if id is not None and ids is not None:
+        raise ValueError(f"send `id` (a single {row}) or `ids` (a batch), not both")
+    if id is not None:
+        if not single:
+            raise ValueError(f"`id` goes with a single {row}; a batch takes `ids`, one per {row}")
+        return [normalize_id(id, "id")]
+    if ids is None:
+        return None
+    if single:
+        raise ValueError(f"`ids` goes with a batch; a single {row} takes `id`")
+    if type(ids) is not list or len(ids) != rows:
+        got = f"{len(ids)} ids" if type(ids) is list else f"not a list ({type(ids).__name__})"
+        raise ValueError(f"`ids` must hold one id (or null) per {row}, {rows} here; got {got}")
+    return [
+        None if value is None else normalize_id(value, f"ids[{i}]") for i, value in enumerate(ids)
+    ]
+
+
 # Strict: JSON true or "1.5" is not a feature value. Python's json module reads NaN and
 # Infinity (and 1e400 as inf); they are refused here with the other non-finite numbers.
 Feature = Annotated[float, Field(strict=True, allow_inf_nan=False)]
@@ -31,7 +106,12 @@ class PredictRequest(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"examples": [{"x": [0.1, -1.2, 0.5]}, {"x": [[0.1, -1.2], [1, 0]]}]},
+        json_schema_extra={
+            "examples": [
+                {"x": [0.1, -1.2, 0.5]},
+                {"x": [[0.1, -1.2], [1, 0]], "ids": ["imp-1", "imp-2"]},
+            ]
+        },
     )
     x: (
         Annotated[list[Feature], Field(min_length=1)]
@@ -40,6 +120,18 @@ class PredictRequest(BaseModel):
         description="Standardized features: one example of `input_dim` numbers, or a batch "
         "of at most `api.max_batch` such rows. Finite numbers only."
     )
+    id: RowId = None
+    ids: RowIds = None
+
+    @model_validator(mode="after")
+    def _ids_fit(self) -> PredictRequest:
+        self.row_ids()
+        return self
+
+    def row_ids(self) -> list[str | None] | None:
+        """``request_ids`` of this body."""
+        single = not isinstance(self.x[0], list)
+        return request_ids(self.id, self.ids, 1 if single else len(self.x), single, "row")
 
 
 class EventsRequest(BaseModel):
@@ -49,7 +141,7 @@ class EventsRequest(BaseModel):
         extra="forbid",
         json_schema_extra={
             "examples": [
-                {"event": {"amount": 12.5, "merchant": "m-8812", "hour": 14}},
+                {"event": {"amount": 12.5, "merchant": "m-8812", "hour": 14}, "id": "imp-1"},
                 {"events": [{"amount": 12.5, "hour": 14}, {"amount": None, "hour": 9}]},
             ]
         },
@@ -62,6 +154,8 @@ class EventsRequest(BaseModel):
     events: list[Any] | None = Field(
         None, description="A batch of 1 to `api.max_batch` raw events.", min_length=1
     )
+    id: RowId = None
+    ids: RowIds = None
 
     @model_validator(mode="after")
     def _one_kind(self) -> EventsRequest:
@@ -70,6 +164,7 @@ class EventsRequest(BaseModel):
             raise ValueError("send either `event` (one object) or `events` (a list), not both")
         if "events" in given and self.events is None:
             raise ValueError("`events` must be a list of event objects")
+        self.row_ids()
         return self
 
     def batch(self) -> tuple[list[Any], bool]:
@@ -77,6 +172,11 @@ class EventsRequest(BaseModel):
         if self.events is not None:
             return self.events, False
         return [self.event], True
+
+    def row_ids(self) -> list[str | None] | None:
+        """``request_ids`` of this body."""
+        events, single = self.batch()
+        return request_ids(self.id, self.ids, len(events), single, "event")
 
 
 def _body_kind(body: Any) -> str:
@@ -112,6 +212,12 @@ class Prediction(BaseModel):
 
 class PredictResponse(BaseModel):
     version: int = Field(description="model version that made the predictions")
+    ids: list[str] | None = Field(
+        None,
+        description="one id per row, in order: the request's, or generated (32 hex digits) "
+        "where it gave none; present when predictions are logged (`loop.enabled`) or the "
+        "request gave ids",
+    )
     output: str = Field(description="output activation", examples=["softmax"])
     predictions: list[Prediction] = Field(description="one per row of `x`, in order")
 
@@ -271,6 +377,8 @@ def validation_message(errors: list[dict[str, Any]], body: Any) -> str:
         if type(got) is int and e.get("type") == "float_type":  # beyond a double's range
             line = f"{_location(e['loc'])}: an integer of {len(str(abs(got)))} digits is "
             line += "too large for a number"
+        elif e.get("type") == "value_error":  # request_ids: the message names the place
+            line = str(e.get("ctx", {}).get("error", e["msg"]))
         else:
             value = "" if isinstance(got, dict | list) or got is None else f" (got {_shown(got)})"
             line = f"{_location(e['loc'])}: {e['msg']}{value}"

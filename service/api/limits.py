@@ -12,14 +12,17 @@ import numpy as np
 
 from service.api.cache import Snapshot
 from service.config import ApiConfig
+from service.loop import MAX_ID_BYTES
 from workers.ingest.schema import FeatureSchema, FieldSpec
 
 # The automatic body limit (api.max_body_bytes = 0). A feature written as JSON takes at most
 # 24 characters as Python and JavaScript write a double (-2.2250738585072014e-308), or as an
 # integer the published schema allows (MAX_FEATURE_BOUND: 16 digits and a sign), and ", "
 # after it; 32 leaves room for whitespace. A row adds its brackets and separator, and the
-# body its object around x.
+# body its object around x. A row's id in `ids` takes at most MAX_ID_BYTES, its quotes and
+# ", " (ID_BYTES).
 FEATURE_BYTES, ROW_BYTES, BODY_BYTES = 32, 8, 1024
+ID_BYTES = MAX_ID_BYTES + 8
 # The published feature bound is at most this: integers up to it are exact in a double, so
 # they take the fast path, and their text fits FEATURE_BYTES.
 MAX_FEATURE_BOUND = 1e15
@@ -30,15 +33,16 @@ _F32_MAX = float(np.finfo(np.float32).max)  # a larger number field is non_finit
 
 
 def needed_body_bytes(max_batch: int, input_dim: int) -> int:
-    """Bytes that ``max_batch`` rows of ``input_dim`` numbers may take as a JSON body."""
-    return BODY_BYTES + max_batch * (ROW_BYTES + FEATURE_BYTES * input_dim)
+    """Bytes that ``max_batch`` rows of ``input_dim`` numbers, each with its id, may take
+    as a JSON body."""
+    return BODY_BYTES + max_batch * (ROW_BYTES + ID_BYTES + FEATURE_BYTES * input_dim)
 
 
 def needed_event_body_bytes(max_batch: int, schema: FeatureSchema) -> int:
     """Bytes that ``max_batch`` raw events of ``schema`` may take as a JSON body: per
     event, each field's key(s) and value (a category of ``CATEGORY_BYTES``, a list of
-    ``max_values`` of them), a label and an id as two categories; at most the schema's
-    ``max_bytes`` per event, the longest message the stream takes."""
+    ``max_values`` of them), a label and an id as two categories, at most the schema's
+    ``max_bytes`` (the longest message the stream takes); and its id in ``ids``."""
     per_event = ROW_BYTES + 2 * (CATEGORY_BYTES + FEATURE_BYTES)  # the label and the id
     for spec in schema.fields:
         keys = sum(len(json.dumps(part)) + 4 for part in spec.path.split("."))  # ": {", ", "
@@ -47,7 +51,7 @@ def needed_event_body_bytes(max_batch: int, schema: FeatureSchema) -> int:
         else:
             value = CATEGORY_BYTES if spec.type == "category" else FEATURE_BYTES
         per_event += keys + value
-    return BODY_BYTES + max_batch * min(per_event, schema.max_bytes)
+    return BODY_BYTES + max_batch * (min(per_event, schema.max_bytes) + ID_BYTES)
 
 
 def request_room(max_batch: int, snap: Snapshot) -> tuple[int, str]:
@@ -223,7 +227,10 @@ def publish_request_shape(schema: dict[str, Any], shape: RequestShape, cfg_api: 
         "description": f"Standardized features: one example (input_dim={d} numbers), or a batch of "
         f"1 to {max_batch} such rows. Finite numbers only.{within}",
     }
-    request["examples"] = [{"x": [0.0] * d}, {"x": [[0.0] * d, [1.0] * d]}]
+    request["examples"] = [
+        {"x": [0.0] * d},
+        {"x": [[0.0] * d, [1.0] * d], "ids": ["imp-1", "imp-2"]},
+    ]
     limit = max_body_bytes(cfg_api, d)
     predict = schema["paths"]["/predict"]["post"]
     _only_body(predict, "PredictRequest")
@@ -259,7 +266,10 @@ def _publish_events(schema: dict[str, Any], features: FeatureSchema, cfg_api: Ap
     }
     request["oneOf"] = [{"required": ["event"]}, {"required": ["events"]}]
     example = event_example(features)
-    request["examples"] = [{"event": example}, {"events": [example, example]}]
+    request["examples"] = [
+        {"event": example, "id": "imp-1"},
+        {"events": [example, example], "ids": ["imp-2", "imp-3"]},
+    ]
     limit = cfg_api.max_body_bytes or needed_event_body_bytes(max_batch, features)
     predict = schema["paths"]["/predict"]["post"]
     _only_body(predict, "EventsRequest")

@@ -10,10 +10,11 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from service.api.bodies import problem
+from service.api.bodies import problem, request_ids
 from service.api.cache import ModelCache
 from service.api.limits import request_room
 from service.api.predict import predict_events_response, predict_response
+from service.api.predlog import PredictionLog
 from service.config import ApiConfig
 
 log = logging.getLogger("streamtrain.api")
@@ -182,6 +183,8 @@ class BodyLimit:
 # Integers a JSON number may be to count as a plain feature on the fast path (exact in a
 # double); larger ones, and anything else unusual, take FastAPI's path and its messages.
 _EXACT_INT = 2**53
+_VECTOR_KEYS = {"x", "id", "ids"}
+_EVENT_KEYS = {"event", "events", "id", "ids"}
 
 
 def _plain_row(row: Any) -> bool:
@@ -198,29 +201,52 @@ def _plain_row(row: Any) -> bool:
     return True
 
 
-def _plain_x(body: Any) -> list | None:
-    """``x`` of a body ``PredictRequest`` certainly accepts (``{"x": row}`` or
-    ``{"x": [row, ...]}``), else None: the caller then lets FastAPI validate it."""
-    if type(body) is not dict or len(body) != 1 or "x" not in body:
+def _plain_ids(body: dict, rows: int, single: bool, row: str) -> tuple[bool, Any]:
+    """``(True, request_ids(...))`` of a body's ``id`` or ``ids``, or ``(False, None)``
+    when the request models refuse them."""
+    try:
+        return True, request_ids(body.get("id"), body.get("ids"), rows, single, row)
+    except ValueError:
+        return False, None
+
+
+def _plain_x(body: Any) -> tuple[list, list[str | None] | None] | None:
+    """``x`` and the ids of a body ``PredictRequest`` certainly accepts (``{"x": row}`` or
+    ``{"x": [row, ...]}``, with ``id`` or ``ids``), else None: the caller then lets
+    FastAPI validate it."""
+    if type(body) is not dict or "x" not in body or not body.keys() <= _VECTOR_KEYS:
         return None
     x = body["x"]
     if type(x) is not list or not x:
         return None
-    if type(x[0]) is list:
-        return x if all(_plain_row(row) for row in x) else None
-    return x if _plain_row(x) else None
+    single = type(x[0]) is not list
+    if single and not _plain_row(x):
+        return None
+    if not single and not all(_plain_row(row) for row in x):
+        return None
+    ok, ids = _plain_ids(body, 1 if single else len(x), single, "row")
+    return (x, ids) if ok else None
 
 
-def _plain_events(body: Any) -> tuple[list, bool] | None:
+def _plain_events(body: Any) -> tuple[list, bool, list[str | None] | None] | None:
     """The events of a body ``EventsRequest`` accepts (``{"event": value}`` or
-    ``{"events": [value, ...]}``) and whether it held one, else None. Each value is left
-    for the featurizer to judge, as the endpoint leaves it."""
-    if type(body) is not dict or len(body) != 1:
+    ``{"events": [value, ...]}``, with ``id`` or ``ids``), whether it held one, and its
+    ids, else None. Each value is left for the featurizer to judge, as the endpoint
+    leaves it."""
+    if (
+        type(body) is not dict
+        or not body.keys() <= _EVENT_KEYS
+        or ("event" in body) == ("events" in body)
+    ):
         return None
     if "event" in body:
-        return [body["event"]], True
-    events = body.get("events")
-    return (events, False) if type(events) is list and events else None
+        events, single = [body["event"]], True
+    else:
+        events, single = body["events"], False
+        if type(events) is not list or not events:
+            return None
+    ok, ids = _plain_ids(body, len(events), single, "event")
+    return (events, single, ids) if ok else None
 
 
 class FastPredict:
@@ -235,8 +261,10 @@ class FastPredict:
     to the app with its body, so every error keeps FastAPI's status and message.
     """
 
-    def __init__(self, app, cache: ModelCache, max_batch: int):
-        self.app, self.cache, self.max_batch = app, cache, max_batch
+    def __init__(
+        self, app, cache: ModelCache, max_batch: int, predlog: PredictionLog | None = None
+    ):
+        self.app, self.cache, self.max_batch, self.predlog = app, cache, max_batch, predlog
 
     async def __call__(self, scope, receive, send) -> None:
         if not (
@@ -264,13 +292,15 @@ class FastPredict:
             # same way and answers 400 (see http_error in app.py).
             await self.app(scope, _replay(body, receive), send)
             return
-        x = _plain_x(parsed)
-        if x is not None:
-            await predict_response(self.cache, self.max_batch, x)(scope, receive, send)
+        vectors = _plain_x(parsed)
+        if vectors is not None:
+            x, ids = vectors
+            answer = predict_response(self.cache, self.max_batch, x, ids, self.predlog)
+            await answer(scope, receive, send)
             return
         events = _plain_events(parsed)
         if events is not None:
-            answer = predict_events_response(self.cache, self.max_batch, *events)
+            answer = predict_events_response(self.cache, self.max_batch, *events, self.predlog)
             await answer(scope, receive, send)
             return
         await self.app(scope, _replay(body, receive), send)

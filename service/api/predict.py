@@ -1,9 +1,10 @@
 """The answer to ``POST /predict``: the cached model's predictions for feature vectors or for
-raw events, or a problem naming what is wrong. Shared by the endpoint (``app``) and its
-fast path (``middleware``)."""
+raw events, or a problem naming what is wrong; what was served handed to the prediction
+log. Shared by the endpoint (``app``) and its fast path (``middleware``)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,6 +13,8 @@ from fastapi.responses import JSONResponse
 
 from service.api.bodies import events_expected, problem, rejected_events, vectors_expected
 from service.api.cache import ModelCache, Snapshot
+from service.api.predlog import PredictionLog, Served
+from service.loop import new_id
 from workers.ingest.codec import RecordError
 
 
@@ -27,9 +30,40 @@ def _prediction_rows(output: str, y: np.ndarray) -> list[dict[str, Any]]:
     return [{"values": v} for v in y.tolist()]
 
 
-def predict_response(cache: ModelCache, max_batch: int, x: list) -> JSONResponse:
-    """The answer to ``POST /predict`` for a validated ``x`` (``PredictRequest.x``): the
-    predictions of the cached snapshot, or a 503/422 problem naming what is wrong."""
+def _answer(
+    snap: Snapshot,
+    y: np.ndarray,
+    kind: str,
+    rows: list[Any],
+    given: list[str | None] | None,
+    predlog: PredictionLog | None,
+) -> JSONResponse:
+    """The 200 answer for the predictions ``y`` (m, n_outputs) of ``rows``: with their ids
+    when the request gave some or ``predlog`` logs them (missing ones generated), each row
+    handed to ``predlog``."""
+    ids = None
+    if given is not None or predlog is not None:
+        ids = [new_id() if i is None else i for i in (given or [None] * len(rows))]
+    if predlog is not None and ids is not None:
+        predlog.append(Served(time.time(), snap.version, kind, ids, rows, y))
+    body: dict[str, Any] = {"version": snap.version}
+    if ids is not None:
+        body["ids"] = ids
+    body["output"] = snap.net.output
+    body["predictions"] = _prediction_rows(snap.net.output, y)
+    return JSONResponse(body)
+
+
+def predict_response(
+    cache: ModelCache,
+    max_batch: int,
+    x: list,
+    ids: list[str | None] | None = None,
+    predlog: PredictionLog | None = None,
+) -> JSONResponse:
+    """The answer to ``POST /predict`` for a validated ``x`` and its ids
+    (``PredictRequest.x`` and ``row_ids()``): the predictions of the cached snapshot, or a
+    503/422 problem naming what is wrong. Rows answered 200 go to ``predlog``."""
     snap = cache.snapshot
     if snap is None:
         return problem(503, "no model loaded yet")
@@ -61,13 +95,7 @@ def predict_response(cache: ModelCache, max_batch: int, x: list) -> JSONResponse
             f"rows {bad[:5].tolist()} give non-finite outputs: their features are too "
             "large in magnitude for the model",
         )
-    return JSONResponse(
-        {
-            "version": snap.version,
-            "output": snap.net.output,
-            "predictions": _prediction_rows(snap.net.output, y),
-        }
-    )
+    return _answer(snap, y, "x", rows, ids, predlog)
 
 
 def event_inputs(
@@ -95,11 +123,17 @@ def event_inputs(
 
 
 def predict_events_response(
-    cache: ModelCache, max_batch: int, events: list[Any], single: bool
+    cache: ModelCache,
+    max_batch: int,
+    events: list[Any],
+    single: bool,
+    ids: list[str | None] | None = None,
+    predlog: PredictionLog | None = None,
 ) -> JSONResponse:
-    """The answer to ``POST /predict`` for raw events (``EventsRequest.batch()``): the
-    predictions of the cached snapshot, a 422 naming every rejected event (its index and
-    the featurizer's reason), or a 503."""
+    """The answer to ``POST /predict`` for raw events and their ids
+    (``EventsRequest.batch()`` and ``row_ids()``): the predictions of the cached snapshot,
+    a 422 naming every rejected event (its index and the featurizer's reason), or a 503.
+    Events answered 200 go to ``predlog``."""
     snap = cache.snapshot
     if snap is None:
         return problem(503, "no model loaded yet")
@@ -121,10 +155,4 @@ def predict_events_response(
             503,
             f"model version {snap.version} gives non-finite outputs for events {bad[:5].tolist()}",
         )
-    return JSONResponse(
-        {
-            "version": snap.version,
-            "output": snap.net.output,
-            "predictions": _prediction_rows(snap.net.output, y),
-        }
-    )
+    return _answer(snap, y, "event", events, ids, predlog)

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from service.api.app import create_app
 from service.api.cache import ModelCache
+from service.api.predlog import PredictionLog
 from service.config import ApiConfig
 
 log = logging.getLogger("streamtrain.api")
@@ -68,8 +69,10 @@ def start_api(
     cfg_api: ApiConfig,
     info: Callable[[], Mapping[str, Any]] | None = None,
     registry: CollectorRegistry | None = None,
+    predlog: PredictionLog | None = None,
 ) -> ApiServer:
-    """Serve ``create_app(cache, cfg_api, info, registry)`` on ``cfg_api.host:port``.
+    """Serve ``create_app(cache, cfg_api, info, registry, predlog=predlog)`` on
+    ``cfg_api.host:port``.
 
     uvicorn runs on a daemon thread of this process (signals stay with the caller); the
     socket is bound here, so port 0 gives a free port that ``.port`` reports. Once it
@@ -80,7 +83,7 @@ def start_api(
         OSError: the address cannot be bound.
         RuntimeError: the server did not answer /healthz within ``STARTUP_TIMEOUT``.
     """
-    app = create_app(cache, cfg_api, info, registry)
+    app = create_app(cache, cfg_api, info, registry, predlog=predlog)
     family = socket.AF_INET6 if ":" in cfg_api.host else socket.AF_INET
     # IPPROTO_TCP, not 0: asyncio turns Nagle off (TCP_NODELAY) only on sockets that say
     # they are TCP, and a response's headers and body are two writes: with Nagle on, the

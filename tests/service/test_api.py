@@ -33,6 +33,7 @@ from service.api import (
     start_api,
     trainer_info,
 )
+from service.api.bodies import request_ids
 from service.api.middleware import _plain_x
 from service.checkpoint import Checkpoint, save_checkpoint
 from service.config import ApiConfig, ConfigError
@@ -209,20 +210,38 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=2), inner),
     max_leaves=12,
 )
+# Ids as a body may hold them: good ones, and every kind of bad one.
+json_ids = st.one_of(
+    st.none(),
+    st.text(min_size=0, max_size=3),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.just("é" * 128),  # 256 bytes as UTF-8: the longest id
+    st.just("é" * 128 + "e"),  # 257 bytes
+    json_numbers,
+)
+id_keys = st.fixed_dictionaries(
+    {}, optional={"id": json_ids, "ids": st.lists(json_ids, max_size=4) | json_values}
+)
 bodies = st.one_of(
     st.fixed_dictionaries({"x": json_values}),
     st.fixed_dictionaries({"x": st.lists(json_numbers, max_size=4)}),
     st.fixed_dictionaries({"x": st.lists(st.lists(json_numbers, max_size=3), max_size=3)}),
-    st.dictionaries(st.sampled_from(["x", "y"]), json_values, max_size=2),
+    st.builds(
+        lambda x, ids: {"x": x, **ids},
+        st.lists(json_numbers, max_size=2)
+        | st.lists(st.lists(json_numbers, max_size=2), max_size=3),
+        id_keys,
+    ),
+    st.dictionaries(st.sampled_from(["x", "y", "id", "ids"]), json_values, max_size=2),
     json_values,
 )
 
 
 @given(body=bodies)
-@settings(max_examples=600, deadline=None)
+@settings(max_examples=800, deadline=None)
 def test_fast_path_takes_only_bodies_the_request_model_accepts(body):
-    """Whatever ``_plain_x`` lets past FastAPI, ``PredictRequest`` accepts with the same x;
-    and a plain body of numbers is never sent the long way."""
+    """Whatever ``_plain_x`` lets past FastAPI, ``PredictRequest`` accepts with the same x
+    and ids; and a plain body of numbers is never sent the long way."""
     text = json.dumps(body)  # NaN and Infinity as JSON's extensions, as a client may send
     fast = _plain_x(json.loads(text))
     try:
@@ -231,7 +250,8 @@ def test_fast_path_takes_only_bodies_the_request_model_accepts(body):
         model = None
     if fast is not None:
         assert model is not None, text
-        assert model.x == fast
+        assert model.x == fast[0]
+        assert model.row_ids() == fast[1]
     elif model is not None:  # what the request model takes and the fast path leaves
         x = json.loads(text)["x"]  # as sent: 2**53 + 1 parses to the float 2**53
         rows = x if isinstance(x[0], list) else [x]
@@ -246,6 +266,9 @@ def test_fast_path_takes_only_bodies_the_request_model_accepts(body):
         {"x": [0.1] * 4},  # wrong dimension: a 422 from predict_response
         {"x": [[0.1] * 3] * 9},  # over max_batch
         {"x": [1e300, 0, 0]},  # beyond float32
+        {"x": [0.5, -1, 3], "id": 17},
+        {"x": [[0.5, -1, 3], [0, 0, 1]], "ids": ["imp-1", "é" * 128]},
+        {"x": [[0.5, -1, 3]] * 9, "ids": ["a"] * 9},  # over max_batch
     ],
 )
 def test_fast_path_answers_as_the_endpoint_does(body, serve):
@@ -384,9 +407,10 @@ def test_default_body_limit_fits_max_batch_rows_of_any_doubles(model, serve):
     cfg = ApiConfig()
     assert cfg.max_body_bytes == 0 and cfg.max_batch == 1024
     longest = [-2.2250738585072014e-308, -(MAX_FEATURE_BOUND - 1)]  # 24 and 17 characters
+    ids = ["i" * 256] * cfg.max_batch  # the longest ids
     for value in longest:
         for dim in (1, 3, 64, 784):
-            full = json.dumps({"x": [[value] * dim] * cfg.max_batch})
+            full = json.dumps({"x": [[value] * dim] * cfg.max_batch, "ids": ids})
             assert len(full) <= max_body_bytes(cfg, dim), (value, dim)
     # The issue's case: 1024 rows of 64 floats (1.6 MB here) once got 413 from the 1 MiB
     # default.
@@ -402,7 +426,7 @@ def test_default_body_limit_fits_max_batch_rows_of_any_doubles(model, serve):
 def test_a_set_body_limit_wins_and_zero_is_the_automatic_one():
     assert max_body_bytes(ApiConfig(max_body_bytes=2000), 64) == 2000  # even below 1024 rows
     assert max_body_bytes(ApiConfig(max_body_bytes=10**9), 64) == 10**9
-    assert max_body_bytes(ApiConfig(max_batch=8), 3) == 1024 + 8 * (8 + 32 * 3)
+    assert max_body_bytes(ApiConfig(max_batch=8), 3) == 1024 + 8 * (8 + 264 + 32 * 3)
     with pytest.raises(ConfigError, match="`api.max_body_bytes` must be >= 0"):
         ApiConfig(max_body_bytes=-1)
 
@@ -412,7 +436,7 @@ def test_body_over_the_limit_is_413_on_both_paths(max_body, model, serve):
     """Over the limit by one byte: 413 naming the limit, whichever path the body would
     take; at the limit: answered."""
     _, client = serve(ModelCache.from_model(model), max_batch=4, max_body_bytes=max_body)
-    limit = max_body or 1024 + 4 * (8 + 32 * 64)
+    limit = max_body or 1024 + 4 * (8 + 264 + 32 * 64)
     text = json.dumps({"x": rows(1)})
     for content_type in ("application/json", "application/json; charset=utf-8"):
         headers = {"content-type": content_type}
@@ -578,6 +602,26 @@ def contract_server():
     server.stop()
 
 
+def ids_fit_rows(case) -> bool:
+    """Whether a generated /predict body's ``id`` or ``ids`` go with its rows: ``id`` with
+    one example, ``ids`` with a batch and as many as its rows. The one rule of the body the
+    published schema cannot state (JSON Schema relates no two arrays' lengths); the
+    schema's descriptions say it, and positive generation leaves the bodies that break it
+    out."""
+    body = case.body
+    if case.operation.label != "POST /predict" or not isinstance(body, dict):
+        return True
+    x = body.get("x")
+    if not isinstance(x, list) or not x:
+        return True
+    single = not isinstance(x[0], list)
+    try:
+        request_ids(body.get("id"), body.get("ids"), 1 if single else len(x), single, "row")
+    except ValueError:
+        return False
+    return True
+
+
 @pytest.mark.parametrize("mode", list(GenerationMode), ids=str)
 def test_openapi_contract_holds(mode, contract_server):
     """No 5xx, documented status codes and content types, bodies that fit their schemas."""
@@ -596,8 +640,11 @@ def test_openapi_contract_holds(mode, contract_server):
         positive_data_acceptance,  # positive mode: schema-valid requests are not refused
     ]
     seen = collections.Counter()
+    cases = schema.as_strategy(generation_mode=mode)
+    if mode == GenerationMode.POSITIVE:
+        cases = cases.filter(ids_fit_rows)
 
-    @given(case=schema.as_strategy(generation_mode=mode))
+    @given(case=cases)
     @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
     def check(case):
         response = case.call_and_validate(checks=checks)
@@ -640,7 +687,7 @@ def test_openapi_publishes_the_served_models_shape_and_follows_a_new_one(serve):
         examples = schema["components"]["schemas"]["PredictRequest"]["examples"]
         assert all(post_json(client, e).status_code == 200 for e in examples)
         predict = schema["paths"]["/predict"]["post"]
-        limit = 1024 + 16 * (8 + 32 * dim)
+        limit = 1024 + 16 * (8 + 264 + 32 * dim)
         described = predict["description"]
         assert f"At most 16 rows of input_dim={dim} features and {limit} bytes" in described
         assert f"larger than {limit} bytes" in predict["responses"]["413"]["description"]
@@ -678,14 +725,15 @@ def test_feature_bound_is_none_without_finite_parameters(model):
 
 def test_schema_valid_requests_are_all_answered_200(serve):
     """Schemathesis's positive data against the published schema of a 5-feature model: every
-    request the schema allows is answered 200 (no 422 for the width, 413 for the size)."""
+    request the schema allows (its ids fitting its rows) is answered 200 (no 422 for the
+    width, 413 for the size)."""
     server, _ = serve(ModelCache.from_model(small_model(5)), max_batch=4)
     schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
     schema = schema.include(path="/predict")
     checks = [not_a_server_error, positive_data_acceptance, response_schema_conformance]
     seen = collections.Counter()
 
-    @given(case=schema.as_strategy(generation_mode=GenerationMode.POSITIVE))
+    @given(case=schema.as_strategy(generation_mode=GenerationMode.POSITIVE).filter(ids_fit_rows))
     @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
     def check(case):
         response = case.call_and_validate(checks=checks)

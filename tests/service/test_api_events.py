@@ -209,7 +209,7 @@ def test_more_events_than_max_batch_are_refused(trained, serve):
 def test_the_automatic_body_limit_is_room_for_max_batch_events(trained, serve):
     client = serve(ModelCache.from_model(trained), max_batch=4)
     wide = {**EVENT, "merchant": "m" * 120, "tags": ["t" * 120] * 5}
-    assert post_json(client, {"events": [wide] * 4}).status_code == 200
+    assert post_json(client, {"events": [wide] * 4, "ids": ["i" * 256] * 4}).status_code == 200
     reply = post_json(client, {"events": [wide] * 4, "padding": "x" * 20_000})
     assert reply.status_code == 413
     assert reply.json()["detail"].endswith(
@@ -244,17 +244,30 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=2), inner),
     max_leaves=8,
 )
+json_ids = st.one_of(
+    st.none(), st.text(max_size=3), st.integers(), st.floats(), st.booleans(), st.just("é" * 129)
+)
 event_bodies = st.one_of(
-    st.dictionaries(st.sampled_from(["event", "events", "x"]), json_values, max_size=3),
+    st.dictionaries(
+        st.sampled_from(["event", "events", "x", "id", "ids"]), json_values, max_size=3
+    ),
     st.fixed_dictionaries({"events": st.lists(json_values, max_size=3)}),
+    st.fixed_dictionaries(
+        {"events": st.lists(json_values, min_size=1, max_size=3)},
+        optional={"ids": st.lists(json_ids, max_size=3), "id": json_ids},
+    ),
+    st.fixed_dictionaries(
+        {"event": json_values}, optional={"id": json_ids, "ids": st.lists(json_ids, max_size=2)}
+    ),
     json_values,
 )
 
 
 @given(body=event_bodies)
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=600, deadline=None)
 def test_the_fast_path_takes_exactly_the_event_bodies_the_request_model_accepts(body):
-    """As FastAPI validates it (the parsed JSON), and each event left as it came."""
+    """As FastAPI validates it (the parsed JSON), each event left as it came, the same
+    ids."""
     text = json.dumps(body)
     parsed = json.loads(text)
     fast = _plain_events(parsed)
@@ -267,6 +280,7 @@ def test_the_fast_path_takes_exactly_the_event_bodies_the_request_model_accepts(
         events, single = model.batch()
         assert single == fast[1]
         assert all(a is b for a, b in zip(events, fast[0], strict=True)), text
+        assert model.row_ids() == fast[2]
 
 
 # ---------------------------------------------------------------- the cache

@@ -20,8 +20,13 @@ def _admin(client: Mapping[str, Any], timeout_s: float):
 
     deadline = time.monotonic() + timeout_s
     while True:
+        # Each attempt waits for a broker at most until the deadline (kafka-python's own
+        # bootstrap wait is 30 s, whatever timeout_s says).
+        wait_ms = max(1, int(1000 * (deadline - time.monotonic())))
         try:
-            return KafkaAdminClient(client_id="streamtrain-admin", **client)
+            return KafkaAdminClient(
+                client_id="streamtrain-admin", bootstrap_timeout_ms=wait_ms, **client
+            )
         except KafkaError as exc:  # kafka-python 3: KafkaTimeoutError "Unable to bootstrap"
             if time.monotonic() >= deadline:
                 servers = ",".join(client.get("bootstrap_servers", []))
@@ -46,9 +51,14 @@ def topic_partitions(client: Mapping[str, Any], topic: str, timeout_s: float = 3
 
 
 def ensure_topic(
-    client: Mapping[str, Any], topic: str, partitions: int, timeout_s: float = 30.0
+    client: Mapping[str, Any],
+    topic: str,
+    partitions: int,
+    timeout_s: float = 30.0,
+    configs: Mapping[str, str] | None = None,
 ) -> tuple[int, bool]:
-    """Create ``topic`` with ``partitions`` if it is missing.
+    """Create ``topic`` with ``partitions`` (and the topic ``configs``) if it is missing; an
+    existing topic is left as it is.
 
     Returns:
         (its partition count, whether this call created it).
@@ -64,7 +74,14 @@ def ensure_topic(
     admin = _admin(client, timeout_s)
     try:
         admin.create_topics(
-            [NewTopic(topic, num_partitions=partitions, replication_factor=1)],
+            [
+                NewTopic(
+                    topic,
+                    num_partitions=partitions,
+                    replication_factor=1,
+                    topic_configs=dict(configs or {}),
+                )
+            ],
             timeout_ms=int(timeout_s * 1000),
         )
         created = True
@@ -73,6 +90,25 @@ def ensure_topic(
     finally:
         admin.close()
     return topic_partitions(client, topic, timeout_s), created
+
+
+def topic_config(
+    client: Mapping[str, Any], topic: str, key: str, timeout_s: float = 30.0
+) -> str | None:
+    """The value in effect of the topic config ``key`` of an existing ``topic`` (the
+    broker's default when the topic does not set it; None when the broker has no such key).
+    """
+    from kafka.admin import ConfigResource, ConfigResourceType
+
+    admin = _admin(client, timeout_s)
+    try:
+        described = admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, topic, {key: None})], config_filter="all"
+        )
+    finally:
+        admin.close()
+    entry = described.get("topic", {}).get(topic, {}).get(key)
+    return None if entry is None else entry["value"]
 
 
 def check_topics(
