@@ -67,9 +67,6 @@ def run_demo(
     return run_service(cfg, out_dir, progress, echo)
 
 
-LOOP_PARTITIONS = 4  # of new loop topics when kafka.topic does not exist either
-
-
 def run_serve(
     cfg: Config,
     out_dir: str | Path = "runs/serve",
@@ -83,19 +80,15 @@ def run_serve(
     k = cfg.kafka
     client = client_settings(config_to_dict(cfg)["kafka"])
     if cfg.loop.enabled:  # the logged predictions and their labels, not k.topic's records
-        from workers.ingest.topics import ensure_loop_topics, topic_partitions
+        from workers.ingest.topics import ensure_topic
 
         loop = cfg.loop
-        partitions = ensure_loop_topics(
-            client, loop.predictions_topic, loop.labels_topic,
-            topic_partitions(client, k.topic) or LOOP_PARTITIONS,
-        )  # fmt: skip
         if k.dead_letter_topic:
-            check_topics(client, loop.predictions_topic, k.dead_letter_topic)
+            ensure_topic(client, k.dead_letter_topic, 1)
         echo(
             f"loop: predictions {loop.predictions_topic!r} joined with labels "
-            f"{loop.labels_topic!r} ({partitions} partitions), window {loop.window_seconds:g} s, "
-            f"grace {loop.grace_seconds:g} s, unlabelled: {loop.policy}"
+            f"{loop.labels_topic!r}, window {loop.window_seconds:g} s, grace "
+            f"{loop.grace_seconds:g} s, unlabelled predictions: {loop.policy}"
         )
         return run_service(cfg, out_dir, progress, echo)
     partitions = check_topics(client, k.topic, k.dead_letter_topic)

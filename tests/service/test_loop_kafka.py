@@ -16,11 +16,11 @@ import pytest
 from kafka import KafkaProducer
 
 from service.checkpoint import latest_checkpoint, load_checkpoint
+from service.loop import ensure_loop_topics
 from tests.service.test_dead_letters import kill_group, start_serve
 from tests.service.test_kafka_service import serve_command, topic_records, wait_exit
 from workers.ingest.datasets import CLICKS_SCHEMA, clicks_events
 from workers.ingest.join import KINDS
-from workers.ingest.topics import ensure_loop_topics
 
 pytestmark = pytest.mark.integration
 
@@ -137,7 +137,7 @@ def assert_trained_once(bootstrap: str, tag: str, ckpt_dir: Path) -> dict[str, i
 def test_the_loop_trains_each_labelled_or_defaulted_prediction_once(bootstrap, tmp_path):
     tag = "loop1"
     ensure_loop_topics({"bootstrap_servers": [bootstrap]}, f"{tag}-predictions", f"{tag}-labels",
-                       PARTITIONS)  # fmt: skip
+                       "no-such-topic")  # fmt: skip
     plan = Plan(2000, rate=400.0)
     stop = threading.Event()
     sender = threading.Thread(target=plan.send, args=(bootstrap, f"{tag}-predictions",
@@ -169,7 +169,7 @@ def test_kill9_twice_and_a_broker_restart_train_each_prediction_once(tmp_path):
     with kb.LocalBroker(data_dir=tmp_path / "kafka") as broker:
         bootstrap = broker.bootstrap
         ensure_loop_topics({"bootstrap_servers": [bootstrap]}, f"{tag}-predictions",
-                           f"{tag}-labels", PARTITIONS)  # fmt: skip
+                           f"{tag}-labels", "no-such-topic")  # fmt: skip
         plan = Plan(n, rate=rate, seed=7)
         stop = threading.Event()
         sender = threading.Thread(target=plan.send, args=(bootstrap, f"{tag}-predictions",

@@ -4,14 +4,11 @@ one. Used by the service before it serves and by ``streamtrain produce``; kafka-
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Mapping
 from typing import Any
 
 from kafka.errors import KafkaError
-
-log = logging.getLogger(__name__)
 
 
 def _admin(client: Mapping[str, Any], timeout_s: float):
@@ -132,75 +129,3 @@ def check_topics(
     if dead_letter_topic:
         ensure_topic(client, dead_letter_topic, 1, timeout_s)
     return partitions
-
-
-LOG_APPEND_TIME = {"message.timestamp.type": "LogAppendTime"}
-
-
-def _timestamp_type(client: Mapping[str, Any], topic: str, timeout_s: float) -> str | None:
-    """The topic's ``message.timestamp.type`` (None when the broker's answer is unreadable)."""
-    from kafka.admin import ConfigResource, ConfigResourceType
-
-    admin = _admin(client, timeout_s)
-    try:
-        responses = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
-        for response in responses if isinstance(responses, list) else [responses]:
-            for resource in getattr(response, "resources", []):
-                for entry in resource[4]:  # (name, value, read_only, ...) per config entry
-                    if entry[0] == "message.timestamp.type":
-                        return str(entry[1])
-    except Exception as exc:  # noqa: BLE001 - an older broker or client: not checkable
-        log.warning("timestamp type of %r not read (%s)", topic, exc)
-    finally:
-        admin.close()
-    return None
-
-
-def ensure_loop_topics(
-    client: Mapping[str, Any],
-    predictions: str,
-    labels: str,
-    partitions: int,
-    timeout_s: float = 30.0,
-) -> int:
-    """The predictions and labels topics of a closed loop, created if missing with
-    ``partitions`` and ``LogAppendTime`` timestamps (a partition's times never go back).
-
-    Returns:
-        Their partition count.
-
-    Raises:
-        ValueError: they exist with different partition counts (an id's prediction and
-            label would not meet), or one stamps records with their producer's time.
-    """
-    from kafka.admin import NewTopic
-    from kafka.errors import TopicAlreadyExistsError
-
-    counts = []
-    for topic in (predictions, labels):
-        existing = topic_partitions(client, topic, timeout_s)
-        if not existing:
-            admin = _admin(client, timeout_s)
-            try:
-                admin.create_topics(
-                    [NewTopic(topic, partitions, 1, topic_configs=dict(LOG_APPEND_TIME))],
-                    timeout_ms=int(timeout_s * 1000),
-                )
-            except TopicAlreadyExistsError:
-                pass
-            finally:
-                admin.close()
-            existing = topic_partitions(client, topic, timeout_s)
-        elif _timestamp_type(client, topic, timeout_s) == "CreateTime":
-            raise ValueError(
-                f"topic {topic!r} stamps records with their producer's time; the join needs "
-                "the broker's: kafka-configs.sh --alter --entity-type topics --entity-name "
-                f"{topic} --add-config message.timestamp.type=LogAppendTime"
-            )
-        counts.append(existing)
-    if counts[0] != counts[1]:
-        raise ValueError(
-            f"topics {predictions!r} and {labels!r} have {counts[0]} and {counts[1]} "
-            "partitions; they must have as many, so that an id's prediction and label meet"
-        )
-    return counts[0]
