@@ -127,7 +127,18 @@ def assert_trained_once(bootstrap: str, tag: str, ckpt_dir: Path) -> dict[str, i
     assert set(keys) == set(expected), "a prediction was never decided, or an unknown one was"
     kinds = {k: KINDS[int(c)] for k, c in zip(keys, history[:, 2], strict=True)}
     wrong = [(k, kinds[k], want) for k, (want, _) in expected.items() if kinds[k] != want]
-    assert not wrong, f"{len(wrong)} decided otherwise than the logs say, e.g. {wrong[:5]}"
+    if wrong:
+        preds = topic_records(bootstrap, f"{tag}-predictions")
+        labs = topic_records(bootstrap, f"{tag}-labels")
+        shown = []
+        for (p, o), ours, _ in wrong[:4]:
+            r = preds[p][o]
+            rid = json.loads(r.value)["id"]
+            mine = [(lab.offset, lab.timestamp - r.timestamp) for lab in labs[p]
+                    if json.loads(lab.value)["id"] == rid]  # fmt: skip
+            shown.append(f"{(p, o)} {rid} t={r.timestamp} ours={ours} labels={mine}")
+        raise AssertionError(f"{len(wrong)} decided otherwise than the logs say:\n"
+                             + "\n".join(shown))  # fmt: skip
     assert (history[:, 3] >= 0).all()  # each one trained (joined or defaulted)
     assert final.meta["examples"] == len(expected)
     kinds_seen = [kinds[k] for k in keys]
