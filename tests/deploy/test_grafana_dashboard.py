@@ -27,7 +27,8 @@ def exported_names() -> dict[str, set[str]]:
 
     Names come from each family's type so a labelled family with no child yet (the
     per-partition lag) counts too: a gauge as is, a counter with ``_total`` (and
-    ``_created``), a histogram with ``_bucket``, ``_sum``, ``_count`` (and ``_created``).
+    ``_created``), a histogram with ``_bucket``, ``_sum``, ``_count`` (and ``_created``), a
+    summary with ``_sum`` and ``_count``.
     """
     metrics = TrainingMetrics(CollectorRegistry())
     wrappers = [m for m in vars(metrics).values() if hasattr(m, "_labelnames")]
@@ -36,6 +37,7 @@ def exported_names() -> dict[str, set[str]]:
         "gauge": ("",),
         "counter": ("_total", "_created"),
         "histogram": ("_bucket", "_sum", "_count", "_created"),
+        "summary": ("_sum", "_count"),  # the served scores': no quantiles, no _created
     }
     names: dict[str, set[str]] = {}
     for family in metrics.registry.collect():
