@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from service.config import Config, config_to_dict
 from service.plot import LOG_NAME, RunLog, plot_costs
 from service.trainer import Trainer, resolve_dataset
-from workers.transport.protocol import GuardEvent
+from workers.transport.protocol import GuardEvent, LoopStats, ServedScores
 
 log = logging.getLogger("streamtrain")
 
@@ -53,6 +53,59 @@ def _report_events(events: list[GuardEvent], bar: Any = None) -> None:
         log.warning("%s", line)
         if bar is not None:
             bar.write(line)
+
+
+SUMMARY_VERSIONS = 5  # model versions whose served scores the summary line shows
+
+
+def _served(scores: ServedScores, output: str) -> dict[str, float]:
+    """Served accuracy and mean log loss (mean squared error for identity) of scores."""
+    if output == "identity":
+        n = scores.regressed
+        return {"scored": n, "squared_error": scores.squared_error / n if n else math.nan}
+    n = scores.classified
+    return {
+        "scored": n,
+        "accuracy": scores.correct / n if n else math.nan,
+        "log_loss": scores.log_loss / n if n else math.nan,
+    }
+
+
+def loop_summary(loop: LoopStats, output: str) -> tuple[dict[str, Any], str]:
+    """A closed loop's part of the run's summary, and its lines: what became of the
+    predictions and labels, and the served outputs scored overall and by model version
+    (the newest ones the server kept; -1: predictions that named none).
+
+    Args:
+        loop: the server's loop stats (``ServerStats.loop``), of its current instance.
+        output: the model's output kind.
+    """
+    c = loop.counts
+    served = _served(loop.served, output)
+    by_version = {v: _served(s, output) for v, s in sorted(loop.by_version.items())}
+    summary = {
+        "joined": c.joined, "defaulted": c.defaulted, "expired": c.expired,
+        "evicted": c.evicted, "orphan_labels": c.orphans, "late_labels": c.late,
+        "duplicate_labels": c.duplicates, "duplicate_predictions": c.duplicate_predictions,
+        "rejected": c.rejected, "served": served, "served_by_version": by_version,
+    }  # fmt: skip
+    figure = "squared_error" if output == "identity" else "accuracy"
+    shown = [
+        f"{'v' + str(v) if v >= 0 else 'unversioned'} {s[figure]:.4f} ({s['scored']:,})"
+        for v, s in list(by_version.items())[-SUMMARY_VERSIONS:]
+    ]
+    if output == "identity":
+        scores = f"served squared error {served['squared_error']:.4f}"
+    else:
+        scores = f"served accuracy {served['accuracy']:.4f}  log loss {served['log_loss']:.4f}"
+    text = (
+        f"loop: joined {c.joined:,}  defaulted {c.defaulted:,}  expired {c.expired:,}  "
+        f"orphan labels {c.orphans:,}  (evicted {c.evicted:,}, late labels {c.late:,}, "
+        f"duplicate labels {c.duplicates:,}, rejected {c.rejected:,})\n"
+        f"{scores} over {served['scored']:,} scored"
+        + (f"; by version: {', '.join(shown)}" if shown else "")
+    )
+    return summary, text
 
 
 def run_demo(
@@ -340,6 +393,9 @@ class Service:
             f"checkpoint {summary['checkpoint']}\ncost plot {plot}  "
             f"metrics log {self._run_log.path}"
         )
+        if stats.loop is not None:  # a closed loop ran
+            summary["loop"], text = loop_summary(stats.loop, trainer.net_spec["output"])
+            self.echo(text)
         return summary
 
 

@@ -8,15 +8,34 @@ the Prometheus naming guide: prefix ``streamtrain_``, base units, ``_total`` on 
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Mapping
-from typing import Any
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    SummaryMetricFamily,
+)
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from service.divergence import STATES, CostFilter
+from workers.ingest.tally import add_loop
+from workers.transport.protocol import (
+    LABEL_DELAY_BUCKETS,
+    GuardEvent,
+    LoopCounts,
+    LoopStats,
+    ServedScores,
+    ServerStats,
+)
 from workers.transport.protocol import REFUSALS as PROTOCOL_REFUSALS
-from workers.transport.protocol import GuardEvent, ServerStats
 
 BATCH_BUCKETS = tuple(float(2**i) for i in range(0, 11))  # 1 ... 1024
 STALENESS_BUCKETS = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0, 32.0)
@@ -26,6 +45,26 @@ PUSH_BUCKETS = (2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25,
 CHANNELS = ("local", "ray")  # how a push reached the server: node-local socket, Ray call
 REJECT_REASONS = ("nonfinite_gradient",)  # codecs add theirs when the Kafka source reports
 CATEGORICAL = ("category", "categories")  # field types looked up in an embedding table
+# A closed loop's counters: LoopCounts field, series (``_total`` added), help.
+LOOP_COUNTERS = (
+    ("joined", "loop_joined", "Logged predictions joined with a label of their id in their window"),
+    ("defaulted", "loop_defaulted",
+     "Logged predictions whose window closed unlabelled, trained with loop.default_label"),
+    ("expired", "loop_expired",
+     "Logged predictions whose window closed unlabelled, dropped (loop.policy = drop)"),
+    ("evicted", "loop_evicted",
+     "Logged predictions decided by the policy at once, loop.max_pending others waiting"),
+    ("duplicate_predictions", "loop_duplicate_predictions",
+     "Logged predictions with the id of one still waiting, decided without an example"),
+    ("rejected", "loop_rejected",
+     "Logged predictions joined or defaulted whose event with its label is no valid example"),
+    ("orphans", "loop_orphan_labels",
+     "Labels for which no waiting prediction of their id came within loop.grace_seconds "
+     "(a label after its prediction was decided unlabelled among them)"),
+    ("duplicates", "loop_duplicate_labels", "Labels of an id already joined"),
+    ("late", "loop_late_labels",
+     "Labels past the window (loop.window_seconds) of their prediction, still waiting"),
+)  # fmt: skip
 
 
 class TrainingMetrics:
@@ -165,6 +204,7 @@ class TrainingMetrics:
             registry=registry,
         )
         self._input_metrics(registry)
+        self.loop = LoopSeries(registry)
         for state in STATES:
             self.state.labels(state=state).set(1.0 if state == "healthy" else 0.0)
         for reason in REJECT_REASONS:
@@ -179,6 +219,7 @@ class TrainingMetrics:
         self._seen: dict[str, dict[Any, int]] = {
             "counters": {}, "staleness": {}, "batch_sizes": {}, "rejected": {}, "features": {}
         }  # fmt: skip
+        self._seen_loop = LoopStats()  # the server instance's loop sums last recorded
         self.events: list[GuardEvent] = []  # every divergence event seen, for logs and plots
 
     def record(self, stats: ServerStats) -> None:
@@ -197,8 +238,12 @@ class TrainingMetrics:
             self._seen = {
                 "counters": {}, "staleness": {}, "batch_sizes": {}, "rejected": {}, "features": {}
             }  # fmt: skip
+            self._seen_loop = LoopStats()
         self._record_watch(stats)
         self._record_features(stats)
+        if stats.loop is not None:
+            self.loop.add(_increase(self._seen_loop, stats.loop))
+            self._seen_loop = stats.loop
         counters = stats.counters.as_dict()
         seen = self._seen["counters"]
         self.updates.inc(_delta(seen, "applied", counters["applied"]))
@@ -353,3 +398,102 @@ def _delta(seen: Mapping, key: Any, now: int) -> int:
     """Increase of a server counter since last seen; a restarted server counts from 0."""
     before = seen.get(key, 0)
     return now - before if now >= before else now
+
+
+_Number = TypeVar("_Number", int, float)
+
+
+def _grown(before: _Number, now: _Number) -> _Number:
+    """``_delta`` of one number."""
+    return now - before if now >= before else now
+
+
+def _increase(seen: LoopStats, now: LoopStats) -> LoopStats:
+    """The loop's counts, delays and scores since ``seen`` (the same server instance's, or
+    zeros); the state as ``now`` has it."""
+    return LoopStats(
+        counts=LoopCounts._make(map(_grown, seen.counts, now.counts)),
+        pending=now.pending,
+        early=now.early,
+        delays=tuple(map(_grown, seen.delays, now.delays)),
+        delay_seconds=_grown(seen.delay_seconds, now.delay_seconds),
+        served=ServedScores._make(map(_grown, seen.served, now.served)),
+    )
+
+
+class LoopSeries(Collector):
+    """A closed loop's series, from the sums of every server instance's loop stats.
+
+    A collector rather than prometheus_client's Histogram and Summary, which take one
+    observation at a time: the workers send bucket counts and sums. Every series is present
+    from start-up, at zero until a loop runs. The label delay of an early label counts as
+    0; served scores are described in ``ServedScores``. The histogram and the summaries
+    have no ``_created`` sample.
+    """
+
+    def __init__(self, registry: CollectorRegistry):
+        self._lock = threading.Lock()  # record() and a scrape run on different threads
+        self.total = LoopStats()
+        self.created = time.time()  # the counters' ``_created``, as prometheus_client's
+        registry.register(self)
+
+    def add(self, increase: LoopStats) -> None:
+        """Add the counts, delays and scores; the state becomes ``increase``'s."""
+        with self._lock:
+            self.total = add_loop(self.total, increase)
+
+    def describe(self) -> Iterator[Any]:
+        return self.collect()
+
+    def collect(self) -> Iterator[Any]:
+        with self._lock:
+            t = self.total
+        p = "streamtrain_"
+        for name, series, doc in LOOP_COUNTERS:
+            yield CounterMetricFamily(
+                p + series, doc, value=getattr(t.counts, name), created=self.created
+            )
+        yield GaugeMetricFamily(
+            p + "loop_pending_predictions",
+            "Logged predictions waiting for their label, summed over the workers",
+            value=t.pending,
+        )
+        yield GaugeMetricFamily(
+            p + "loop_early_labels",
+            "Labels read before their prediction, waiting for it, summed over the workers",
+            value=t.early,
+        )
+        bounds = [floatToGoString(b) for b in (*LABEL_DELAY_BUCKETS, math.inf)]
+        yield HistogramMetricFamily(
+            p + "loop_label_delay_seconds",
+            "Label time minus prediction time of the joined predictions (an early label's: 0)",
+            buckets=list(zip(bounds, itertools.accumulate(t.delays), strict=True)),
+            sum_value=t.delay_seconds,
+        )
+        served = t.served
+        yield CounterMetricFamily(
+            p + "served_predictions_scored",
+            "Served predictions scored against the label they were trained with (joined or "
+            "defaulted, outputs logged)",
+            value=served.scored,
+            created=self.created,
+        )
+        yield CounterMetricFamily(
+            p + "served_correct",
+            "Scored sigmoid or softmax predictions that served the label's class",
+            value=served.correct,
+            created=self.created,
+        )
+        yield SummaryMetricFamily(
+            p + "served_log_loss",
+            "Log loss of the served probabilities against the labels (sigmoid, softmax)",
+            count_value=served.classified,
+            sum_value=served.log_loss,
+        )
+        yield SummaryMetricFamily(
+            p + "served_squared_error",
+            "Squared error of the served outputs against the labels, averaged over the "
+            "outputs (identity)",
+            count_value=served.regressed,
+            sum_value=served.squared_error,
+        )

@@ -439,6 +439,7 @@ class GradientWorker:
             push_seconds=tuple(self._push_seconds),
             lag=self.source.lag(self.batcher.cursors()),
             inputs=inputs,
+            loop=None if self._deciding is None else self._deciding.loop_report(),
         )
         self._push_seconds = []
         push = Push(

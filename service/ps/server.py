@@ -32,6 +32,7 @@ from service.ps.publish import Publisher, publish_params
 from service.ps.rounds import Item, SyncRound, WeightedSum, pooled_statistics
 from service.ps.tables import FeatureTables
 from workers.ingest.features import InputCounts, add_input_counts
+from workers.ingest.tally import add_loop
 from workers.model import build_model
 from workers.nn import NonFiniteGradientError
 from workers.transport.board import BoardInfo
@@ -39,6 +40,7 @@ from workers.transport.channel import PushEndpoint, PushServer
 from workers.transport.protocol import (
     CostPoint,
     LastUpdate,
+    LoopStats,
     Progress,
     Push,
     PushReply,
@@ -75,13 +77,15 @@ class _Observations:
         self.batch_sizes: dict[int, int] = {}
         self.last: dict[str, Any] = {}
         self.inputs: InputCounts | None = None  # a raw-event model's, cumulative
+        self.loop: LoopStats | None = None  # a closed loop's, cumulative
+        self.loop_state: dict[str, tuple[int, int]] = {}  # per worker, its latest state
 
     def take(self) -> tuple[list[CostPoint], list[float], list[float], list[float]]:
         taken = (self.costs, self.step_seconds, self.accuracies, self.push_seconds)
         self.costs, self.step_seconds, self.accuracies, self.push_seconds = [], [], [], []
         return taken
 
-    def report(self, report: WorkerReport) -> None:
+    def report(self, worker: str, report: WorkerReport) -> None:
         if math.isfinite(report.accuracy):
             self.accuracies.append(float(report.accuracy))
         self.push_seconds.extend(float(x) for x in report.push_seconds)
@@ -90,8 +94,18 @@ class _Observations:
         if report.inputs is not None:
             total = self.inputs
             self.inputs = report.inputs if total is None else add_input_counts(total, report.inputs)
+        if report.loop is not None:
+            self.loop = report.loop if self.loop is None else add_loop(self.loop, report.loop)
+            self.loop_state[worker] = (report.loop.pending, report.loop.early)
         for values in (self.accuracies, self.push_seconds):  # bounded when nobody reads
             del values[:-MAX_OBSERVATIONS]
+
+    def loop_stats(self) -> LoopStats | None:
+        """The loop's sums, its state the sum of the workers' latest (None: no loop)."""
+        if self.loop is None:
+            return None
+        state = self.loop_state.values()
+        return self.loop._replace(pending=sum(p for p, _ in state), early=sum(e for _, e in state))
 
 
 def _spans(spans: Spans) -> dict[TopicPartition, tuple[int, int]]:
@@ -269,6 +283,7 @@ class ParameterServer:
         """Unregister a worker (finished or dead) so sync rounds stop waiting for it."""
         with self._lock:
             self._workers.discard(worker)
+            self.observed.loop_state.pop(worker, None)  # its joiners are gone
             self._maybe_apply_round()
             self._lock.notify_all()
             self._shared.forget(worker)
@@ -474,7 +489,7 @@ class ParameterServer:
         """``push_many`` under the lock: each batch checked, applied or joined to the round."""
         self._await_turn(push.worker, push.seq)
         if push.report is not None:
-            self.observed.report(push.report)
+            self.observed.report(push.worker, push.report)
         status = Status.APPLIED
         for i in range(k):
             spans = _spans(push.spans[i])
@@ -739,6 +754,7 @@ class ParameterServer:
                 lag=dict(observed.lag),
                 rejected=dict(self.ledger.rejected),
                 features=per_field,
+                loop=observed.loop_stats(),
             )
 
 

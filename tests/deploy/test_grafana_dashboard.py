@@ -27,7 +27,8 @@ def exported_names() -> dict[str, set[str]]:
 
     Names come from each family's type so a labelled family with no child yet (the
     per-partition lag) counts too: a gauge as is, a counter with ``_total`` (and
-    ``_created``), a histogram with ``_bucket``, ``_sum``, ``_count`` (and ``_created``).
+    ``_created``), a histogram with ``_bucket``, ``_sum``, ``_count`` (and ``_created``), a
+    summary with ``_sum`` and ``_count``.
     """
     metrics = TrainingMetrics(CollectorRegistry())
     wrappers = [m for m in vars(metrics).values() if hasattr(m, "_labelnames")]
@@ -36,6 +37,7 @@ def exported_names() -> dict[str, set[str]]:
         "gauge": ("",),
         "counter": ("_total", "_created"),
         "histogram": ("_bucket", "_sum", "_count", "_created"),
+        "summary": ("_sum", "_count"),  # the served scores': no quantiles, no _created
     }
     names: dict[str, set[str]] = {}
     for family in metrics.registry.collect():
@@ -125,16 +127,33 @@ def test_the_dashboard_shows_what_the_issue_lists():
             "streamtrain_feature_std",
             "streamtrain_feature_collision_ratio",
         },
+        "closed loop": {
+            "streamtrain_loop_joined_total",
+            "streamtrain_loop_defaulted_total",
+            "streamtrain_loop_expired_total",
+            "streamtrain_loop_orphan_labels_total",
+            "streamtrain_loop_pending_predictions",
+            "streamtrain_loop_early_labels",
+            "streamtrain_loop_label_delay_seconds_bucket",
+            "streamtrain_served_log_loss_sum",
+            "streamtrain_served_log_loss_count",
+            "streamtrain_served_correct_total",
+        },
     }
     missing = {topic: names - named for topic, names in wanted.items() if names - named}
     assert missing == {}
 
 
+def row_panels(board: dict, title: str) -> list[dict]:
+    """The panels of the row ``title``: below it and above the next row, in order."""
+    rows = sorted((p["gridPos"]["y"], p["title"]) for p in board["panels"] if p["type"] == "row")
+    ((top, _),) = [r for r in rows if r[1] == title]
+    bottom = min((y for y, _ in rows if y > top), default=float("inf"))
+    return [p for p in board["panels"] if top < p["gridPos"]["y"] < bottom]
+
+
 def test_the_input_features_row_holds_its_four_panels():
-    board = dashboard()
-    rows = [p for p in board["panels"] if p["type"] == "row"]
-    (row,) = [r for r in rows if r["title"] == "Input features"]
-    below = [p for p in board["panels"] if p["gridPos"]["y"] > row["gridPos"]["y"]]
+    below = row_panels(dashboard(), "Input features")
     assert [p["title"] for p in below] == [
         "Missing rate by field",
         "Unseen rate by field",
@@ -143,6 +162,30 @@ def test_the_input_features_row_holds_its_four_panels():
     ]
     for panel in below:  # one series per field
         assert all("{{field}}" in t["legendFormat"] for t in panel["targets"]), panel["title"]
+
+
+def test_the_closed_loop_row_shows_decisions_state_delay_and_served_scores():
+    panels = {p["title"]: p for p in row_panels(dashboard(), "Closed loop")}
+    assert list(panels) == [
+        "Predictions decided",
+        "Labels that joined nothing",
+        "Pending state",
+        "Label delay",
+        "Served log loss vs training cost",
+        "Served vs prequential accuracy",
+    ]
+    exprs = {t["legendFormat"]: t["expr"] for p in panels.values() for t in p["targets"]}
+    for legend, q in (("p50", "0.5"), ("p90", "0.9"), ("p99", "0.99")):  # of the histogram
+        assert exprs[legend].startswith(
+            f"histogram_quantile({q}, sum by (le) (rate(streamtrain_loop_label_delay_seconds_bucket"
+        )
+    # The served scores beside the training ones, as ratios of rates (a mean over the interval).
+    served = [t["expr"] for t in panels["Served log loss vs training cost"]["targets"]]
+    assert [e.count(" / ") for e in served] == [1, 1, 1]
+    assert "streamtrain_batch_cost_sum" in served[2]
+    accuracy = [t["expr"] for t in panels["Served vs prequential accuracy"]["targets"]]
+    assert "streamtrain_served_correct_total" in accuracy[0]
+    assert accuracy[1].startswith("streamtrain_prequential_accuracy")
 
 
 def test_panels_use_the_datasource_variable_and_fit_the_grid_without_overlap():

@@ -341,6 +341,7 @@ def exported_names() -> set[str]:
         "gauge": ("",),
         "counter": ("_total", "_created"),
         "histogram": ("_bucket", "_sum", "_count", "_created"),
+        "summary": ("_sum", "_count"),  # the served scores': no quantiles, no _created
     }
     return {
         family.name + suffix

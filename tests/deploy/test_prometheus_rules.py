@@ -85,7 +85,24 @@ def test_the_issue_alerts_are_all_defined():
         "StreamtrainConsumerLagGrowing",
         "StreamtrainCheckpointTooOld",
         "StreamtrainManyRejectedRecords",
+        "StreamtrainServedLossRising",
+        "StreamtrainLoopPredictionsUnlabelled",
     } <= names
+
+
+def test_the_unlabelled_alert_divides_expired_and_defaulted_by_every_decision():
+    (rule,) = [r for r in alert_rules() if r["alert"] == "StreamtrainLoopPredictionsUnlabelled"]
+    above, below = re.split(r"\s/\s", rule["expr"])
+    decided = set(METRIC_RE.findall(below))
+    assert set(METRIC_RE.findall(above)) == {
+        "streamtrain_loop_expired_total",
+        "streamtrain_loop_defaulted_total",
+    }
+    assert decided == {
+        f"streamtrain_loop_{kind}_total"
+        for kind in ("joined", "defaulted", "expired", "evicted", "duplicate_predictions")
+    }
+    assert rule["for"] == "10m" and "> 0.5" in below
 
 
 def test_every_alert_has_a_test_expecting_it_firing_and_one_expecting_silence():

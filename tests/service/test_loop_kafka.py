@@ -6,7 +6,9 @@ else trains, through kill -9 of serve and a broker restart."""
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -165,6 +167,41 @@ def test_the_loop_trains_each_labelled_or_defaulted_prediction_once(bootstrap, t
             kill_group(proc)
     counts = assert_trained_once(bootstrap, tag, tmp_path / "ckpt")
     assert counts["joined"] > 1500 and counts["defaulted"] > 150, counts
+    assert_loop_summary(log.read_text(), counts, bootstrap, tag)
+
+
+def assert_loop_summary(text: str, counts: dict[str, int], bootstrap: str, tag: str) -> None:
+    """The run summary's loop lines against the decisions: every prediction served p = 0.5
+    (log loss ln 2; class 0, right when the label it trained with is false)."""
+    decisions = re.search(
+        r"^loop: joined ([\d,]+)  defaulted ([\d,]+)  expired ([\d,]+)  orphan labels "
+        r"([\d,]+)  \(evicted ([\d,]+), late labels [\d,]+, duplicate labels [\d,]+, "
+        r"rejected ([\d,]+)\)$",
+        text,
+        re.M,
+    )
+    served = re.search(
+        r"^served accuracy ([\d.]+)  log loss ([\d.]+) over ([\d,]+) scored; by version: "
+        r"v0 ([\d.]+) \(([\d,]+)\)$",
+        text,
+        re.M,
+    )
+    assert decisions and served, text[-4000:]
+    print(f"\nloop summary:\n{decisions.group(0)}\n{served.group(0)}\nfrom the logs: {counts}")
+    joined, defaulted, expired, orphans, evicted, rejected = (
+        int(g.replace(",", "")) for g in decisions.groups()
+    )
+    # Counted as the joiners decide: a prediction decided again after a refused push counts
+    # again, so at least the checkpoint's figures.
+    assert joined >= counts["joined"] and defaulted >= counts["defaulted"], (decisions, counts)
+    assert (expired, evicted, rejected) == (0, 0, 0)
+    assert orphans >= 20  # the labels of ids never predicted, and late ones, among others
+    accuracy, log_loss, scored, v0, v0_scored = served.groups()
+    assert float(log_loss) == pytest.approx(math.log(2), abs=1e-4)
+    assert int(scored.replace(",", "")) == int(v0_scored.replace(",", "")) == joined + defaulted
+    expected = expected_decisions(bootstrap, f"{tag}-predictions", f"{tag}-labels")
+    negatives = sum(label is False for _, label in expected.values()) / len(expected)
+    assert float(accuracy) == float(v0) == pytest.approx(negatives, abs=0.01)
 
 
 def test_kill9_twice_and_a_broker_restart_train_each_prediction_once(tmp_path):

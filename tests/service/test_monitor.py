@@ -5,7 +5,7 @@ import math
 import pytest
 from prometheus_client import CollectorRegistry
 
-from service.monitor import REFUSALS, CostFilter, TrainingMetrics
+from service.monitor import LOOP_COUNTERS, REFUSALS, CostFilter, TrainingMetrics
 from workers.ingest.hashing import collision_share, distinct_estimate
 from workers.transport.protocol import (
     CostPoint,
@@ -13,6 +13,9 @@ from workers.transport.protocol import (
     GuardEvent,
     GuardState,
     LastUpdate,
+    LoopCounts,
+    LoopStats,
+    ServedScores,
     ServerCounters,
     ServerStats,
 )
@@ -293,3 +296,81 @@ def test_a_vector_model_exports_no_field_series(registry):
         for s in family.samples
     ]
     assert feature_samples == []
+
+
+# -- a closed loop --------------------------------------------------------------------------
+
+
+def loop_stats(scale: int, pending: int = 0, regressed: int = 0) -> LoopStats:
+    """A server's loop sums: per ``scale``, 4 joins (delays 0.05, 0.3, 0.3 and 7200 s), 1
+    expiry, 1 orphan, 3 sigmoid predictions scored (log losses 0.5, 0.25, 1.25; 2 right)."""
+    delays = [0] * 16
+    delays[0], delays[2], delays[-1] = scale, 2 * scale, scale  # le 0.1, le 0.5, +Inf
+    return LoopStats(
+        counts=LoopCounts(joined=4 * scale, expired=scale, orphans=scale),
+        pending=pending,
+        early=1,
+        delays=tuple(delays),
+        delay_seconds=(0.05 + 0.3 + 0.3 + 7200) * scale,
+        served=ServedScores(3 * scale, 2.0 * scale, 2 * scale, regressed, 0.5 * regressed),
+        by_version={7: ServedScores(3 * scale, 2.0 * scale, 2 * scale)},  # not exported
+    )
+
+
+def test_loop_series_are_present_from_the_start_at_zero(registry):
+    TrainingMetrics(registry)
+    for _, series, _ in LOOP_COUNTERS:
+        assert value(registry, f"streamtrain_{series}_total") == 0.0, series
+    for name in (
+        "streamtrain_loop_pending_predictions",
+        "streamtrain_loop_early_labels",
+        "streamtrain_loop_label_delay_seconds_count",
+        "streamtrain_loop_label_delay_seconds_sum",
+        "streamtrain_served_predictions_scored_total",
+        "streamtrain_served_correct_total",
+        "streamtrain_served_log_loss_sum",
+        "streamtrain_served_log_loss_count",
+        "streamtrain_served_squared_error_count",
+    ):
+        assert value(registry, name) == 0.0, name
+    assert value(registry, "streamtrain_loop_label_delay_seconds_bucket", le="3600.0") == 0.0
+    assert value(registry, "streamtrain_loop_label_delay_seconds_bucket", le="+Inf") == 0.0
+
+
+def test_loop_sums_move_the_counters_by_deltas_and_fill_the_delay_histogram(registry):
+    metrics = TrainingMetrics(registry)
+    metrics.record(stats_record(loop=loop_stats(1, pending=30)))
+    metrics.record(stats_record(loop=loop_stats(3, pending=12)))
+    assert value(registry, "streamtrain_loop_joined_total") == 12
+    assert value(registry, "streamtrain_loop_expired_total") == 3
+    assert value(registry, "streamtrain_loop_orphan_labels_total") == 3
+    assert value(registry, "streamtrain_loop_defaulted_total") == 0
+    assert value(registry, "streamtrain_loop_pending_predictions") == 12  # the latest
+    assert value(registry, "streamtrain_loop_early_labels") == 1
+    # Cumulative buckets: 3 under 0.1 s, 9 under 0.5 s and up to an hour, 12 in all.
+    bucket = "streamtrain_loop_label_delay_seconds_bucket"
+    assert value(registry, bucket, le="0.1") == 3
+    assert value(registry, bucket, le="0.25") == 3
+    assert value(registry, bucket, le="0.5") == 9
+    assert value(registry, bucket, le="3600.0") == 9
+    assert value(registry, bucket, le="+Inf") == 12
+    assert value(registry, "streamtrain_loop_label_delay_seconds_count") == 12
+    assert value(registry, "streamtrain_loop_label_delay_seconds_sum") == pytest.approx(3 * 7200.65)
+    assert value(registry, "streamtrain_served_predictions_scored_total") == 9
+    assert value(registry, "streamtrain_served_correct_total") == 6
+    assert value(registry, "streamtrain_served_log_loss_sum") == 6.0
+    assert value(registry, "streamtrain_served_log_loss_count") == 9
+    assert value(registry, "streamtrain_served_squared_error_count") == 0
+
+
+def test_loop_counts_of_a_restarted_server_count_from_zero(registry):
+    metrics = TrainingMetrics(registry)
+    metrics.record(stats_record(loop=loop_stats(3)))
+    metrics.record(stats_record(instance="b", loop=loop_stats(1, regressed=4)))
+    metrics.record(stats_record(instance="b"))  # a record without the loop moves nothing
+    assert value(registry, "streamtrain_loop_joined_total") == 16
+    assert value(registry, "streamtrain_loop_label_delay_seconds_bucket", le="+Inf") == 16
+    assert value(registry, "streamtrain_served_log_loss_sum") == 8.0
+    assert value(registry, "streamtrain_served_squared_error_sum") == 2.0
+    assert value(registry, "streamtrain_served_squared_error_count") == 4
+    assert value(registry, "streamtrain_served_predictions_scored_total") == 16

@@ -16,7 +16,15 @@ import pytest
 from workers.ingest.memory import MemoryStream, linear_dataset
 from workers.nn import Network
 from workers.transport.client import Channel, GradientShape, Ready, Route, Transport
-from workers.transport.protocol import Progress, Push, PushReply, Status, WorkerStats
+from workers.transport.protocol import (
+    LoopCounts,
+    LoopStats,
+    Progress,
+    Push,
+    PushReply,
+    Status,
+    WorkerStats,
+)
 from workers.worker import PAUSE_RETRY_SECONDS, GradientWorker
 
 NET = {"input_dim": 4, "hidden": (8,), "output": "sigmoid", "n_outputs": 1, "dtype": "float64"}
@@ -330,6 +338,48 @@ def test_a_committing_source_commits_the_checkpointed_positions_on_the_way_out()
     assert server.calls["durable_positions", False] == 0  # commit_every_s not reached
     assert worker.source.committed == [partition_ends(2)]
     assert stats.committed == partition_ends(2)
+
+
+class DecidingStream(MemoryStream):
+    """The embedded stream as a source that decides predictions (as JoinedSource): its loop
+    report counts the polls since the last one as joins."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.polls = self.reported = 0
+
+    def poll(self, max_records, timeout_s):
+        self.polls += 1
+        return super().poll(max_records, timeout_s)
+
+    def decisions(self, spans):
+        return []
+
+    def settled(self, spans):
+        pass
+
+    def labels_from(self):
+        return {0: 0}
+
+    def loop_report(self):
+        joined, self.reported = self.polls - self.reported, self.polls
+        return LoopStats(LoopCounts(joined=joined), pending=self.polls)
+
+
+def test_each_push_carries_the_loop_report_taken_for_it(monkeypatch):
+    stream = DecidingStream(linear_dataset(NET["input_dim"], N_EXAMPLES), partitions=2)
+    monkeypatch.setattr("workers.worker.make_source", lambda *args: stream)
+    server = FakeServer(plan={3: Status.STALE})
+    worker, _ = make_worker(server, max_inflight=2)
+    worker.run()
+
+    reports = [p.report.loop for p in server.pushes]
+    assert all(r is not None for r in reports)
+    assert [p.labels_from for p in server.pushes] == [{0: 0}] * len(server.pushes)
+    # Taken once per push, recomputed ones too: the reports add up to what was taken.
+    assert any(p.recomputed for p in server.pushes)
+    assert sum(r.counts.joined for r in reports) == stream.reported
+    assert reports[-1].pending == stream.reported
 
 
 def test_a_worker_without_a_running_client_says_so():

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 JOINED, DEFAULTED, EXPIRED, EVICTED, DUPLICATE_PREDICTION = (
@@ -97,7 +97,6 @@ class JoinCounts:
     duplicates: int = 0
     late: int = 0
     duplicate_predictions: int = 0
-    delays_ms: list[int] = field(default_factory=list)  # of joins since the last take
 
 
 class Joiner:
@@ -231,7 +230,6 @@ class Joiner:
     def _join(self, p: Prediction, label: Label) -> None:
         self.counts.joined += 1
         delay = label.time_ms - p.time_ms
-        self.counts.delays_ms.append(delay)
         self._joined[p.id] = p.time_ms + self.window_ms + self.grace_ms
         while len(self._joined) > self.max_pending:  # duplicates older than this: orphans
             self._joined.popitem(last=False)

@@ -33,7 +33,8 @@ from workers.ingest.join import JOINED, REJECTED, Decision, Joiner, Label, Predi
 from workers.ingest.kafka import KafkaSource
 from workers.ingest.schema import schema_from_dict
 from workers.ingest.source import Chunk, TopicPartition
-from workers.transport.protocol import Progress
+from workers.ingest.tally import LoopTally
+from workers.transport.protocol import LoopStats, Progress
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +121,12 @@ class JoinedSource(KafkaSource):
             if label is None:
                 raise ValueError("the feature schema has no label: nothing to join")
             self._label_path = label.field
+            output, n_outputs = label.output, label.n_outputs
         else:
-            self._label_path = self.codec.schema.y_field  # type: ignore[union-attr]
+            schema = self.codec.schema  # type: ignore[union-attr]
+            self._label_path = schema.y_field
+            output, n_outputs = schema.output, schema.n_outputs
+        self.tally = LoopTally(output, n_outputs)  # the served outputs scored as the labels
         self.counts_retired: dict[str, int] = {}  # of joiners of partitions given away
 
     # -- group membership ---------------------------------------------------------------
@@ -278,6 +283,7 @@ class JoinedSource(KafkaSource):
         start = self._seq[p]
         trained = [d for d in decisions if d.trains]
         x, y, rows = self._encode(trained)
+        self.tally.add(decisions, trained, rows > 0, y)
         kept = iter(rows.tolist())
         positions = []
         emitted = self._emitted[p]
@@ -375,6 +381,10 @@ class JoinedSource(KafkaSource):
         out["pending"] = sum(j.pending() for j in self._joiners.values())
         out["early"] = sum(j.early() for j in self._joiners.values())
         return out
+
+    def loop_report(self) -> LoopStats:
+        """What the joiners did since the last call (``WorkerReport.loop``)."""
+        return self.tally.take(self.join_counts())
 
     def report(self) -> dict[str, Any]:
         return {**super().report(), "join": self.join_counts()}

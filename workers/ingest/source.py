@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 import numpy as np
 
 if TYPE_CHECKING:
-    from workers.transport.protocol import Progress
+    from workers.transport.protocol import LoopStats, Progress
 
 TopicPartition = tuple[str, int]
 """A Kafka-style `(topic, partition)` key."""
@@ -144,4 +144,8 @@ class DecidingSource(Protocol):
 
     def labels_from(self) -> dict[int, int]:
         """Per labels partition, the offset the labels still needed start at."""
+        ...
+
+    def loop_report(self) -> LoopStats:
+        """The loop's counts, state, label delays and served scores since the last call."""
         ...

@@ -2,7 +2,7 @@
 
 One module both sides import: what a push carries (``Push``), what the server answers
 (``PushReply``, ``Status``), and the typed stats records the server and the workers
-report (``ServerStats`` and its ``FieldStats``, ``WorkerStats``). Plain data only:
+report (``ServerStats`` and its ``FieldStats`` and ``LoopStats``, ``WorkerStats``). Plain data only:
 NamedTuples travel cheaply through pickle (a push is one pickled frame on the node-local
 socket, one Ray argument otherwise); records read by the service are frozen dataclasses.
 """
@@ -47,6 +47,89 @@ REFUSALS = (Status.STALE, Status.FENCED, Status.NONFINITE, Status.PAUSED)
 
 BOARD = "board"  # a reply's ``params`` when the new parameters wait on the parameter board
 
+# Upper bounds in seconds of the label-delay histogram's buckets (+Inf follows): from a
+# tenth of a second to an hour, six times loop.window_seconds' default.
+LABEL_DELAY_BUCKETS = (
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0,
+)  # fmt: skip
+MAX_SERVED_VERSIONS = 16  # model versions whose served scores are kept apart (the newest)
+
+
+class LoopCounts(NamedTuple):
+    """A closed loop's counts (docs/architecture.md, "Delayed labels"); they add up.
+
+    joined, defaulted, expired, evicted, duplicate_predictions: logged predictions decided
+        so (``workers.ingest.join``); their sum is the predictions decided.
+    rejected: of the joined and defaulted ones (and those evicted with the default label),
+        the ones whose event with its label made no valid example.
+    orphans, duplicates, late: labels that joined nothing: no prediction of their id came
+        within the grace, their id was joined already, or they came past the window.
+    """
+
+    joined: int = 0
+    defaulted: int = 0
+    expired: int = 0
+    evicted: int = 0
+    duplicate_predictions: int = 0
+    rejected: int = 0
+    orphans: int = 0
+    duplicates: int = 0
+    late: int = 0
+
+
+class ServedScores(NamedTuple):
+    """The outputs /predict served, scored against the labels their predictions were
+    decided with (the examples made); sums, so they add up.
+
+    Conventions: one prediction's score is the training cost of one example
+    (``workers.nn.layers.loss_forward``) computed from the served outputs: sigmoid and
+    softmax a log loss of the probabilities clipped to [1e-7, 1 - 1e-7], identity a squared
+    error averaged over the outputs.
+
+    classified: a sigmoid or softmax model's predictions scored (an example made and its
+        logged outputs readable).
+    log_loss: the sum of their log losses.
+    correct: how many of them served the label's class (p > 0.5 for sigmoid, the largest
+        probability for softmax).
+    regressed: an identity model's predictions scored.
+    squared_error: the sum of their squared errors.
+    """
+
+    classified: int = 0
+    log_loss: float = 0.0
+    correct: int = 0
+    regressed: int = 0
+    squared_error: float = 0.0
+
+    @property
+    def scored(self) -> int:
+        return self.classified + self.regressed
+
+
+class LoopStats(NamedTuple):
+    """A closed loop's observations: in a worker's report (``WorkerReport.loop``) the
+    counts, delays and scores since its previous report; in the server's stats
+    (``ServerStats.loop``) their sums for the server instance.
+
+    counts: decisions and labels (``LoopCounts``).
+    pending, early: predictions waiting for a label and early labels waiting for their
+        prediction, now (the server's: the sum of each worker's latest).
+    delays: the joins' label delays (label time - prediction time, an early label's as 0)
+        per bucket of ``LABEL_DELAY_BUCKETS``, +Inf last; not cumulative over buckets.
+    delay_seconds: the sum of those delays.
+    served: the scores of every model version served.
+    by_version: the scores of the newest ``MAX_SERVED_VERSIONS`` versions served (-1: a
+        prediction that named none).
+    """
+
+    counts: LoopCounts = LoopCounts()
+    pending: int = 0
+    early: int = 0
+    delays: tuple[int, ...] = (0,) * (len(LABEL_DELAY_BUCKETS) + 1)
+    delay_seconds: float = 0.0
+    served: ServedScores = ServedScores()
+    by_version: Mapping[int, ServedScores] = {}
+
 
 class WorkerReport(NamedTuple):
     """A worker's own observations since its previous push, carried by the next one."""
@@ -57,6 +140,7 @@ class WorkerReport(NamedTuple):
     # A raw-event model's: the field values of the pushed batches (each batch once, however
     # often it is recomputed). None for a vector model.
     inputs: InputCounts | None = None
+    loop: LoopStats | None = None  # a closed loop's, since the previous report
 
 
 class TableRows(NamedTuple):
@@ -273,6 +357,7 @@ class ServerStats:
     lag: dict[TopicPartition, int] = field(default_factory=dict)
     rejected: dict[str, int] = field(default_factory=dict)  # bad records by reason
     features: tuple[FieldStats, ...] = ()  # a raw-event model's input fields, schema order
+    loop: LoopStats | None = None  # a closed loop's, once a worker reported one
 
 
 @dataclass(frozen=True)

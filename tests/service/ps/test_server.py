@@ -29,7 +29,15 @@ from workers.nn import (
 )
 from workers.transport.board import BOARD, BoardReader
 from workers.transport.channel import PushConnection
-from workers.transport.protocol import Push, Status
+from workers.transport.protocol import (
+    LABEL_DELAY_BUCKETS,
+    LoopCounts,
+    LoopStats,
+    Push,
+    ServedScores,
+    Status,
+    WorkerReport,
+)
 from workers.transport.ring import GradientRing
 
 APPLIED, FENCED, NONFINITE, STALE = Status.APPLIED, Status.FENCED, Status.NONFINITE, Status.STALE
@@ -924,3 +932,41 @@ def test_model_sends_whole_tables_unless_the_replica_is_this_instances(since, in
 def test_a_vector_models_reply_has_no_tables():
     model = make_server().model(since=0, instance="x")
     assert "tables" not in model and "features" not in model and model["instance"]
+
+
+# -- a closed loop's reports ----------------------------------------------------------------
+
+
+def loop_report(pending: int, early: int, joined: int, version: int) -> WorkerReport:
+    """A worker's loop report: ``joined`` joins 0.5 s late, each served p = 0.8 to a true
+    label by model ``version``."""
+    delays = [0] * (len(LABEL_DELAY_BUCKETS) + 1)
+    delays[LABEL_DELAY_BUCKETS.index(0.5)] = joined
+    scores = ServedScores(joined, joined * 0.2231435513, joined)
+    return WorkerReport(loop=LoopStats(
+        LoopCounts(joined=joined, expired=1, orphans=2), pending, early, tuple(delays),
+        0.5 * joined, scores, {version: scores},
+    ))  # fmt: skip
+
+
+def test_loop_reports_are_summed_and_the_state_is_each_workers_latest():
+    server, batches = make_server(), Batches()
+    assert server.stats().loop is None  # no loop reported: none in the stats
+    tp0, tp1 = (TOPIC, 0), (TOPIC, 1)
+    push(server, batches, "w0", {tp0: (0, 8)}, report=loop_report(10, 1, 3, version=0))
+    push(server, batches, "w1", {tp1: (0, 8)}, report=loop_report(20, 2, 4, version=0))
+    # A refused push's report counts too: what the worker saw happened all the same.
+    refused = push(server, batches, "w0", {tp0: (0, 8)}, report=loop_report(5, 0, 1, version=1))
+    assert refused.status == FENCED
+    loop = server.stats().loop
+    assert loop.counts == LoopCounts(joined=8, expired=3, orphans=6)
+    assert (loop.pending, loop.early) == (5 + 20, 0 + 2)  # w0's latest and w1's
+    assert loop.delays[LABEL_DELAY_BUCKETS.index(0.5)] == 8 and loop.delay_seconds == 4.0
+    assert loop.served == ServedScores(8, pytest.approx(8 * 0.2231435513), 8)
+    assert loop.by_version == {0: ServedScores(7, pytest.approx(7 * 0.2231435513), 7),
+                               1: ServedScores(1, pytest.approx(0.2231435513), 1)}  # fmt: skip
+    server.leave("w1")  # its joiners are gone, its counts stay
+    loop = server.stats().loop
+    assert (loop.pending, loop.early, loop.counts.joined) == (5, 0, 8)
+    server.leave("w0")
+    assert server.stats().loop.pending == 0
