@@ -108,6 +108,13 @@ class _Observations:
         return self.loop._replace(pending=sum(p for p, _ in state), early=sum(e for _, e in state))
 
 
+def _owned(push: Push) -> dict[int, int]:
+    """A push's labels positions for the partitions its applied spans prove it owns: a
+    worker that lost a partition may still push for the others, with that one's stale."""
+    owned = {p for spans in push.spans for _, p in spans}
+    return {p: o for p, o in (push.labels_from or {}).items() if p in owned}
+
+
 def _spans(spans: Spans) -> dict[TopicPartition, tuple[int, int]]:
     return {(str(t), int(p)): (int(a), int(b)) for (t, p), (a, b) in spans.items()}
 
@@ -518,12 +525,12 @@ class ParameterServer:
             if self.config.mode == "sync":
                 reply = self._join_round(item, local)
                 if push.labels_from and reply.status in (Status.APPLIED, Status.NONFINITE):
-                    self.joins.report_labels_from(push.labels_from)
+                    self.joins.report_labels_from(_owned(push))
                 return reply
             if self._apply([item]) == Status.NONFINITE:
                 status = Status.NONFINITE
         if push.labels_from:
-            self.joins.report_labels_from(push.labels_from)
+            self.joins.report_labels_from(_owned(push))
         return self._reply(status, push.base_version, k, local)
 
     def _pass(self, spans: Spans, local: bool, claimed: bool = True) -> PushReply | None:

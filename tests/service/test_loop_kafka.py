@@ -62,7 +62,9 @@ class Plan:
         self.sends.sort(key=lambda s: s[0])
 
     def send(self, bootstrap: str, predictions: str, labels: str, stop: threading.Event) -> None:
-        producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, retries=20)
+        producer = KafkaProducer(
+            bootstrap_servers=bootstrap, linger_ms=5, acks="all", enable_idempotence=True
+        )  # a retried send after the broker restart is not written twice
         start = time.monotonic()
         try:
             for t, which, key, value in self.sends:
