@@ -176,7 +176,11 @@ class Joiner:
         self.labels_time = max(self.labels_time, label.time_ms)
         p = self._pending.get(label.id)
         if p is not None:
-            if label.time_ms <= p.time_ms + self.window_ms:
+            if label.time_ms < p.time_ms - self.grace_ms:
+                # Stamped before its prediction by more than the grace, although read after
+                # it (the two topics are read at their own paces): it joins nothing.
+                self.counts.orphans += 1
+            elif label.time_ms <= p.time_ms + self.window_ms:
                 del self._pending[label.id]
                 self._join(p, label)
             else:

@@ -94,7 +94,14 @@ def test_a_repeated_prediction_id_and_a_skipped_offset_are_decided_once():
     assert j.pending() == 1
 
 
-@pytest.mark.parametrize("seed", range(5))
+def test_a_label_stamped_before_the_grace_joins_nothing_even_read_after_its_prediction():
+    j = Joiner(W, G)
+    j.add_prediction(pred(0, 10_000, "a"))
+    j.add_label(Label(0, 10_000 - G - 1, "a", 1))  # read after, stamped long before
+    assert j.take() == [] and j.pending() == 1 and j.counts.orphans == 1
+
+
+@pytest.mark.parametrize("seed", range(10))
 def test_every_prediction_is_decided_once_whatever_the_interleaving(seed):
     rng = np.random.default_rng(seed)
     n = 2000
@@ -110,8 +117,11 @@ def test_every_prediction_is_decided_once_whatever_the_interleaving(seed):
     labs = [Label(k, t, pid, v) for k, (t, pid, v) in enumerate(labels)]
     j = Joiner(W, G, "default", 0)
     pi = li = 0
-    while pi < len(preds) or li < len(labs):  # a random interleaving of the two partitions
-        if li == len(labs) or (pi < len(preds) and rng.random() < 0.5):
+    # A random interleaving of the two partitions; from seed 5 on, the predictions are
+    # read in bursts far ahead of the labels (or behind them), as two topics can be.
+    ahead = 0.5 if seed < 5 else [0.9, 0.1][seed % 2]
+    while pi < len(preds) or li < len(labs):
+        if li == len(labs) or (pi < len(preds) and rng.random() < ahead):
             j.add_prediction(preds[pi])
             pi += 1
         else:

@@ -41,6 +41,9 @@ class Consumer:
     def position(self, tp: KafkaTopicPartition) -> int:
         return self.at.get(tp, 0)
 
+    def end_offsets(self, tps: list) -> dict:
+        return {tp: self.highwater(tp) for tp in tps}
+
     def highwater(self, tp: KafkaTopicPartition) -> int:
         return len(self.logs.get(tp, []))
 
@@ -56,6 +59,12 @@ class Consumer:
     def append(self, topic: str, time_ms: int, value: dict) -> None:
         log = self.logs.setdefault(KafkaTopicPartition(topic, 0), [])
         log.append(Record(len(log), time_ms, json.dumps(value).encode()))
+
+
+@pytest.fixture(autouse=True)
+def ends_asked_at_every_poll(monkeypatch):
+    """The broker is asked for the partitions' ends at every poll, not every 0.5 s."""
+    monkeypatch.setattr("workers.ingest.joined.CAUGHT_UP_EVERY_S", 0.0)
 
 
 @pytest.fixture
