@@ -260,10 +260,17 @@ class Joiner:
             del self._joined[jid]
 
     def _orphan_early(self) -> None:
+        """Early labels whose grace has passed are orphans, each on its own time: an id's
+        later label may still meet its prediction when an earlier one no longer can."""
         now = self.predictions_time
         while self._early:
             lid, labels = next(iter(self._early.items()))
             if labels[0].time_ms + self.grace_ms >= now:
                 break
-            del self._early[lid]
-            self.counts.orphans += len(labels)
+            kept = [label for label in labels if label.time_ms + self.grace_ms >= now]
+            self.counts.orphans += len(labels) - len(kept)
+            if kept:
+                self._early[lid] = kept
+                self._early.move_to_end(lid)  # its first label is newer now
+            else:
+                del self._early[lid]

@@ -74,6 +74,17 @@ def test_an_early_label_past_the_grace_is_an_orphan():
     assert j.take() == [] and j.pending() == 2
 
 
+def test_an_ids_later_early_label_outlives_its_earlier_ones_grace():
+    j = Joiner(W, G)
+    j.add_label(Label(0, 1000, "a", 0))  # too early for the prediction below
+    j.add_label(Label(1, 1800, "a", 1))  # in its grace
+    j.add_prediction(pred(0, 3100, "b"))  # the predictions' time passes 1000 + G
+    assert j.counts.orphans == 1 and j.early() == 1
+    j.add_prediction(pred(1, 3500, "a"))
+    (d,) = j.take()
+    assert (d.kind, d.label, d.label_offset) == (JOINED, 1, 1)
+
+
 def test_state_is_bounded_and_says_so():
     j = Joiner(W, G, "default", 0, max_pending=3)
     for i in range(5):
