@@ -8,7 +8,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from service.config import add_cli_arguments
+from service.config import ApiConfig, add_cli_arguments
+from service.simulate import add_simulate_arguments, run_simulate
 from workers.nn import OPTIMIZERS
 
 
@@ -262,6 +263,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_cli_arguments(lb, sections=("kafka", "loop"))
     lb.set_defaults(run=run_label)
+
+    sm = sub.add_parser(
+        "simulate",
+        help="a closed loop's traffic against a running `serve --loop.enabled true`: the clicks "
+        "events to /predict at a rate, their labels later with realistic delays, then the "
+        "loop's summary from its /metrics and a plot (docs/operations.md, Simulating the loop)",
+    )
+    sm.add_argument(
+        "--url",
+        default=f"http://{ApiConfig.host}:{ApiConfig.port}",
+        help="the service's API (default: the api section's defaults, %(default)s)",
+    )
+    sm.add_argument(
+        "--out",
+        default="runs/simulate",
+        help="each run writes its summary.json and loop.png under OUT/<date-time>/",
+    )
+    sm.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_simulate_arguments(sm)
+    add_cli_arguments(sm, sections=("kafka", "loop"))
+    sm.set_defaults(run=run_simulate)
 
     from service import export, ops
 
