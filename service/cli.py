@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from service.config import ApiConfig, add_cli_arguments
+from service.scenarios import SCENARIOS
 from service.simulate import add_simulate_arguments, run_simulate
 from workers.nn import OPTIMIZERS
 
@@ -45,6 +46,10 @@ def _train(ns: argparse.Namespace) -> int:
 
 
 def _demo(ns: argparse.Namespace) -> int:
+    if ns.scenario == "delayed-labels":
+        from service.scenarios import run_scenario
+
+        return run_scenario(ns)
     from service.app import run_demo
     from service.config import CheckpointConfig, load_config, overrides_from_args
     from service.logs import configure_logging, log_config_once
@@ -178,6 +183,17 @@ def build_parser() -> argparse.ArgumentParser:
         "under OUT/<date-time>/",
     )
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d.add_argument(
+        "--scenario",
+        choices=SCENARIOS,
+        default=SCENARIOS[0],
+        help="embedded: train on the embedded stream; delayed-labels: the closed loop on one "
+        "machine: a Kafka broker (kafka.bootstrap_servers when one answers, else the local one "
+        "of deploy/kafka, Java 17 needed), serve with the loop on, and `streamtrain simulate`'s "
+        "traffic (its flags below), then both summaries and the loop's plot (default: "
+        "%(default)s)",
+    )
+    add_simulate_arguments(d)
     add_cli_arguments(d)
     d.set_defaults(run=_demo)
 
