@@ -40,8 +40,7 @@ MISSING_BROKER = (
     "The delayed-labels demo needs a Kafka broker: /predict logs its predictions to a topic, "
     "labels come on another, and the trainer joins the two from the topics' offsets (there "
     "is no in-memory log of them). Start one and pass --kafka.bootstrap-servers HOST:PORT, "
-    "or install Java 17 (apt-get install openjdk-17-jre-headless) so that the demo starts "
-    "deploy/kafka's local broker itself."
+    "or make Java 17 available so that the demo starts deploy/kafka's local broker itself."
 )
 
 

@@ -39,6 +39,7 @@ def test_without_a_broker_or_java_the_demo_says_what_it_needs(no_java, tmp_path)
     assert "Java 17 is needed" in message
     assert "needs a Kafka broker: /predict logs its predictions to a topic" in message
     assert "there is no in-memory log" in message and "--kafka.bootstrap-servers" in message
+    assert message.count("Java 17") == 2  # what is missing, and what it is for
     assert no_java == []  # nothing started
 
 
