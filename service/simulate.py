@@ -799,7 +799,9 @@ def _json_safe(value: Any) -> Any:
 def add_simulate_arguments(parser: Any) -> None:
     """The traffic's flags (``SimulateOptions`` and ``LabelDelays``, their defaults)."""
     o, d = SimulateOptions, LabelDelays
-    g = parser.add_argument_group("traffic")
+    g = parser.add_argument_group(
+        "traffic", "of `streamtrain simulate` and of `demo --scenario delayed-labels`"
+    )
     g.add_argument("--rate", type=float, default=o.rate, help=f"events/s (default {o.rate:g})")
     g.add_argument(
         "--seconds", type=float, default=o.seconds,
