@@ -207,6 +207,11 @@ class Service:
             self.shutdown()
         return self.summarize(result, seconds)
 
+    @property
+    def api_url(self) -> str | None:
+        """Where the prediction API answers once started (``http://host:port``), else None."""
+        return None if self._api is None else str(self._api.url)
+
     def startup(self) -> None:
         cfg = self.cfg
         if cfg.loop.enabled:  # before Ray: a missing broker or a bad topic pair fails fast
@@ -381,10 +386,14 @@ class Service:
             "plot": str(plot),
             "metrics_log": str(self._run_log.path),
         }
+        if math.isnan(summary["accuracy"]):  # e.g. a loop's raw events, digits held out
+            held_out = "held-out accuracy: none (no held-out split fits the model)"
+        else:
+            held_out = f"held-out accuracy {summary['accuracy']:.4f}  loss {summary['loss']:.4f}"
         self.echo(
             f"examples {summary['examples']:,}  in {seconds:.1f} s  "
             f"({summary['examples_per_second']:,.0f} examples/s)\n"
-            f"held-out accuracy {summary['accuracy']:.4f}  loss {summary['loss']:.4f}\n"
+            f"{held_out}\n"
             f"updates {summary['updates']:,}  staleness mean {mean_staleness:.2f} "
             f"max {summary['max_staleness']}  refused {summary['refused']}  "
             f"worker restarts {summary['worker_restarts']}\n"

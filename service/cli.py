@@ -8,7 +8,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from service.config import add_cli_arguments
+from service.config import ApiConfig, add_cli_arguments
+from service.scenarios import SCENARIOS
+from service.simulate import add_simulate_arguments, run_simulate
 from workers.nn import OPTIMIZERS
 
 
@@ -44,6 +46,10 @@ def _train(ns: argparse.Namespace) -> int:
 
 
 def _demo(ns: argparse.Namespace) -> int:
+    if ns.scenario == "delayed-labels":
+        from service.scenarios import run_scenario
+
+        return run_scenario(ns)
     from service.app import run_demo
     from service.config import CheckpointConfig, load_config, overrides_from_args
     from service.logs import configure_logging, log_config_once
@@ -177,6 +183,17 @@ def build_parser() -> argparse.ArgumentParser:
         "under OUT/<date-time>/",
     )
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d.add_argument(
+        "--scenario",
+        choices=SCENARIOS,
+        default=SCENARIOS[0],
+        help="embedded: train on the embedded stream; delayed-labels: the closed loop on one "
+        "machine: a Kafka broker (kafka.bootstrap_servers when one answers, else the local one "
+        "of deploy/kafka, Java 17 needed), serve with the loop on, and `streamtrain simulate`'s "
+        "traffic (its flags below), then both summaries and the loop's plot (default: "
+        "%(default)s)",
+    )
+    add_simulate_arguments(d)
     add_cli_arguments(d)
     d.set_defaults(run=_demo)
 
@@ -262,6 +279,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_cli_arguments(lb, sections=("kafka", "loop"))
     lb.set_defaults(run=run_label)
+
+    sm = sub.add_parser(
+        "simulate",
+        help="a closed loop's traffic against a running `serve --loop.enabled true`: the clicks "
+        "events to /predict at a rate, their labels later with realistic delays, then the "
+        "loop's summary from its /metrics and a plot (docs/operations.md, Simulating the loop)",
+    )
+    sm.add_argument(
+        "--url",
+        default=f"http://{ApiConfig.host}:{ApiConfig.port}",
+        help="the service's API (default: the api section's defaults, %(default)s)",
+    )
+    sm.add_argument(
+        "--out",
+        default="runs/simulate",
+        help="each run writes its summary.json and loop.png under OUT/<date-time>/",
+    )
+    sm.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_simulate_arguments(sm)
+    add_cli_arguments(sm, sections=("kafka", "loop"))
+    sm.set_defaults(run=run_simulate)
 
     from service import export, ops
 

@@ -1,4 +1,5 @@
-"""A run's metrics log (JSON lines of costs and divergence events) and its cost plot.
+"""A run's metrics log (JSON lines of costs and divergence events), its cost plot, and a
+closed loop's plot (served accuracy and the loop's counts over time).
 
 Imports nothing from the rest of the service but ``divergence.CostFilter``; matplotlib
 is imported only when a plot is drawn.
@@ -237,3 +238,79 @@ def _json_safe(x: Any) -> Any:
     if isinstance(x, float):
         return _finite_or_none(x)
     return str(x)
+
+
+# What a closed loop's plot draws of the counts: (curve key, label, colour).
+LOOP_COUNTS = (
+    ("joined", "joined", "tab:green"),
+    ("defaulted", "defaulted", "tab:orange"),
+    ("expired", "expired", "tab:red"),
+    ("orphans", "orphan labels", "tab:purple"),
+    ("late", "late labels", "tab:brown"),
+)
+
+
+def loop_figure(curves: Mapping[str, Any]) -> Any:
+    """A matplotlib Figure of a closed loop over time (``streamtrain simulate``): the served
+    accuracy above, the loop's counts below; the caller closes it.
+
+    Args:
+        curves: ``Simulation.curves()``: ``t`` (m,) seconds of each /metrics reading;
+            ``counts`` name -> (m,) counts since the start (``pending`` a gauge); ``served``
+            (ends of spans, the service's accuracy over each); ``answers`` (bucket centres,
+            the answers' accuracy against the drawn labels); ``majority`` (the accuracy of
+            always answering 0); ``sent_until``, ``window_seconds`` and ``drift_at`` (when
+            the event of the stream's drift was answered; NaN or absent for none).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6.4), dpi=100, sharex=True)
+    served_t, served = curves["served"]
+    answers_t, answers = curves["answers"]
+    top.plot(answers_t, answers, lw=1.0, alpha=0.6, marker=".",
+             label="answers against the drawn labels (by answer time)")  # fmt: skip
+    top.plot(served_t, served, lw=2.0, marker="o", ms=3,
+             label="the service's served accuracy (scored as the loop decides)")  # fmt: skip
+    if math.isfinite(curves["majority"]):
+        top.axhline(curves["majority"], color="grey", ls=":", lw=1.0, label="always 0")
+    drift = curves.get("drift_at", math.nan)
+    if math.isfinite(drift):
+        top.axvline(drift, color="tab:red", ls=":", lw=1.2)
+        top.text(drift, 0.98, " the clicks stream drifts", transform=top.get_xaxis_transform(),
+                 va="top", fontsize=7, color="tab:red")  # fmt: skip
+    top.set_ylabel("served accuracy")
+    top.set_title("streamtrain: closed loop")
+    top.legend(loc="best", fontsize=8)
+    t = curves["t"]
+    counts = curves["counts"]
+    for key, label, colour in LOOP_COUNTS:
+        values = counts.get(key)
+        if values is not None and np.any(values):
+            bottom.plot(t, values, lw=1.6, color=colour, label=label)
+    if "pending" in counts:
+        bottom.plot(t, counts["pending"], lw=1.0, ls="--", color="tab:blue",
+                    label="pending predictions")  # fmt: skip
+    for ax in (top, bottom):
+        ax.axvline(curves["sent_until"], color="black", lw=0.8, ls="--")
+    bottom.text(curves["sent_until"], 0.98, " last event sent",
+                transform=bottom.get_xaxis_transform(), va="top", fontsize=7)  # fmt: skip
+    bottom.set_xlabel(f"seconds since the first event (window {curves['window_seconds']:g} s)")
+    bottom.set_ylabel("predictions / labels")
+    bottom.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_loop(curves: Mapping[str, Any], path: str | Path) -> Path:
+    """``loop_figure`` written as a PNG to ``path`` (parents created)."""
+    fig = loop_figure(curves)
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
