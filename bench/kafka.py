@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -226,14 +226,27 @@ def best_raw(bootstrap: str, topic: Topic, schema: Schema, broker_pid: int | Non
     return max(reads, key=lambda raw: raw.rate)
 
 
-def consume_raw(bootstrap: str, topic: Topic, schema: Schema, broker_pid: int | None) -> Raw:
+def consume_raw(
+    bootstrap: str,
+    topic: Topic,
+    schema: Schema | None,
+    broker_pid: int | None,
+    codec: Any = None,
+    partitions: Sequence[int] | None = None,
+) -> Raw:
     """Read a whole topic with one KafkaConsumer and decode it; nothing else.
 
     Every partition is assigned and read from the beginning; each partition's records of a
     poll go through one ``decode_many``, as in KafkaSource. Consumer settings are
     kafka-python's defaults, as in KafkaSource.
+
+    Args:
+        codec: what decodes the records (its ``decode_many(values)`` returns something
+            with ``x`` and ``errors``); default ``Codec(topic.encoding.format, schema)``.
+        partitions: the partitions read (default all PARTITIONS), for a share of a topic.
     """
-    codec = Codec(topic.encoding.format, schema)
+    if codec is None:
+        codec = Codec(topic.encoding.format, schema)
     own = machine.descendant_pids(os.getpid()) + ([broker_pid] if broker_pid is not None else [])
     consumer = KafkaConsumer(
         bootstrap_servers=bootstrap.split(","),
@@ -241,7 +254,8 @@ def consume_raw(bootstrap: str, topic: Topic, schema: Schema, broker_pid: int | 
         client_id="streamtrain-bench-raw",
     )
     try:
-        parts = [KafkaTopicPartition(topic.name, p) for p in range(PARTITIONS)]
+        chosen = range(PARTITIONS) if partitions is None else partitions
+        parts = [KafkaTopicPartition(topic.name, p) for p in chosen]
         consumer.assign(parts)
         consumer.seek_to_beginning(*parts)
         starts = consumer.beginning_offsets(parts)
