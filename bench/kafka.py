@@ -44,6 +44,7 @@ from kafka.errors import KafkaError  # noqa: E402
 from bench import machine  # noqa: E402
 from service.app import ensure_ray  # noqa: E402
 from service.config import Config, load_config  # noqa: E402
+from service.divergence import CostFilter  # noqa: E402
 from service.produce import CHUNK_ROWS, Examples, produce  # noqa: E402
 from service.trainer import Trainer, coalesce_for, inflight_for, network_spec  # noqa: E402
 from workers.ingest.codec import Codec, Schema  # noqa: E402
@@ -129,6 +130,7 @@ class EndToEnd(NamedTuple):
     join_seconds: float  # Trainer() to the group stable with every worker (Kafka)
     idle_seconds: float  # the last applied update to the workers' return
     accuracy: float  # held out, at the end
+    prequential: float  # the EMA of each push's accuracy before training on it, at the end
     refused: dict[str, int]  # stale / fenced pushes, whole run
     server_busy: float  # share of the window spent inside the server's updates
     cpu: dict[str, float]  # process group -> cores used over the window
@@ -520,6 +522,8 @@ def run_end_to_end(cfg: Config, dataset: Dataset, broker_pid: int | None) -> End
             groups["broker"] = [broker_pid]
         samples: list[tuple[float, int, int, dict[str, float]]] = []
         updates: list[tuple[float, float]] = []  # (poll time, seconds of one applied update)
+        # streamtrain_prequential_accuracy's filter, over every push's test-then-train accuracy
+        prequential = CostFilter(cfg.metrics.ema_beta)
         done = False
         while not done:
             if time.perf_counter() - started > RUN_TIMEOUT_S:
@@ -530,10 +534,14 @@ def run_end_to_end(cfg: Config, dataset: Dataset, broker_pid: int | None) -> End
             now = (before + time.perf_counter()) / 2
             samples.append((now, int(stats.examples), int(stats.version), cpu_sample(groups)))
             updates.extend((now, s) for s in stats.step_seconds)
+            for accuracy in stats.accuracies:
+                prequential.update(accuracy)
             done = done and trainer.done
         ended = time.perf_counter()
         bins = ray.get([a.__ray_call__.remote(phase_bins) for a in workers])
         result = trainer.finish()
+        for accuracy in trainer.record.last.accuracies:  # finish()'s own poll
+            prequential.update(accuracy)
         if trainer.record.worker_restarts:
             raise RuntimeError(f"{trainer.record.worker_restarts} worker(s) failed mid-run")
     finally:
@@ -559,6 +567,7 @@ def run_end_to_end(cfg: Config, dataset: Dataset, broker_pid: int | None) -> End
         join_seconds=stable,
         idle_seconds=ended - last[0],
         accuracy=float(result.get("accuracy", float("nan"))),
+        prequential=prequential.value,
         refused={k: int(getattr(counters, k)) for k in ("stale", "fenced")},
         server_busy=sum(s for t, s in updates if first[0] < t <= last[0]) / window,
         cpu=cpu,
