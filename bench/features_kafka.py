@@ -136,12 +136,13 @@ def fill_events(bootstrap: str, name: str, events: int) -> Topic:
     """Write the first ``events`` clicks events (seed 0, the drift at events // 2) to a new
     topic of PARTITIONS partitions, one compact JSON event per record, as ``streamtrain
     produce --dataset clicks`` does."""
-    sizes = [0]
+    written = 0  # bytes of JSON
 
     def chunks() -> Iterator[list[bytes]]:
+        nonlocal written
         chunk: list[bytes] = []
         for line in datasets.clicks_lines(events):
-            sizes[0] += len(line)
+            written += len(line)
             chunk.append(line)
             if len(chunk) == CHUNK_ROWS:
                 yield chunk
@@ -158,7 +159,7 @@ def fill_events(bootstrap: str, name: str, events: int) -> Topic:
         name,
         EVENTS_ENCODING,
         int(result["records"]),
-        sizes[0] / max(int(result["records"]), 1),
+        written / max(int(result["records"]), 1),
         int(result["examples"]),
         float(result["seconds"]),
     )
