@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
-if __package__ in (None, ""):
-    # Run as a script, Python puts bench/ first on sys.path, where bench/kafka.py would
-    # shadow kafka-python for every `import kafka` (and Ray would export that entry to its
-    # workers). Drop it, add the root, as bench/kafka.py does.
-    _here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != _here]
+# Whatever runs from bench/ as a script (this file, or another benchmark importing it) has
+# bench/ on sys.path, where bench/kafka.py would shadow kafka-python for every `import
+# kafka` (and Ray would export that entry to its workers): drop it, before any such import.
+_here = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != _here]
+if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(ROOT))
 
 import kafka as kafka_python  # noqa: E402
@@ -85,6 +85,9 @@ PARSE = "json.loads"
 FEATURIZE = "EventCodec.decode_many"
 EVENTS_ENCODING = Encoding("clicks", "json", 1)  # one raw event per record
 VECTORS_ENCODING = Encoding("json", "json", 1)  # bench/kafka.py's JSON vector records
+TOO_FEW = (
+    "{topic}: every record came in a reader's first poll, which opens the window; use more events"
+)
 
 
 class Parsed(NamedTuple):
@@ -184,6 +187,8 @@ def read_alone(bootstrap: str, topic: Topic, decoder: str, broker_pid: int | Non
         for _ in range(RAW_READS)
     ]
     raw = max(reads, key=lambda r: r.rate)
+    if raw.seconds <= 0:
+        raise RuntimeError(TOO_FEW.format(topic=topic.name))
     read = raw.fetch_seconds + raw.decode_seconds
     return Ceiling(
         decoder,
@@ -214,7 +219,10 @@ def read_share(
 def read_in_parallel(bootstrap: str, topic: Topic, decoder: str, broker_pid: int | None) -> Ceiling:
     """The faster of RAW_READS whole reads by READERS consumer processes together."""
     reads = [read_together(bootstrap, topic, decoder, broker_pid) for _ in range(RAW_READS)]
-    return max(reads, key=lambda c: c.rate)
+    best = max(reads, key=lambda c: c.rate)
+    if best.seconds <= 0:
+        raise RuntimeError(TOO_FEW.format(topic=topic.name))
+    return best
 
 
 def read_together(bootstrap: str, topic: Topic, decoder: str, broker_pid: int | None) -> Ceiling:
