@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -44,6 +44,7 @@ from kafka.errors import KafkaError  # noqa: E402
 from bench import machine  # noqa: E402
 from service.app import ensure_ray  # noqa: E402
 from service.config import Config, load_config  # noqa: E402
+from service.divergence import CostFilter  # noqa: E402
 from service.produce import CHUNK_ROWS, Examples, produce  # noqa: E402
 from service.trainer import Trainer, coalesce_for, inflight_for, network_spec  # noqa: E402
 from workers.ingest.codec import Codec, Schema  # noqa: E402
@@ -129,6 +130,7 @@ class EndToEnd(NamedTuple):
     join_seconds: float  # Trainer() to the group stable with every worker (Kafka)
     idle_seconds: float  # the last applied update to the workers' return
     accuracy: float  # held out, at the end
+    prequential: float  # the EMA of each push's accuracy before training on it, at the end
     refused: dict[str, int]  # stale / fenced pushes, whole run
     server_busy: float  # share of the window spent inside the server's updates
     cpu: dict[str, float]  # process group -> cores used over the window
@@ -226,14 +228,27 @@ def best_raw(bootstrap: str, topic: Topic, schema: Schema, broker_pid: int | Non
     return max(reads, key=lambda raw: raw.rate)
 
 
-def consume_raw(bootstrap: str, topic: Topic, schema: Schema, broker_pid: int | None) -> Raw:
+def consume_raw(
+    bootstrap: str,
+    topic: Topic,
+    schema: Schema | None,
+    broker_pid: int | None,
+    codec: Any = None,
+    partitions: Sequence[int] | None = None,
+) -> Raw:
     """Read a whole topic with one KafkaConsumer and decode it; nothing else.
 
     Every partition is assigned and read from the beginning; each partition's records of a
     poll go through one ``decode_many``, as in KafkaSource. Consumer settings are
     kafka-python's defaults, as in KafkaSource.
+
+    Args:
+        codec: what decodes the records (its ``decode_many(values)`` returns something
+            with ``x`` and ``errors``); default ``Codec(topic.encoding.format, schema)``.
+        partitions: the partitions read (default all PARTITIONS), for a share of a topic.
     """
-    codec = Codec(topic.encoding.format, schema)
+    if codec is None:
+        codec = Codec(topic.encoding.format, schema)
     own = machine.descendant_pids(os.getpid()) + ([broker_pid] if broker_pid is not None else [])
     consumer = KafkaConsumer(
         bootstrap_servers=bootstrap.split(","),
@@ -241,7 +256,8 @@ def consume_raw(bootstrap: str, topic: Topic, schema: Schema, broker_pid: int | 
         client_id="streamtrain-bench-raw",
     )
     try:
-        parts = [KafkaTopicPartition(topic.name, p) for p in range(PARTITIONS)]
+        chosen = range(PARTITIONS) if partitions is None else partitions
+        parts = [KafkaTopicPartition(topic.name, p) for p in chosen]
         consumer.assign(parts)
         consumer.seek_to_beginning(*parts)
         starts = consumer.beginning_offsets(parts)
@@ -506,6 +522,8 @@ def run_end_to_end(cfg: Config, dataset: Dataset, broker_pid: int | None) -> End
             groups["broker"] = [broker_pid]
         samples: list[tuple[float, int, int, dict[str, float]]] = []
         updates: list[tuple[float, float]] = []  # (poll time, seconds of one applied update)
+        # streamtrain_prequential_accuracy's filter, over every push's test-then-train accuracy
+        prequential = CostFilter(cfg.metrics.ema_beta)
         done = False
         while not done:
             if time.perf_counter() - started > RUN_TIMEOUT_S:
@@ -516,10 +534,14 @@ def run_end_to_end(cfg: Config, dataset: Dataset, broker_pid: int | None) -> End
             now = (before + time.perf_counter()) / 2
             samples.append((now, int(stats.examples), int(stats.version), cpu_sample(groups)))
             updates.extend((now, s) for s in stats.step_seconds)
+            for accuracy in stats.accuracies:
+                prequential.update(accuracy)
             done = done and trainer.done
         ended = time.perf_counter()
         bins = ray.get([a.__ray_call__.remote(phase_bins) for a in workers])
         result = trainer.finish()
+        for accuracy in trainer.record.last.accuracies:  # finish()'s own poll
+            prequential.update(accuracy)
         if trainer.record.worker_restarts:
             raise RuntimeError(f"{trainer.record.worker_restarts} worker(s) failed mid-run")
     finally:
@@ -545,6 +567,7 @@ def run_end_to_end(cfg: Config, dataset: Dataset, broker_pid: int | None) -> End
         join_seconds=stable,
         idle_seconds=ended - last[0],
         accuracy=float(result.get("accuracy", float("nan"))),
+        prequential=prequential.value,
         refused={k: int(getattr(counters, k)) for k in ("stale", "fenced")},
         server_busy=sum(s for t, s in updates if first[0] < t <= last[0]) / window,
         cpu=cpu,
