@@ -177,6 +177,7 @@ class Throughput(NamedTuple):
     cpu: dict[str, float]  # process group -> cores over the window
     phases: dict[str, tuple[int, float, float]]  # worker step -> (calls, wall s, cpu s)
     updates: int
+    others: float | None  # other jobs' cores just before the trainer started
 
     @property
     def rate(self) -> float:
@@ -198,6 +199,7 @@ class Freshness(NamedTuple):
     undecided: int  # labels whose prediction the history never shows joined
     checkpoints: list[float]  # when one was written, seconds since the first label
     updates: int  # applied while the labels came
+    others: float | None  # other jobs' cores just before the trainer started
 
 
 # ---------------------------------------------------------------- records and topics
@@ -560,7 +562,7 @@ def measure_throughput(
         np.mean([len(label_value(ids[i], labels[i])) for i in range(min(100, len(ids)))])
     )
     cfg = loop_config(bootstrap, tag, tempfile.mkdtemp(dir=tmp), args.set)
-    wait_quiet(args.quiet_wait, broker_pid)
+    others = wait_quiet(args.quiet_wait, broker_pid)
     trainer, workers = start_loop_trainer(cfg, dataset)
     spawn = multiprocessing.get_context("spawn")
     try:
@@ -623,6 +625,7 @@ def measure_throughput(
             cpu=cpu,
             phases=window_phases(bins, start[0], last[0]),
             updates=last[2] - first[2],
+            others=others,
         ),
         cfg,
     )
@@ -666,7 +669,7 @@ def measure_freshness(
     progress(f"freshness: writing {total:,} predictions")
     places, _, _ = write_predictions(bootstrap, predictions, ids, events)
     cfg = loop_config(bootstrap, tag, tempfile.mkdtemp(dir=tmp), args.set)
-    wait_quiet(args.quiet_wait, broker_pid)
+    others = wait_quiet(args.quiet_wait, broker_pid)
     trainer, workers = start_loop_trainer(cfg, dataset)
     checkpoints: list[float] = []  # time.time() when each checkpoint of the run was written
     try:
@@ -722,6 +725,7 @@ def measure_freshness(
             undecided=n - len(latencies),
             checkpoints=[t - t0 for t in checkpoints],
             updates=updates,
+            others=others,
         ),
         cfg,
     )
@@ -791,6 +795,10 @@ def latency_lines(lat: Latency, rate: float, seconds: float) -> list[str]:
     return lines
 
 
+def shown(cores: float | None) -> str:
+    return "unknown" if cores is None else f"{cores:.2f}"
+
+
 def throughput_lines(tp: Throughput) -> list[str]:
     send_s = tp.send_end - tp.send_start
     decided = "  ".join(f"{k} {v:,}" for k, v in tp.decided.items())
@@ -816,7 +824,8 @@ def throughput_lines(tp: Throughput) -> list[str]:
         f"after batching.idle_flush_ms, left out; limited by {limit}",
         f"  ServerStats.loop at the end: {decided}; refused pushes: stale "
         f"{tp.refused['stale']}, fenced {tp.refused['fenced']}",
-        f"  cores from the labels' start to the last update: {cpu}",
+        f"  cores from the labels' start to the last update: {cpu} (other jobs' just before "
+        f"the trainer started: {shown(tp.others)})",
         "  the workers' run threads meanwhile (both workers; wall / CPU seconds): "
         + ", ".join(
             f"{name} {wall:.2f}/{cpu_s:.2f} ({calls:,} calls)"
@@ -845,7 +854,8 @@ def freshness_lines(fresh: Freshness, max_latency_ms: float, rate: float) -> lis
         f"for predictions the workers held; label arrival (LogAppendTime) to the applied "
         f"update that trained its example (stamped in the server): p50 {p50:.0f} ms, p90 "
         f"{p90:.0f} ms, p99 {p99:.0f} ms, max {t.max():.0f} ms over {len(t):,} labels "
-        f"({fresh.undecided} not joined; {fresh.updates:,} updates)",
+        f"({fresh.undecided} not joined; {fresh.updates:,} updates; other jobs' cores just "
+        f"before the trainer started: {shown(fresh.others)})",
         f"  worst second of arrival: #{worst}, p99 {np.percentile(t[second == worst], 99):.0f} "
         f"ms; checkpoints written after the first label: {written}; {fresh.tail:,} more "
         "labels sent after the measured ones (a stream's last examples wait for "
@@ -969,15 +979,14 @@ def measure(args: argparse.Namespace, lines: list[str], bootstrap: str, broker_p
         if "latency" in args.parts:
             others = wait_quiet(args.quiet_wait, broker_pid)
             lat, cfg = measure_latency(args, bootstrap, broker_pid, tmp)
-            shown = "unknown" if others is None else f"{others:.2f}"
             report += [
-                f"(other jobs' cores before the part: {shown}; the APIs' model: {lat.model}, "
-                f"trained meanwhile on {lat.train_rows:,} clicks events replayed shuffled)",
+                f"(other jobs' cores before the part: {shown(others)}; the APIs' model: "
+                f"{lat.model}, trained meanwhile on {lat.train_rows:,} clicks events replayed "
+                "shuffled)",
                 *latency_lines(lat, args.rate, args.seconds),
                 "",
             ]
         if "throughput" in args.parts:
-            others = wait_quiet(args.quiet_wait, broker_pid)
             tp, cfg = measure_throughput(args, bootstrap, broker_pid, tmp, dataset)
             report += [*throughput_lines(tp), ""]
         if "freshness" in args.parts:
