@@ -741,34 +741,38 @@ def ms(seconds: float) -> str:
 def latency_lines(lat: Latency, rate: float, seconds: float) -> list[str]:
     rows = []
     pooled: dict[str, tuple[float, float]] = {}
+    means: dict[str, tuple[float, float, float]] = {}  # training, service, broker
     for arm in ("off", "on"):
         mine = [p for p in lat.phases if p.arm == arm]
         corrected = np.concatenate([p.corrected for p in mine])  # (n,) every phase's requests
         from_send = np.concatenate([p.from_send for p in mine])
         p50, p99 = np.percentile(corrected, [50, 99])
         pooled[arm] = (p50, p99)
+        means[arm] = tuple(  # type: ignore[assignment]
+            float(np.mean([getattr(p, k) for p in mine]))
+            for k in ("training", "service_cores", "broker_cores")
+        )
         for p in mine:
             q50, q99 = np.percentile(p.corrected, [50, 99])
             rows.append(
                 [
                     f"log {arm}", str(p.round), f"{p.requests:,}", str(p.errors), ms(q50),
-                    ms(q99), ms(max(p.corrected)), f"{p.training:,.0f}",
-                    f"{p.service_cores:.2f}", f"{p.broker_cores:.2f}", p.steal,
+                    ms(q99), ms(max(p.corrected)), ms(np.percentile(p.from_send, 99)),
+                    f"{p.training:,.0f}", f"{p.service_cores:.2f}", f"{p.broker_cores:.2f}",
+                    p.steal,
                 ]
             )  # fmt: skip
         rows.append(
             [
                 f"log {arm}", "all", f"{sum(p.requests for p in mine):,}",
                 str(sum(p.errors for p in mine)), ms(p50), ms(p99), ms(corrected.max()),
-                f"{np.mean([p.training for p in mine]):,.0f}",
-                f"{np.mean([p.service_cores for p in mine]):.2f}",
-                f"{np.mean([p.broker_cores for p in mine]):.2f}",
-                f"from send p99 {ms(np.percentile(from_send, 99))}",
+                ms(np.percentile(from_send, 99)), f"{means[arm][0]:,.0f}",
+                f"{means[arm][1]:.2f}", f"{means[arm][2]:.2f}", "",
             ]
         )  # fmt: skip
     headers = [
-        "phase", "round", "requests", "errors", "p50 ms", "p99 ms", "max ms", "training ex/s",
-        "service cores", "broker cores", "steal",
+        "phase", "round", "requests", "errors", "p50 ms", "p99 ms", "max ms",
+        "p99 from send ms", "training ex/s", "service cores", "broker cores", "steal",
     ]  # fmt: skip
     added = pooled["on"][1] - pooled["off"][1]
     verdict = (
@@ -777,22 +781,28 @@ def latency_lines(lat: Latency, rate: float, seconds: float) -> list[str]:
         else "FAIL"
     )
     lost = ", ".join(f"{k} {v:.0f}" for k, v in lat.not_logged.items())
-    lines = [
+    train_off, service_off, broker_off = means["off"]
+    train_on, service_on, broker_on = means["on"]
+    return [
         f"1. /predict, single clicks events paced at {rate:g} req/s, {seconds:g} s per phase, "
-        "while training; latency corrected for coordinated omission:",
+        "while training; latency corrected for coordinated omission (p99 from send: from "
+        "the request on the wire):",
         "",
-        machine.markdown_table(headers, rows, right=[False, True, *[True] * 8, False]),
+        machine.markdown_table(headers, rows, right=[False, *[True] * 10, False]),
         "",
         *(f"  {p.arm} round {p.round}, in the service: {p.handler}" for p in lat.phases),
         f"  prediction log: {lat.logged:,.0f} acknowledged by the broker of "
         f"{lat.served_on:,} rows served by the API that logs (warm-up requests included); "
         f"not logged: {lost}",
+        f"  the log's cost, on against off: service process {service_on - service_off:+.2f} "
+        f"cores ({(service_on - service_off) / rate * 1e3:.2f} ms of CPU per logged "
+        f"prediction), broker {broker_on - broker_off:+.2f} cores (on the same two cores "
+        f"here), training {train_on / train_off - 1:+.0%}",
         f"  target p99 with the log <= {TARGET_P99_SECONDS * 1e3:.0f} ms and at most "
         f"{TARGET_P99_ADDED_SECONDS * 1e3:.0f} ms over the log off: {verdict} (p50 "
         f"{ms(pooled['off'][0])} -> {ms(pooled['on'][0])} ms, p99 {ms(pooled['off'][1])} -> "
         f"{ms(pooled['on'][1])} ms, {added * 1e3:+.2f} ms)",
     ]
-    return lines
 
 
 def shown(cores: float | None) -> str:
