@@ -144,6 +144,7 @@ class Phase(NamedTuple):
     training: float  # examples/s trained meanwhile
     service_cores: float  # CPU of the service process (all threads) / wall time
     broker_cores: float
+    others_cores: float | None  # every other process of the host
     steal: str
     handler: str  # the API's own histogram, request to response start
 
@@ -490,6 +491,8 @@ def measure_latency(
                     api, registry = apis[arm]
                     progress(f"latency: round {r + 1}, prediction log {arm}")
                     before = handler_buckets(registry)
+                    own = machine.descendant_pids(os.getpid())
+                    meter = machine.CpuMeter(own + ([broker_pid] if broker_pid else []))
                     stolen = machine.steal_seconds()
                     t, cpu = time.perf_counter(), time.process_time()
                     broker = machine.process_cpu_seconds(broker_pid) if broker_pid else 0.0
@@ -503,7 +506,8 @@ def measure_latency(
                             arm, r + 1, got["corrected"], got["from_send"], got["requests"],
                             got["errors"], poller.rate(t, time.perf_counter()),
                             (time.process_time() - cpu) / wall, broker_used / wall,
-                            steal_since(stolen), handler_summary(before, handler_buckets(registry)),
+                            meter.others_cores(), steal_since(stolen),
+                            handler_summary(before, handler_buckets(registry)),
                         )
                     )  # fmt: skip
     finally:
@@ -759,7 +763,7 @@ def latency_lines(lat: Latency, rate: float, seconds: float) -> list[str]:
                     f"log {arm}", str(p.round), f"{p.requests:,}", str(p.errors), ms(q50),
                     ms(q99), ms(max(p.corrected)), ms(np.percentile(p.from_send, 99)),
                     f"{p.training:,.0f}", f"{p.service_cores:.2f}", f"{p.broker_cores:.2f}",
-                    p.steal,
+                    shown(p.others_cores), p.steal,
                 ]
             )  # fmt: skip
         rows.append(
@@ -767,12 +771,13 @@ def latency_lines(lat: Latency, rate: float, seconds: float) -> list[str]:
                 f"log {arm}", "all", f"{sum(p.requests for p in mine):,}",
                 str(sum(p.errors for p in mine)), ms(p50), ms(p99), ms(corrected.max()),
                 ms(np.percentile(from_send, 99)), f"{means[arm][0]:,.0f}",
-                f"{means[arm][1]:.2f}", f"{means[arm][2]:.2f}", "",
+                f"{means[arm][1]:.2f}", f"{means[arm][2]:.2f}", "", "",
             ]
         )  # fmt: skip
     headers = [
         "phase", "round", "requests", "errors", "p50 ms", "p99 ms", "max ms",
-        "p99 from send ms", "training ex/s", "service cores", "broker cores", "steal",
+        "p99 from send ms", "training ex/s", "service cores", "broker cores", "others' cores",
+        "steal",
     ]  # fmt: skip
     added = pooled["on"][1] - pooled["off"][1]
     verdict = (
@@ -788,7 +793,7 @@ def latency_lines(lat: Latency, rate: float, seconds: float) -> list[str]:
         "while training; latency corrected for coordinated omission (p99 from send: from "
         "the request on the wire):",
         "",
-        machine.markdown_table(headers, rows, right=[False, *[True] * 10, False]),
+        machine.markdown_table(headers, rows, right=[False, *[True] * 11, False]),
         "",
         *(f"  {p.arm} round {p.round}, in the service: {p.handler}" for p in lat.phases),
         f"  prediction log: {lat.logged:,.0f} acknowledged by the broker of "
