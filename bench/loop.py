@@ -919,7 +919,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="shorter phases and fewer events")
     p.add_argument("--rate", type=float, default=200.0, help="latency: requests per second")
     p.add_argument("--seconds", type=float, default=None, help="latency: each phase (10 s)")
-    p.add_argument("--rounds", type=int, default=2, help="latency: rounds of both phases")
+    p.add_argument("--rounds", type=int, default=4, help="latency: rounds of both phases")
     p.add_argument("--events", type=int, default=None, help="throughput: predictions (60,000)")
     p.add_argument("--fresh-rate", type=float, default=1000.0, help="freshness: labels/s")
     p.add_argument(
