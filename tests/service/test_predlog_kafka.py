@@ -11,7 +11,6 @@ import uuid
 import httpx
 import numpy as np
 import pytest
-from kafka import KafkaConsumer, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from service import app as service_app
@@ -23,6 +22,7 @@ from service.config import ApiConfig, load_config
 from service.loop import DEFAULT_PARTITIONS, ensure_loop_topics
 from service.trainer import resolve_dataset
 from tests.service import events
+from tests.service.test_kafka_service import topic_records
 from workers.ingest.topics import ensure_topic, topic_config, topic_partitions
 from workers.nn import Network
 
@@ -40,26 +40,6 @@ def names(prefix: str) -> tuple[str, str, str]:
     """Fresh predictions, labels and examples topic names."""
     tag = uuid.uuid4().hex[:8]
     return f"{prefix}.{tag}.predictions", f"{prefix}.{tag}.labels", f"{prefix}.{tag}.examples"
-
-
-def topic_records(servers: str, topic: str) -> dict[int, list]:
-    """Every record of the topic per partition, in offset order."""
-    consumer = KafkaConsumer(bootstrap_servers=servers, enable_auto_commit=False)
-    try:
-        parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
-        consumer.assign(parts)
-        consumer.seek_to_beginning()
-        ends = consumer.end_offsets(parts)
-        out: dict[int, list] = {tp.partition: [] for tp in parts}
-        deadline = time.monotonic() + DEADLINE_S
-        while any(consumer.position(tp) < ends[tp] for tp in parts):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"could not read {topic} to its end")
-            for tp, records in consumer.poll(timeout_ms=500).items():
-                out[tp.partition].extend(records)
-        return out
-    finally:
-        consumer.close()
 
 
 def murmur2(data: bytes) -> int:
