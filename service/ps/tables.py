@@ -21,8 +21,8 @@ import numpy as np
 
 from workers.ingest.features import InputCounts, input_counts_zeros
 from workers.ingest.hashing import collision_share, distinct_estimate
-from workers.ingest.moments import Moments, merge_moments, moments_zeros
-from workers.model import EventModel, FeatureState, apply_update, init_slots
+from workers.ingest.moments import Moments, merge_moments
+from workers.model import EventModel, apply_update, init_slots
 from workers.nn.embedding import RowGradient
 from workers.nn.network import Params
 from workers.nn.optimizers import Optimizer
@@ -224,7 +224,3 @@ class FeatureTables:
         """The tables were replaced whole at ``version``: older replicas get whole tables."""
         self._log.clear()
         self._whole_at = version
-
-    def reset_stats(self) -> None:
-        """Statistics of nothing (a test's fresh start)."""
-        self.state = FeatureState(self.state.tables, moments_zeros(len(self.state.stats.count)))

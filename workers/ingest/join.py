@@ -222,10 +222,6 @@ class Joiner:
         offsets = [label.offset for labels in self._early.values() for label in labels]
         return min(offsets) if offsets else None
 
-    def predictions_from(self) -> int | None:
-        """The smallest prediction offset still undecided here, or None."""
-        return min((p.offset for p in self._pending.values()), default=None)
-
     # -- rules -------------------------------------------------------------------------------
 
     def _policy_label(self) -> Any:
